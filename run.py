@@ -9,9 +9,11 @@ student before training (PTQ); run QAT with the chosen KD loss; save the student
 """
 
 import argparse
+import csv
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import qatkd
@@ -58,6 +60,9 @@ def parse_args(argv=None):
     g.add_argument("--batch_size", type=int, default=None, help="default: 32, 16 for CoLA")
     g.add_argument("--max_len", type=int, default=None, help="max tokens per example. Default: 128, 64 for CoLA/SST-2")
     g.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up. Default: 0.1")
+    g.add_argument("--optimizer", default="bertadam", choices=qatkd.OPTIMIZERS,
+                   help="bertadam: the official code's Adam without bias correction, gradients clipped per tensor "
+                        "at 1.0; adamw: torch's AdamW with one global clip at 1.0. Default: bertadam")
     g.add_argument("--eval_every", type=int, default=None,
                    help="evaluate on dev every N steps (and at the end). Default: per task, e.g. 50 for MRPC")
     g.add_argument("--max_steps", type=int, default=0, help="stop after N steps (0: run all epochs)")
@@ -66,6 +71,17 @@ def parse_args(argv=None):
     g.add_argument("--teacher_epochs", type=float, default=3.0, help="Default: 3")
     g.add_argument("--teacher_lr", type=float, default=2e-5, help="Default: 2e-5")
     g.add_argument("--teacher_seed", type=int, default=42, help="Default: 42")
+    g = p.add_argument_group("analysis (paper Sec. 4)")
+    g.add_argument("--rank_samples", type=int, default=64,
+                   help="dev examples for the ranking-loss and cover-length diagnostics (cost grows as length^3). "
+                        "Default: 64")
+    g.add_argument("--sweep", action="store_true",
+                   help="run teacher, PTQ and QAT for each --sweep_kd mode and --seeds seed, and write one results "
+                        "table (OUTPUT_DIR/sweep-TASK-wWaA.md and .csv); finished runs are reused")
+    g.add_argument("--sweep_kd", type=lambda s: s.split(","), default=list(qatkd.KD_MODES),
+                   help="comma-separated KD modes for --sweep. Default: pred,score,map,output,unified")
+    g.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42],
+                   help="comma-separated seeds for --sweep. Default: 42")
     args = p.parse_args(argv)
     if not (2 <= args.abits <= 16 or args.abits == 32):
         p.error(f"--abits {args.abits} is out of range; use 2..16, or 32 for full precision")
@@ -73,6 +89,9 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if v is not None and v < (0 if name in ("max_steps", "eval_every") else 1):
             p.error(f"--{name} must be positive, got {v}")
+    bad = [k for k in args.sweep_kd if k not in qatkd.KD_MODES]
+    if bad:
+        p.error(f"--sweep_kd: unknown KD mode {bad[0]!r}; use some of {','.join(qatkd.KD_MODES)}")
     task = qatkd.TASKS[args.task]
     args.batch_size = args.batch_size or task.batch_size
     args.max_len = args.max_len or task.max_len
@@ -103,14 +122,183 @@ def get_teacher(args, task, data):
           f"({args.teacher_epochs:g} epochs, lr {args.teacher_lr:g}) into {cache}")
     qatkd.set_seed(args.teacher_seed)
     cfg = qatkd.TrainConfig(epochs=args.teacher_epochs, lr=args.teacher_lr, batch_size=args.batch_size,
-                            warmup=args.warmup, seed=args.teacher_seed, pad_id=tokenizer.pad_token_id or 0)
+                            warmup=args.warmup, seed=args.teacher_seed, pad_id=tokenizer.pad_token_id or 0,
+                            optimizer="adamw")  # as Hugging Face's run_glue, which the original README suggests
     feats = qatkd.tokenize(data["train"], tokenizer, args.max_len)
     result = qatkd.finetune_teacher(teacher, task, feats, cfg, log=lambda r: None)
     cache.parent.mkdir(parents=True, exist_ok=True)
     qatkd.save_model(teacher, cache, tokenizer, {"teacher_args.json": {
         "base": args.teacher, "epochs": args.teacher_epochs, "lr": args.teacher_lr, "seed": args.teacher_seed,
-        "batch_size": args.batch_size, "max_len": args.max_len, "steps": result["steps"]}})
+        "batch_size": args.batch_size, "max_len": args.max_len, "optimizer": "adamw", "steps": result["steps"]}})
     return teacher, tokenizer, str(cache)
+
+
+@dataclass
+class Setup:
+    """What every run of a task shares: data, teacher, features, the teacher's dev score."""
+
+    task: qatkd.Task
+    teacher: object
+    tokenizer: object
+    teacher_path: str
+    train: list
+    dev: dict
+    pad_id: int
+    teacher_metrics: dict
+
+
+def setup(args):
+    task = qatkd.TASKS[args.task]
+    data = qatkd.load_glue(task, args.data_dir)
+    print(f"{task.name}: {len(data['train'])} train examples, "
+          + ", ".join(f"{len(v)} {k}" for k, v in data.items() if k != "train"))
+    teacher, tokenizer, teacher_path = get_teacher(args, task, data)
+    pad_id = tokenizer.pad_token_id or 0
+    train = qatkd.tokenize(data["train"], tokenizer, args.max_len)
+    dev = {k: qatkd.tokenize(v, tokenizer, args.max_len) for k, v in data.items() if k != "train"}
+    env = Setup(task, teacher, tokenizer, teacher_path, train, dev, pad_id, {})
+    env.teacher_metrics = evaluate(env, teacher, args, "eval teacher")
+    print(f"teacher (full precision)     {fmt(env.teacher_metrics)}")
+    return env
+
+
+def evaluate(env, model, args, desc="eval"):
+    return qatkd.evaluate(model, env.task, env.dev, args.batch_size, env.pad_id, desc)
+
+
+def recovery(env, student, args):
+    """Attention-recovery diagnostics of a student on the (first) dev split."""
+    dev = next(iter(env.dev.values()))
+    return qatkd.attention_recovery(student, env.teacher, dev, args.batch_size, env.pad_id, args.rank_samples)
+
+
+def ptq_baseline(env, args):
+    """The quantized student before any training: dev score and attention-recovery diagnostics."""
+    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
+    metrics = evaluate(env, student, args, "eval PTQ")
+    print(f"student W{args.wbits}A{args.abits} before QAT    {fmt(metrics)}")
+    return {"metrics": metrics, "recovery": recovery(env, student, args)}
+
+
+def print_recovery(ptq, qat):
+    """Per-layer table: each measure as PTQ -> QAT."""
+    names = [n for n in qatkd.DIAGNOSTICS if n in ptq]
+    print("\nattention recovery on dev, per layer (PTQ: quantized, before QAT -> after QAT)")
+    print("layer " + "".join(f"{n:>22}" for n in names))
+    for layer in range(len(ptq[names[0]])):
+        print(f"{layer + 1:>5} " + "".join(f"{ptq[n][layer]:>10.4f} -> {qat[n][layer]:<8.4f}" for n in names))
+
+
+def plot_recovery(path, ptq, qat):
+    """One panel per measure, layers on the x-axis, PTQ vs QAT. Needs matplotlib; says so if absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no attention-recovery plot (pip install matplotlib for one)")
+        return
+    names = [n for n in qatkd.DIAGNOSTICS if n in ptq]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3))
+    for ax, n in zip(axes, names):
+        layers = range(1, len(ptq[n]) + 1)
+        ax.plot(layers, ptq[n], "o-", label="PTQ (no training)")
+        ax.plot(layers, qat[n], "s-", label="QAT")
+        ax.set(title=n.replace("_", " "), xlabel="layer", xticks=list(layers))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_qat(env, args, ptq=None):
+    """One QAT run into OUTPUT_DIR/RUN_NAME; returns its metrics (also written to metrics.json)."""
+    start = time.time()
+    run_dir = Path(args.output_dir) / args.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    qatkd.write_json(run_dir / "args.json", {**vars(args), "teacher_path": env.teacher_path})
+    qatkd.set_seed(args.seed)
+    ptq = ptq or ptq_baseline(env, args)
+    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
+    cfg = qatkd.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
+                            eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed, pad_id=env.pad_id,
+                            optimizer=args.optimizer)
+    loss_fn = qatkd.qat_loss_fn(student, env.teacher, env.task, args.kd, args.map_coeff, args.output_coeff,
+                                args.gt_coeff, args.include_padding)
+    with open(run_dir / "log.jsonl", "w") as log_file:
+
+        def log(record):
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+        result = qatkd.train(student, loss_fn, env.train, cfg, lambda: evaluate(env, student, args), env.task.metric,
+                             log, desc=f"QAT {args.kd} W{args.wbits}A{args.abits} seed {args.seed}")
+    qatkd.save_student(student, run_dir / "student", env.tokenizer)
+    qat_recovery = recovery(env, student, args)
+    print_recovery(ptq["recovery"], qat_recovery)
+    plot_recovery(run_dir / "attention_recovery.png", ptq["recovery"], qat_recovery)
+    metrics = {"task": env.task.name, "kd": args.kd, "wbits": args.wbits, "abits": args.abits, "seed": args.seed,
+               "selection_metric": env.task.metric, "teacher": env.teacher_metrics, "ptq": ptq["metrics"], **result,
+               "seconds_per_step": result["seconds"] / max(1, result["steps"]),
+               "attention_recovery": {"ptq": ptq["recovery"], "qat": qat_recovery},
+               "wall_seconds": time.time() - start}
+    qatkd.write_json(run_dir / "metrics.json", metrics)
+    print(f"\n== summary: {env.task.name}, KD {args.kd}, W{args.wbits}A{args.abits}, seed {args.seed} ==")
+    print(f"teacher                      {fmt(env.teacher_metrics)}")
+    print(f"student before QAT (PTQ)     {fmt(ptq['metrics'])}")
+    print(f"student best (step {result['best_step']:>5})    {fmt(result['best'])}")
+    print(f"student last (step {result['last_step']:>5})    {fmt(result['last'])}")
+    print(f"{result['steps']} steps, {metrics['seconds_per_step']:.2f} s/step, wall time "
+          f"{metrics['wall_seconds'] / 60:.1f} min; outputs in {run_dir}")
+    return metrics
+
+
+def mean_std(values):
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{100 * m:.2f} ± {100 * sd:.2f}"
+
+
+def sweep(env, args):
+    """Teacher, PTQ and QAT for every --sweep_kd mode and --seeds seed; one table (Markdown and CSV).
+
+    A run whose folder already holds metrics.json is read, not repeated, so an interrupted sweep
+    continues where it stopped.
+    """
+    ptq = ptq_baseline(env, args)
+    rows = [("teacher (FP)", [env.teacher_metrics], [env.teacher_metrics], None),
+            (f"PTQ W{args.wbits}A{args.abits}", [ptq["metrics"]], [ptq["metrics"]], ptq["recovery"]["map_kl"])]
+    for kd in args.sweep_kd:
+        runs = []
+        for seed in args.seeds:
+            one = argparse.Namespace(**{**vars(args), "kd": kd, "seed": seed, "sweep": False,
+                                        "run_name": f"{args.task}-{kd}-w{args.wbits}a{args.abits}-seed{seed}"})
+            done = Path(args.output_dir) / one.run_name / "metrics.json"
+            runs.append(json.loads(done.read_text()) if done.is_file() else run_qat(env, one, ptq))
+        kl = [sum(r["attention_recovery"]["qat"]["map_kl"]) / len(r["attention_recovery"]["qat"]["map_kl"])
+              for r in runs]
+        rows.append((f"QAT W{args.wbits}A{args.abits} {kd}", [r["best"] for r in runs], [r["last"] for r in runs],
+                     [sum(kl) / len(kl)]))
+    metric = env.task.metric
+    head = ["model", "seeds", f"best {metric}", f"last {metric}", "mean attention-map KL"]
+    table = []
+    for name, best, last, kl in rows:
+        kl_value = "-" if kl is None else f"{sum(kl) / len(kl):.4f}"
+        seeds = len(best) if name.startswith("QAT") else "-"
+        table.append([name, str(seeds), mean_std([b[metric] for b in best]), mean_std([x[metric] for x in last]),
+                      kl_value])
+    md = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |"
+                                                                                  for r in table])
+    stem = Path(args.output_dir) / f"sweep-{args.task}-w{args.wbits}a{args.abits}"
+    stem.with_suffix(".md").write_text(md + "\n")
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows([head] + table)
+    print(f"\n== sweep: {env.task.name}, {metric} on dev, mean ± std over seeds ==\n{md}\n"
+          f"written to {stem}.md and {stem}.csv")
+    return table
 
 
 def main(argv=None):
@@ -119,58 +307,11 @@ def main(argv=None):
 
     transformers.logging.set_verbosity_error()  # we say ourselves what is fine-tuned and loaded
     transformers.utils.logging.disable_progress_bar()
-    start = time.time()
-    task = qatkd.TASKS[args.task]
     run_dir = Path(args.output_dir) / args.run_name
-    if (run_dir / "args.json").exists() and not args.overwrite:
+    if not args.sweep and (run_dir / "args.json").exists() and not args.overwrite:
         raise FileExistsError(f"{run_dir} already holds a run; pass --overwrite to replace it, or another --run_name")
-    data = qatkd.load_glue(task, args.data_dir)
-    print(f"{task.name}: {len(data['train'])} train examples, "
-          + ", ".join(f"{len(v)} {k}" for k, v in data.items() if k != "train"))
-    teacher, tokenizer, teacher_path = get_teacher(args, task, data)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    qatkd.write_json(run_dir / "args.json", {**vars(args), "teacher_path": teacher_path})
-    pad_id = tokenizer.pad_token_id or 0
-    train_feats = qatkd.tokenize(data["train"], tokenizer, args.max_len)
-    dev = {k: qatkd.tokenize(v, tokenizer, args.max_len) for k, v in data.items() if k != "train"}
-
-    def evaluate(model, desc):
-        return qatkd.evaluate(model, task, dev, args.batch_size, pad_id, desc)
-
-    teacher_metrics = evaluate(teacher, "eval teacher")
-    print(f"teacher (full precision)   {fmt(teacher_metrics)}")
-    qatkd.set_seed(args.seed)
-    student = qatkd.quantize_student(teacher, args.wbits, args.abits)
-    ptq_metrics = evaluate(student, "eval PTQ")
-    print(f"student W{args.wbits}A{args.abits} before QAT  {fmt(ptq_metrics)}")
-
-    log_file = open(run_dir / "log.jsonl", "w")
-
-    def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
-
-    cfg = qatkd.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
-                            eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed, pad_id=pad_id)
-    loss_fn = qatkd.qat_loss_fn(student, teacher, task, args.kd, args.map_coeff, args.output_coeff,
-                                args.gt_coeff, args.include_padding)
-    with log_file:
-        result = qatkd.train(student, loss_fn, train_feats, cfg, lambda: evaluate(student, "eval"), task.metric, log,
-                             desc=f"QAT {args.kd} W{args.wbits}A{args.abits}")
-    qatkd.save_student(student, run_dir / "student", tokenizer)
-    metrics = {"task": task.name, "kd": args.kd, "wbits": args.wbits, "abits": args.abits, "seed": args.seed,
-               "selection_metric": task.metric, "teacher": teacher_metrics, "ptq": ptq_metrics, **result,
-               "seconds_per_step": result["seconds"] / max(1, result["steps"]), "wall_seconds": time.time() - start}
-    qatkd.write_json(run_dir / "metrics.json", metrics)
-    wall = time.time() - start
-    print(f"\n== summary: {task.name}, KD {args.kd}, W{args.wbits}A{args.abits}, seed {args.seed} ==")
-    print(f"teacher                    {fmt(teacher_metrics)}")
-    print(f"student before QAT (PTQ)   {fmt(ptq_metrics)}")
-    print(f"student best (step {result['best_step']:>4})  {fmt(result['best'])}")
-    print(f"student last (step {result['last_step']:>4})  {fmt(result['last'])}")
-    print(f"{result['steps']} steps, {metrics['seconds_per_step']:.2f} s/step, wall time {wall / 60:.1f} min; "
-          f"outputs in {run_dir}")
-    return metrics
+    env = setup(args)
+    return sweep(env, args) if args.sweep else run_qat(env, args)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -579,6 +580,69 @@ def test_seed_fixes_the_run(tiny_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# 8. attention-recovery diagnostics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rank_and_cover_for_identical_maps():
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3])
+    p = masked_probs(random_internals(S=6, seed=11), mask).attn_probs[0]
+    assert torch.equal(qatkd.rank_loss(p, p, mask), torch.zeros(3))
+    assert torch.allclose(qatkd.cover_length(p, p, mask), torch.tensor([5 / 6, 4 / 4, 3 / 3]))
+    q = masked_probs(random_internals(S=6, seed=12), mask).attn_probs[0]
+    assert (qatkd.rank_loss(q, p, mask) > 0).all()
+    assert (qatkd.cover_length(q, p, mask) >= qatkd.cover_length(p, p, mask)).all()
+
+
+def test_rank_and_cover_by_hand():
+    t = torch.tensor([0.5, 0.3, 0.2]).expand(1, 1, 3, 3)
+    s = torch.tensor([0.2, 0.3, 0.5]).expand(1, 1, 3, 3)  # the reverse order
+    mask = torch.ones(1, 3, dtype=torch.long)
+    # ordered pairs (i, j): every one is inverted; |s_i - s_j| = .1, .3, .2, each twice -> 1.2 / 6
+    assert torch.allclose(qatkd.rank_loss(s, t, mask), torch.tensor([1.2 / 6]))
+    # the teacher's top-1 key is the student's last
+    assert torch.allclose(qatkd.cover_length(s, t, mask, k=1), torch.tensor([1.0]))
+    assert torch.allclose(qatkd.cover_length(t, t, mask, k=1), torch.tensor([1 / 3]))
+
+
+@given(extra=st.integers(1, 4), seed=st.integers(0, 1000))
+def test_rank_and_cover_unchanged_by_extra_padding(extra, seed):
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    s, t = masked_probs(random_internals(seed=seed), mask), masked_probs(random_internals(seed=seed + 1), mask)
+    (s2, mask2), (t2, _) = pad_internals(s, mask, extra, seed), pad_internals(t, mask, extra, seed + 3)
+    for f in (qatkd.rank_loss, qatkd.cover_length):
+        assert torch.allclose(f(s.attn_probs[0], t.attn_probs[0], mask), f(s2.attn_probs[0], t2.attn_probs[0], mask2))
+
+
+def test_attention_recovery(tiny_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    feats = qatkd.tokenize([(" ".join(WORDS[i:i + 3 + i % 7]), None, 0) for i in range(10)], tok, 32)
+    teacher = classifier(tiny_dir)
+    same = qatkd.attention_recovery(qatkd.quantize_student(teacher, 32, 32), teacher, feats, 4)
+    N = teacher.config.num_hidden_layers
+    assert set(same) == set(qatkd.DIAGNOSTICS) and all(len(v) == N for v in same.values())
+    assert all(abs(v) < 1e-6 for n in ("map_kl", "output_mse", "rank_loss") for v in same[n])
+    assert all(abs(v - 1) < 1e-5 for v in same["output_cos"])
+    lengths = [len(f["input_ids"]) for f in feats]
+    assert all(abs(v - sum(min(5, n) / n for n in lengths) / len(lengths)) < 1e-6 for v in same["cover_length"])
+    # a different (full-precision) student: non-zero, and the same with or without padding in the batches
+    other = qatkd.quantize_student(classifier(tiny_dir, seed=5), 32, 32)
+    with torch.no_grad():
+        for p in other.base_model.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    padded = qatkd.attention_recovery(other, teacher, feats, 4)
+    unpadded = qatkd.attention_recovery(other, teacher, feats, 1)
+    assert all(v > 1e-4 for v in padded["map_kl"])
+    for n in qatkd.DIAGNOSTICS:
+        assert padded[n] == pytest.approx(unpadded[n], rel=1e-4, abs=1e-6), n
+    # the quantized student before training is farther from the teacher than a full-precision copy
+    ptq = qatkd.attention_recovery(qatkd.quantize_student(teacher, 2, 8), teacher, feats, 4)
+    assert all(a > b for a, b in zip(ptq["map_kl"], same["map_kl"]))
+
+
+# ---------------------------------------------------------------------------------------------
 # run.py end to end
 # ---------------------------------------------------------------------------------------------
 
@@ -598,7 +662,8 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     p = run_py(*common, "--kd", "map", "--epochs", "2", "--eval_every", "5")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "fine-tuning it in full precision" in p.stdout
-    assert "== summary: mrpc, KD map, W2A8, seed 42 ==" in p.stdout and "student last (step   16)" in p.stdout
+    assert "== summary: mrpc, KD map, W2A8, seed 42 ==" in p.stdout
+    assert re.search(r"student last \(step +16\) +acc", p.stdout)
     run_dir = out / "mrpc-map-w2a8-seed42"
     args = json.loads((run_dir / "args.json").read_text())
     assert args["kd"] == "map" and args["wbits"] == 2 and args["abits"] == 8
@@ -611,6 +676,11 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     assert metrics["last"] == evals[-1]["eval"] and metrics["last_step"] == 16
     assert metrics["best"]["acc"] == max(r["eval"]["acc"] for r in evals)
     assert set(metrics["teacher"]) == {"acc", "f1", "acc_and_f1"} and "ptq" in metrics
+    # the attention-recovery table: printed, and per layer for PTQ and QAT in metrics.json
+    assert "attention recovery on dev, per layer" in p.stdout
+    for stage in ("ptq", "qat"):
+        rec = metrics["attention_recovery"][stage]
+        assert set(rec) == set(qatkd.DIAGNOSTICS) and all(len(v) == 2 for v in rec.values())
     # the saved student reloads and reproduces its last dev score exactly
     from transformers import AutoTokenizer
 
@@ -625,6 +695,33 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     p = run_py(*common, "--kd", "map", "--epochs", "2")
     assert p.returncode != 0 and "already holds a run; pass --overwrite" in p.stderr
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics  # nothing lost
+
+
+def test_sweep_end_to_end(tmp_path, tiny_dir):
+    import run
+
+    data = write_tiny_mrpc(tmp_path / "MRPC", 48, 16)
+    argv = ["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(data), "--output_dir", str(tmp_path),
+            "--batch_size", "8", "--teacher_epochs", "1", "--max_steps", "3", "--eval_every", "0", "--sweep",
+            "--sweep_kd", "score,map", "--seeds", "1,2"]
+    table = run.main(argv)
+    assert [r[0] for r in table] == ["teacher (FP)", "PTQ W2A8", "QAT W2A8 score", "QAT W2A8 map"]
+    assert [r[1] for r in table] == ["-", "-", "2", "2"]
+    assert all(" ± " in r[2] and " ± " in r[3] for r in table)
+    assert table[0][4] == "-" and all(float(r[4]) > 0 for r in table[1:])
+    for kd in ("score", "map"):
+        for seed in (1, 2):
+            assert (tmp_path / f"mrpc-{kd}-w2a8-seed{seed}" / "metrics.json").is_file()
+    md = (tmp_path / "sweep-mrpc-w2a8.md").read_text()
+    assert md.startswith("| model | seeds | best acc | last acc | mean attention-map KL |")
+    import csv
+
+    rows = list(csv.reader(open(tmp_path / "sweep-mrpc-w2a8.csv")))
+    assert rows[0][0] == "model" and rows[1:] == table
+    # a second sweep reads the finished runs instead of training again
+    mtime = (tmp_path / "mrpc-map-w2a8-seed1" / "metrics.json").stat().st_mtime
+    assert run.main(argv) == table
+    assert (tmp_path / "mrpc-map-w2a8-seed1" / "metrics.json").stat().st_mtime == mtime
 
 
 @pytest.mark.parametrize("argv, message", [
