@@ -15,6 +15,7 @@ Read it top to bottom; the sections follow the data flow:
     5. data and metrics        the eight GLUE tasks, from the hub or from GLUE TSV files
     6. teacher                 load, or fine-tune once and cache
     7. training and evaluation one loop for teacher fine-tuning and for QAT
+    8. diagnostics             how far the student's attention is from the teacher's, per layer
 
 The official code (MarsJacobs/kd-qat-large-enc, derived from TernaryBERT) is the reference for
 what is computed. Where we deviate on purpose, the code says so in a comment starting with
@@ -49,7 +50,7 @@ CLIP = 2.5  # every quantizer clips its input to [-2.5, 2.5] first (TernaryBERT'
 
 
 class ClipSTE(torch.autograd.Function):
-    """Straight-through estimator with clipping (TernaryBERT, Sec. 3.1).
+    """Straight-through estimator with clipping, as in TernaryBERT (Zhang et al. 2020).
 
     forward:  q = levels(clamp(x, -clip, clip))      any shape
     backward: dL/dx = dL/dq * 1[|x| < clip]           scales and thresholds get no gradient
@@ -73,7 +74,7 @@ def _reduce_dims(x, per_row):
 
 
 def ternarize(w, per_row=False, clip=CLIP):
-    """2-bit weights: ternary weight networks (TWN, Li et al. 2016), as in TernaryBERT Eq. (5)-(6).
+    """2-bit weights: ternary weight networks (TWN, Li et al. 2016), as in TernaryBERT.
 
     w: any shape. per_row=False: one scale for the tensor; True: one per row (slice along the
     last dim), which the paper uses for the word-embedding matrix [vocab, d].
@@ -161,7 +162,7 @@ def quantize_act(x, bits):
 
 
 class QuantLinear(nn.Linear):
-    """y = Q_a(x) Q_w(W)^T + b: quantized weight and input, full-precision bias (paper Sec. 2).
+    """y = Q_a(x) Q_w(W)^T + b: quantized weight and input, full-precision bias (TernaryBERT / the paper).
 
     x: [..., in_features] -> y: [..., out_features]. W is the latent full-precision weight.
     """
@@ -261,7 +262,7 @@ def self_attention_modules(model):
 
 
 def quantize_student(teacher, wbits=2, abits=8):
-    """A quantized deep copy of a full-precision sequence classifier (paper Sec. 2, Table 1 setup).
+    """A quantized deep copy of a full-precision sequence classifier (the paper's W2A8 set-up).
 
     - every nn.Linear of the encoder and pooler (model.base_model) -> QuantLinear(wbits, abits);
     - the word embedding -> row-wise quantized QuantEmbedding(wbits);
@@ -402,7 +403,7 @@ def score_loss(s_scores, t_scores, mask, include_padding=False):
 
 
 def map_loss(s_probs, t_probs, mask, eps=1e-8):
-    """Attention-map distillation, the paper's Eq. (4): KL(teacher || student) per query row.
+    """Attention-map loss L_map (the paper's proposal): KL(teacher || student) per query row.
 
     s_probs, t_probs: N x [B, H, S, S] softmax probabilities (before dropout); mask: [B, S],
     L_b = number of valid tokens of sample b.
@@ -422,7 +423,7 @@ def map_loss(s_probs, t_probs, mask, eps=1e-8):
 
 
 def output_loss(s_outputs, t_outputs, mask, include_padding=False):
-    """Attention-output distillation, the paper's Eq. (5): L_out = sum_l MSE(Y_S^l, Y_T^l).
+    """Attention-output loss L_out (the paper's proposal): L_out = sum_l MSE(Y_S^l, Y_T^l).
 
     Y^l = LN(MHA(X^l) + X^l): the attention sub-layer output after the residual add and
     LayerNorm, i.e. the FFN's input. s_outputs, t_outputs: N x [B, S, d]; mask: [B, S].
@@ -827,7 +828,8 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
     loss_fn(batch) -> (loss, {term: value}); evaluate_fn() -> dev metrics, run every
     cfg.eval_every steps and after the last step; log(record) receives every step's loss terms
     and every evaluation. A non-finite loss stops training with FloatingPointError naming the step
-    and the term. Returns the best (selected on `metric`, first best kept) and the last evaluation.
+    and the term. Returns the best (selected on `metric`, first best kept) and the last evaluation,
+    the number of steps, and the seconds spent (in all, in evaluation, per training step).
     """
     from tqdm.auto import tqdm
 
@@ -835,7 +837,7 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
     opt, sched = make_optimizer(model, cfg, total)
     model.train()
     result = {"best": None, "best_step": None, "last": None, "last_step": None}
-    step, epoch, start = 0, 0, time.time()
+    step, epoch, start, eval_seconds = 0, 0, time.time(), 0.0
     bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
     while step < total:
         for batch in batches(train_feats, cfg.batch_size, cfg.pad_id, shuffle=True, seed=cfg.seed + epoch):
@@ -855,7 +857,9 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                eval_start = time.time()
                 metrics = evaluate_fn()
+                eval_seconds += time.time() - eval_start
                 log({"step": step, "eval": metrics})
                 result.update(last=metrics, last_step=step)
                 if result["best"] is None or metrics[metric] > result["best"][metric]:
@@ -865,7 +869,9 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
                 break
         epoch += 1
     bar.close()
-    result.update(steps=step, seconds=time.time() - start)
+    seconds = time.time() - start
+    result.update(steps=step, seconds=seconds, eval_seconds=eval_seconds,
+                  seconds_per_step=(seconds - eval_seconds) / max(1, step))
     return result
 
 
@@ -944,7 +950,7 @@ def load_student(path):
 
 
 # =============================================================================================
-# 8. Attention-recovery diagnostics (paper Sec. 4 and Fig. 4)
+# 8. Attention-recovery diagnostics (the paper's analysis, Fig. 4)
 #
 # How far the student's self-attention is from the teacher's, per layer, on dev data: the
 # attention-map KL and attention-output error that the paper's losses minimise, and the two
@@ -953,7 +959,7 @@ def load_student(path):
 
 
 def rank_loss(s_probs, t_probs, mask):
-    """Pairwise ranking loss between attention maps (Liu et al. 2021; paper Sec. 4, Fig. 4).
+    """Pairwise ranking loss between attention maps (Liu et al. 2021; the paper's Fig. 4).
 
     s_probs, t_probs: [B, H, S, S]; mask: [B, S]. For each valid query row r and each ordered
     pair of valid keys (i, j):  max(0, -(s_ri - s_rj) * sign(t_ri - t_rj)),
@@ -970,7 +976,7 @@ def rank_loss(s_probs, t_probs, mask):
 
 
 def cover_length(s_probs, t_probs, mask, k=5):
-    """Cover length of the teacher's top-k keys in the student's ranking (paper Sec. 4, Fig. 4).
+    """Cover length of the teacher's top-k keys in the student's ranking (the paper's Fig. 4).
 
     s_probs, t_probs: [B, H, S, S]; mask: [B, S]. For each valid query row: the deepest position
     (1-based) that any of the teacher's k largest keys takes in the student's descending order,

@@ -24,7 +24,7 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # error messages on one line, with the fix
     p.error = lambda msg: sys.exit(f"run.py: error: {msg} (see python run.py --help)")  # type: ignore[method-assign]
-    g = p.add_argument_group("task and method (paper Sec. 4-5)")
+    g = p.add_argument_group("task and method")
     g.add_argument("--task", required=True, choices=list(qatkd.TASKS), help="GLUE task")
     g.add_argument("--kd", default="map", choices=qatkd.KD_MODES,
                    help="attention KD term added to prediction + hidden-state KD: score (TernaryBERT), "
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same folder")
     g = p.add_argument_group("training (paper: 3 epochs, lr 2e-5, batch 32 / 16 for CoLA)")
     g.add_argument("--epochs", type=float, default=3.0, help="QAT epochs. Default: 3")
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (AdamW). Default: 2e-5")
+    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate. Default: 2e-5")
     g.add_argument("--batch_size", type=int, default=None, help="default: 32, 16 for CoLA")
     g.add_argument("--max_len", type=int, default=None, help="max tokens per example. Default: 128, 64 for CoLA/SST-2")
     g.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up. Default: 0.1")
@@ -71,7 +71,7 @@ def parse_args(argv=None):
     g.add_argument("--teacher_epochs", type=float, default=3.0, help="Default: 3")
     g.add_argument("--teacher_lr", type=float, default=2e-5, help="Default: 2e-5")
     g.add_argument("--teacher_seed", type=int, default=42, help="Default: 42")
-    g = p.add_argument_group("analysis (paper Sec. 4)")
+    g = p.add_argument_group("analysis (the paper's attention-recovery measures)")
     g.add_argument("--rank_samples", type=int, default=64,
                    help="dev examples for the ranking-loss and cover-length diagnostics (cost grows as length^3). "
                         "Default: 64")
@@ -240,7 +240,6 @@ def run_qat(env, args, ptq=None):
     plot_recovery(run_dir / "attention_recovery.png", ptq["recovery"], qat_recovery)
     metrics = {"task": env.task.name, "kd": args.kd, "wbits": args.wbits, "abits": args.abits, "seed": args.seed,
                "selection_metric": env.task.metric, "teacher": env.teacher_metrics, "ptq": ptq["metrics"], **result,
-               "seconds_per_step": result["seconds"] / max(1, result["steps"]),
                "attention_recovery": {"ptq": ptq["recovery"], "qat": qat_recovery},
                "wall_seconds": time.time() - start}
     qatkd.write_json(run_dir / "metrics.json", metrics)
@@ -249,7 +248,7 @@ def run_qat(env, args, ptq=None):
     print(f"student before QAT (PTQ)     {fmt(ptq['metrics'])}")
     print(f"student best (step {result['best_step']:>5})    {fmt(result['best'])}")
     print(f"student last (step {result['last_step']:>5})    {fmt(result['last'])}")
-    print(f"{result['steps']} steps, {metrics['seconds_per_step']:.2f} s/step, wall time "
+    print(f"{result['steps']} steps, {result['seconds_per_step']:.2f} s per training step, wall time "
           f"{metrics['wall_seconds'] / 60:.1f} min; outputs in {run_dir}")
     return metrics
 

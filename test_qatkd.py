@@ -27,7 +27,6 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent / "shared"
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # ---------------------------------------------------------------------------------------------
 # strategies and tiny models
