@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 import qatkd
 
 
@@ -241,7 +243,8 @@ def run_qat(env, args, ptq=None):
     metrics = {"task": env.task.name, "kd": args.kd, "wbits": args.wbits, "abits": args.abits, "seed": args.seed,
                "selection_metric": env.task.metric, "teacher": env.teacher_metrics, "ptq": ptq["metrics"], **result,
                "attention_recovery": {"ptq": ptq["recovery"], "qat": qat_recovery},
-               "wall_seconds": time.time() - start}
+               "wall_seconds": time.time() - start, "peak_memory_mb": peak_memory_mb(),
+               "torch_threads": torch.get_num_threads()}
     qatkd.write_json(run_dir / "metrics.json", metrics)
     print(f"\n== summary: {env.task.name}, KD {args.kd}, W{args.wbits}A{args.abits}, seed {args.seed} ==")
     print(f"teacher                      {fmt(env.teacher_metrics)}")
@@ -249,8 +252,17 @@ def run_qat(env, args, ptq=None):
     print(f"student best (step {result['best_step']:>5})    {fmt(result['best'])}")
     print(f"student last (step {result['last_step']:>5})    {fmt(result['last'])}")
     print(f"{result['steps']} steps, {result['seconds_per_step']:.2f} s per training step, wall time "
-          f"{metrics['wall_seconds'] / 60:.1f} min; outputs in {run_dir}")
+          f"{metrics['wall_seconds'] / 60:.1f} min, peak memory {metrics['peak_memory_mb'] / 1024:.1f} GB; "
+          f"outputs in {run_dir}")
     return metrics
+
+
+def peak_memory_mb():
+    """Peak resident memory of this process so far (Linux and macOS), in MiB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
 def mean_std(values):
