@@ -16,6 +16,7 @@ Read it top to bottom; the sections follow the data flow:
     6. teacher                 load, or fine-tune once and cache
     7. training and evaluation one loop for teacher fine-tuning and for QAT
     8. diagnostics             how far the student's attention is from the teacher's, per layer
+    9. packed export           the student as real low-bit codes and scales, in safetensors
 
 The official code (MarsJacobs/kd-qat-large-enc, derived from TernaryBERT) is the reference for
 what is computed. Where we deviate on purpose, the code says so in a comment starting with
@@ -120,14 +121,19 @@ def quantize_uniform(x, bits, per_row=False, clip=CLIP):
         q = round(x_c * s) / s                             2^k - 1 levels, 0 exactly representable
     so |q - x_c| <= 1 / (2 s), half a step. Straight-through gradient, zero where |x| >= 2.5.
     """
-    n = 2 ** (bits - 1) - 1
 
     def levels(xc):
-        m = xc.abs().amax(dim=_reduce_dims(xc, per_row), keepdim=True)
-        s = n / m.clamp_min(n * torch.finfo(xc.dtype).tiny)  # finite even for an all-zero tensor
+        s = uniform_scale(xc, bits, per_row)
         return torch.round(xc * s) / s
 
     return ClipSTE.apply(x, levels, clip)
+
+
+def uniform_scale(xc, bits, per_row=False):
+    """s = (2^(k-1) - 1) / max|x_c| of quantize_uniform: per tensor, or per row (keepdim)."""
+    n = 2 ** (bits - 1) - 1
+    m = xc.abs().amax(dim=_reduce_dims(xc, per_row), keepdim=True)
+    return n / m.clamp_min(n * torch.finfo(xc.dtype).tiny)  # finite even for an all-zero tensor
 
 
 WEIGHT_BITS = (1, 2, 4, 8, 32)
@@ -1031,3 +1037,121 @@ def attention_recovery(student, teacher, features, batch_size, pad_id=0, rank_sa
     per = {"map_kl": "samples", "output_mse": "tokens", "output_cos": "tokens", "rank_loss": "ranked",
            "cover_length": "ranked"}
     return {name: [v / counts[per[name]] for v in values] for name, values in sums.items()}
+
+
+# =============================================================================================
+# 9. Packed low-bit export
+#
+# The trained student as it would ship: integer codes packed into bytes plus their scales, and
+# the full-precision parts (LayerNorms, biases, position/token-type embeddings, classifier) as
+# they are, in one safetensors file (no pickle). load_quantized() rebuilds a model whose logits
+# are bit-identical to the student's.
+# =============================================================================================
+
+
+def pack_bits(codes, bits):
+    """Pack non-negative integer codes (< 2^bits, bits in 1, 2, 4, 8) into uint8, 8 // bits per byte.
+
+    codes: any shape -> [ceil(numel * bits / 8)] uint8; little end first.
+    """
+    per = 8 // bits
+    flat = codes.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % per)]).reshape(-1, per)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    return (flat << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed, bits, numel):
+    """Inverse of pack_bits: [ceil(numel * bits / 8)] uint8 -> [numel] uint8 codes."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    return ((packed[:, None] >> shifts) & (2 ** bits - 1)).reshape(-1)[:numel]
+
+
+def weight_codes(w, bits, per_row=False):
+    """Integer codes and scales with codes_to_weight(codes, scale, bits) == quantize_weight(w, bits).
+
+    Returns (codes >= 0 as uint8, scale as float32 [1] or [rows, 1]) for bits 1, 2, 4, 8:
+        1: code 0/1 for -alpha/+alpha     2: code 0/1/2 for -alpha/0/+alpha
+        4, 8: code = round(w_c * s) + 2^(k-1) - 1, scale s (the weight is (code - offset) / s)
+    """
+    with torch.no_grad():
+        if bits in (1, 2):
+            q = quantize_weight(w, bits, per_row)
+            alpha = q.abs().amax(dim=_reduce_dims(q, per_row), keepdim=True)
+            codes = (q > 0).to(torch.uint8) if bits == 1 else (torch.sign(q) + 1).to(torch.uint8)
+            return codes, alpha.reshape(-1, 1) if per_row else alpha.reshape(1)
+        s = uniform_scale(w.clamp(-CLIP, CLIP), bits, per_row)
+        codes = torch.round(w.clamp(-CLIP, CLIP) * s) + (2 ** (bits - 1) - 1)
+        return codes.to(torch.uint8), s.reshape(-1, 1) if per_row else s.reshape(1)
+
+
+def codes_to_weight(codes, scale, bits):
+    """Dequantize weight_codes(): the exact floats the student computed in its forward pass."""
+    if bits == 1:
+        return torch.where(codes.bool(), scale, -scale)
+    if bits == 2:
+        return (codes.to(scale.dtype) - 1) * scale
+    return (codes.to(scale.dtype) - (2 ** (bits - 1) - 1)) / scale
+
+
+def export_quantized(student, path, tokenizer=None):
+    """Write the student in packed low-bit form to path/ (model.safetensors, config, tokenizer).
+
+    For each quantized weight W ("name.weight"): "name.weight.codes" (packed uint8),
+    "name.weight.scale" (float32, per tensor or per row) and its shape in the metadata; every other
+    tensor of the state dict stays as it is. Returns {"packed_bytes", "fp_bytes"}: bytes of codes
+    and scales, and bytes kept in full precision.
+    """
+    from safetensors.torch import save_file
+
+    bits = student.qatkd_bits
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    quantized = {f"{name}.weight": (m, isinstance(m, QuantEmbedding)) for name, m in student.named_modules()
+                 if isinstance(m, (QuantLinear, QuantEmbedding)) and m.wbits < 32}
+    tensors, shapes, sizes = {}, {}, {"packed_bytes": 0, "fp_bytes": 0}
+    for key, value in student.state_dict().items():
+        if key in quantized:
+            codes, scale = weight_codes(value, bits["wbits"], per_row=quantized[key][1])
+            tensors[key + ".codes"] = pack_bits(codes, 2 if bits["wbits"] == 2 else bits["wbits"])
+            tensors[key + ".scale"] = scale.contiguous()
+            shapes[key] = list(value.shape)
+            sizes["packed_bytes"] += tensors[key + ".codes"].numel() + scale.numel() * scale.element_size()
+        else:
+            tensors[key] = value.contiguous()
+            sizes["fp_bytes"] += value.numel() * value.element_size()
+    meta = {"qatkd": json.dumps({**bits, "shapes": shapes})}
+    tmp = path / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path / "model.safetensors")
+    student.config.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return sizes
+
+
+def load_quantized(path):
+    """Rebuild an exported student: dequantized weights, activations quantized as in training.
+
+    Weights are set to the exact quantized values (wbits=32 modules, so nothing is quantized
+    twice); inputs, Q, K, V and attention probabilities keep the student's abits.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = Path(path)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["qatkd"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    wbits = meta["wbits"]
+    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale"))}
+    for key, shape in meta["shapes"].items():
+        n = math.prod(shape)
+        codes = unpack_bits(tensors[key + ".codes"], 2 if wbits == 2 else wbits, n).reshape(shape)
+        state[key] = codes_to_weight(codes, tensors[key + ".scale"], wbits)
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="qatkd")
+    model.load_state_dict(state)
+    student = quantize_student(model, 32, meta["abits"]).eval()
+    student.qatkd_bits = {"wbits": wbits, "abits": meta["abits"]}
+    return student

@@ -237,12 +237,13 @@ def run_qat(env, args, ptq=None):
         result = qatkd.train(student, loss_fn, env.train, cfg, lambda: evaluate(env, student, args), env.task.metric,
                              log, desc=f"QAT {args.kd} W{args.wbits}A{args.abits} seed {args.seed}")
     qatkd.save_student(student, run_dir / "student", env.tokenizer)
+    sizes = export(env, student, run_dir / "student_packed")
     qat_recovery = recovery(env, student, args)
     print_recovery(ptq["recovery"], qat_recovery)
     plot_recovery(run_dir / "attention_recovery.png", ptq["recovery"], qat_recovery)
     metrics = {"task": env.task.name, "kd": args.kd, "wbits": args.wbits, "abits": args.abits, "seed": args.seed,
                "selection_metric": env.task.metric, "teacher": env.teacher_metrics, "ptq": ptq["metrics"], **result,
-               "attention_recovery": {"ptq": ptq["recovery"], "qat": qat_recovery},
+               "attention_recovery": {"ptq": ptq["recovery"], "qat": qat_recovery}, "sizes": sizes,
                "wall_seconds": time.time() - start, "peak_memory_mb": peak_memory_mb(),
                "torch_threads": torch.get_num_threads()}
     qatkd.write_json(run_dir / "metrics.json", metrics)
@@ -263,6 +264,19 @@ def peak_memory_mb():
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def export(env, student, path):
+    """Packed low-bit export of the student, and a size table against the fp32 teacher."""
+    sizes = qatkd.export_quantized(student, path, env.tokenizer)
+    sizes["teacher_fp32_bytes"] = sum(p.numel() * 4 for p in env.teacher.state_dict().values())
+    sizes["file_bytes"] = (Path(path) / "model.safetensors").stat().st_size
+    mb = 1024 ** 2
+    print(f"\nexported to {path}: teacher fp32 {sizes['teacher_fp32_bytes'] / mb:.1f} MiB, packed student "
+          f"{sizes['file_bytes'] / mb:.1f} MiB ({sizes['teacher_fp32_bytes'] / sizes['file_bytes']:.1f}x smaller; "
+          f"codes and scales {sizes['packed_bytes'] / mb:.1f} MiB, kept in full precision "
+          f"{sizes['fp_bytes'] / mb:.1f} MiB)")
+    return sizes
 
 
 def mean_std(values):

@@ -642,6 +642,71 @@ def test_attention_recovery(tiny_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+# 9. packed export
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@given(codes=hnp.arrays("uint8", st.integers(1, 40), elements=st.integers(0, 255)).map(torch.from_numpy))
+def test_pack_roundtrip(bits, codes):
+    codes = codes % (2 ** bits) if bits < 8 else codes
+    packed = qatkd.pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(codes.numel() * bits / 8)
+    assert torch.equal(qatkd.unpack_bits(packed, bits, codes.numel()), codes)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_weight_codes_reproduce_the_quantizer_exactly(bits, per_row):
+    w = torch.randn(24, 40) * 0.1
+    codes, scale = qatkd.weight_codes(w, bits, per_row)
+    assert int(codes.max()) < 2 ** bits
+    assert torch.equal(qatkd.codes_to_weight(codes, scale, bits), qatkd.quantize_weight(w, bits, per_row))
+
+
+@pytest.mark.parametrize("wbits", [1, 2, 4, 8])
+def test_export_reload_gives_identical_logits(tiny_dir, tmp_path, wbits):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    task = qatkd.TASKS["mrpc"]
+    data = qatkd.load_glue(task, write_tiny_mrpc(tmp_path / "d", 32, 24))
+    teacher = classifier(tiny_dir)
+    qatkd.set_seed(0)
+    student = qatkd.quantize_student(teacher, wbits, 8)
+    qatkd.train(student, qatkd.qat_loss_fn(student, teacher, task, "map"), qatkd.tokenize(data["train"], tok, 32),
+                qatkd.TrainConfig(epochs=1, batch_size=8, lr=1e-3), log=lambda r: None)
+    sizes = qatkd.export_quantized(student, tmp_path / "packed", tok)
+    loaded = qatkd.load_quantized(tmp_path / "packed")
+    student.eval()
+    for b in qatkd.batches(qatkd.tokenize(data["validation"], tok, 32), 8):
+        inputs = {k: b[k] for k in qatkd.MODEL_INPUTS if k in b}
+        assert torch.equal(loaded(**inputs).logits, student(**inputs).logits)
+    assert sizes["packed_bytes"] > 0 and sizes["fp_bytes"] > 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
+        codes = [k for k in f.keys() if k.endswith(".codes")]
+        assert codes and all(f.get_tensor(k).dtype == torch.uint8 for k in codes)
+        assert "bert.embeddings.word_embeddings.weight.codes" in codes
+        assert "classifier.weight" in f.keys() and "bert.embeddings.position_embeddings.weight" in f.keys()
+
+
+def test_ternary_export_is_over_10x_smaller(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                     intermediate_size=1024, max_position_embeddings=128)
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(cfg).eval()
+    teacher.save_pretrained(tmp_path / "teacher")
+    qatkd.export_quantized(qatkd.quantize_student(teacher, 2, 8), tmp_path / "packed")
+    fp32 = (tmp_path / "teacher" / "model.safetensors").stat().st_size
+    packed = (tmp_path / "packed" / "model.safetensors").stat().st_size
+    assert fp32 / packed >= 10, (fp32, packed)
+
+
+# ---------------------------------------------------------------------------------------------
 # run.py end to end
 # ---------------------------------------------------------------------------------------------
 
@@ -680,6 +745,9 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     for stage in ("ptq", "qat"):
         rec = metrics["attention_recovery"][stage]
         assert set(rec) == set(qatkd.DIAGNOSTICS) and all(len(v) == 2 for v in rec.values())
+    # the packed export is written and its size reported
+    assert "packed student" in p.stdout and (run_dir / "student_packed" / "model.safetensors").is_file()
+    assert metrics["sizes"]["file_bytes"] < metrics["sizes"]["teacher_fp32_bytes"]
     # the saved student reloads and reproduces its last dev score exactly
     from transformers import AutoTokenizer
 
@@ -688,6 +756,8 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     tok = AutoTokenizer.from_pretrained(run_dir / "student")
     dev = {"validation": qatkd.tokenize(qatkd.load_glue(qatkd.TASKS["mrpc"], data)["validation"], tok, 128)}
     assert qatkd.evaluate(student, qatkd.TASKS["mrpc"], dev, 8) == metrics["last"]
+    assert qatkd.evaluate(qatkd.load_quantized(run_dir / "student_packed"), qatkd.TASKS["mrpc"], dev, 8) == \
+        metrics["last"]
     # a second run reuses the cached teacher; an existing run folder is refused without --overwrite
     m2 = run.main([*map(str, common), "--kd", "score", "--max_steps", "3", "--eval_every", "0"])
     assert m2["teacher"] == metrics["teacher"] and m2["steps"] == 3
