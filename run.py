@@ -128,6 +128,7 @@ def get_teacher(args, task, data):
                             optimizer="adamw")  # as Hugging Face's run_glue, which the original README suggests
     feats = qatkd.tokenize(data["train"], tokenizer, args.max_len)
     result = qatkd.finetune_teacher(teacher, task, feats, cfg, log=lambda r: None)
+    teacher.eval()
     cache.parent.mkdir(parents=True, exist_ok=True)
     qatkd.save_model(teacher, cache, tokenizer, {"teacher_args.json": {
         "base": args.teacher, "epochs": args.teacher_epochs, "lr": args.teacher_lr, "seed": args.teacher_seed,
@@ -199,7 +200,9 @@ def plot_recovery(path, ptq, qat):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no attention-recovery plot (pip install matplotlib for one)")
+        if not getattr(plot_recovery, "warned", False):  # say it once per process, then go on
+            print("matplotlib is not installed: no attention-recovery plot (pip install matplotlib for one)")
+            plot_recovery.warned = True
         return
     names = [n for n in qatkd.DIAGNOSTICS if n in ptq]
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3))

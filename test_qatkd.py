@@ -742,6 +742,7 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     assert set(metrics["teacher"]) == {"acc", "f1", "acc_and_f1"} and "ptq" in metrics
     # the attention-recovery table: printed, and per layer for PTQ and QAT in metrics.json
     assert "attention recovery on dev, per layer" in p.stdout
+    assert (run_dir / "attention_recovery.png").is_file() or p.stdout.count("matplotlib is not installed") == 1
     for stage in ("ptq", "qat"):
         rec = metrics["attention_recovery"][stage]
         assert set(rec) == set(qatkd.DIAGNOSTICS) and all(len(v) == 2 for v in rec.values())
