@@ -613,11 +613,12 @@ def collate(features, pad_id=0):
     return batch
 
 
-def batches(features, batch_size, pad_id=0, shuffle=False, seed=0):
-    """Yield padded batches; shuffle with a torch generator seeded by `seed` (one order per seed)."""
+def batches(features, batch_size, pad_id=0, shuffle=False, seed=0, start=0):
+    """Yield padded batches, from batch number `start` on; shuffle with a torch generator seeded by
+    `seed`, so one seed gives one order (and a resumed epoch the same order)."""
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)) if shuffle \
         else torch.arange(len(features))
-    for i in range(0, len(features), batch_size):
+    for i in range(start * batch_size, len(features), batch_size):
         yield collate([features[j] for j in order[i:i + batch_size].tolist()], pad_id)
 
 
@@ -754,6 +755,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # on matrices only, not on biases and LayerNorm
     max_grad_norm: float = 1.0
     optimizer: str = "bertadam"  # "bertadam" (official code) or "adamw" (torch)
+    save_every: int = 0  # checkpoint every N steps (needs train(checkpoint=...)); 0: only on Ctrl-C
     eval_every: int = 0  # 0: evaluate only at the end
     max_steps: int = 0  # 0: epochs decide
     seed: int = 42
@@ -828,7 +830,44 @@ def _item(v):
     return v.item() if torch.is_tensor(v) else float(v)
 
 
-def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=print, desc="train"):
+def rng_state():
+    """Python, numpy and torch (CPU) random states, to continue a run exactly."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(path, model, opt, sched, loop):
+    """Everything train() needs to continue: weights, optimizer, schedule, RNG states, loop state.
+
+    Written atomically (temporary file, then rename): a kill never leaves a half-written checkpoint.
+    """
+    tmp = Path(str(path) + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": rng_state(), "loop": loop}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    return torch.load(path, weights_only=False)  # our own file: it holds RNG states, not only tensors
+
+
+def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=print, desc="train",
+          checkpoint=None):
     """One training loop for teacher fine-tuning and QAT.
 
     loss_fn(batch) -> (loss, {term: value}); evaluate_fn() -> dev metrics, run every
@@ -836,48 +875,81 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
     and every evaluation. A non-finite loss stops training with FloatingPointError naming the step
     and the term. Returns the best (selected on `metric`, first best kept) and the last evaluation,
     the number of steps, and the seconds spent (in all, in evaluation, per training step).
+
+    checkpoint: a file path. If it exists, training continues from it; the state is saved there
+    every cfg.save_every steps and when Ctrl-C (SIGINT) arrives, after the step in progress,
+    which then raises KeyboardInterrupt. On CPU a resumed run ends exactly as an uninterrupted one.
     """
+    import signal
+
     from tqdm.auto import tqdm
 
     total = cfg.total_steps(len(train_feats))
+    steps_per_epoch = math.ceil(len(train_feats) / cfg.batch_size)
     opt, sched = make_optimizer(model, cfg, total)
+    loop = {"step": 0, "seconds": 0.0, "eval_seconds": 0.0,
+            "result": {"best": None, "best_step": None, "last": None, "last_step": None}}
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        loop = state["loop"]
+    result, step = loop["result"], loop["step"]
+    interrupted = []
+    try:  # Ctrl-C: finish the step in progress, save, then stop
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    except ValueError:  # not the main thread
+        previous = None
     model.train()
-    result = {"best": None, "best_step": None, "last": None, "last_step": None}
-    step, epoch, start, eval_seconds = 0, 0, time.time(), 0.0
-    bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
-    while step < total:
-        for batch in batches(train_feats, cfg.batch_size, cfg.pad_id, shuffle=True, seed=cfg.seed + epoch):
-            loss, terms = loss_fn(batch)
-            if not torch.isfinite(loss):
-                bad = [k for k, v in terms.items() if not math.isfinite(_item(v))] or ["total"]
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} (term: {', '.join(bad)})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optimizer == "adamw":  # BertAdam clips each tensor itself
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            step += 1
-            record = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "loss": loss.item()}
-            log({**record, **{k: _item(v) for k, v in terms.items()}})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-                eval_start = time.time()
-                metrics = evaluate_fn()
-                eval_seconds += time.time() - eval_start
-                log({"step": step, "eval": metrics})
-                result.update(last=metrics, last_step=step)
-                if result["best"] is None or metrics[metric] > result["best"][metric]:
-                    result.update(best=metrics, best_step=step)
-                bar.write(f"step {step}: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
-            if step == total:
-                break
-        epoch += 1
-    bar.close()
+    start = time.time() - loop["seconds"]
+    bar = tqdm(total=total, initial=step, desc=desc, dynamic_ncols=True)
+    try:
+        while step < total:
+            epoch, skip = divmod(step, steps_per_epoch)
+            for batch in batches(train_feats, cfg.batch_size, cfg.pad_id, shuffle=True, seed=cfg.seed + epoch,
+                                 start=skip):
+                loss, terms = loss_fn(batch)
+                if not torch.isfinite(loss):
+                    bad = [k for k, v in terms.items() if not math.isfinite(_item(v))] or ["total"]
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} (term: {', '.join(bad)})"
+                                             + (f"; the last good checkpoint is {checkpoint}" if checkpoint else ""))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optimizer == "adamw":  # BertAdam clips each tensor itself
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                step += 1
+                record = {"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "loss": loss.item()}
+                log({**record, **{k: _item(v) for k, v in terms.items()}})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                    eval_start = time.time()
+                    metrics = evaluate_fn()
+                    loop["eval_seconds"] += time.time() - eval_start
+                    log({"step": step, "eval": metrics})
+                    result.update(last=metrics, last_step=step)
+                    if result["best"] is None or metrics[metric] > result["best"][metric]:
+                        result.update(best=metrics, best_step=step)
+                    bar.write(f"step {step}: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
+                if checkpoint is not None and ((cfg.save_every and step % cfg.save_every == 0) or interrupted):
+                    loop.update(step=step, seconds=time.time() - start)
+                    save_checkpoint(checkpoint, model, opt, sched, loop)
+                if interrupted:
+                    raise KeyboardInterrupt(f"interrupted after step {step}"
+                                            + (f"; resume from {checkpoint}" if checkpoint else ""))
+                if step == total:
+                    break
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     seconds = time.time() - start
-    result.update(steps=step, seconds=seconds, eval_seconds=eval_seconds,
-                  seconds_per_step=(seconds - eval_seconds) / max(1, step))
+    result.update(steps=step, seconds=seconds, eval_seconds=loop["eval_seconds"],
+                  seconds_per_step=(seconds - loop["eval_seconds"]) / max(1, step))
     return result
 
 

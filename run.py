@@ -11,6 +11,7 @@ student before training (PTQ); run QAT with the chosen KD loss; save the student
 import argparse
 import csv
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ def parse_args(argv=None):
     g.add_argument("--run_name", default=None,
                    help="folder of this run under --output_dir. Default: TASK-KD-wWaA-seedS")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same folder")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoint (same arguments); the result is the same "
+                        "as an uninterrupted run's")
+    g.add_argument("--save_every", type=int, default=100,
+                   help="write a checkpoint every N steps (and on Ctrl-C); 0: only on Ctrl-C. Default: 100")
     g = p.add_argument_group("training (paper: 3 epochs, lr 2e-5, batch 32 / 16 for CoLA)")
     g.add_argument("--epochs", type=float, default=3.0, help="QAT epochs. Default: 3")
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate. Default: 2e-5")
@@ -87,10 +93,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not (2 <= args.abits <= 16 or args.abits == 32):
         p.error(f"--abits {args.abits} is out of range; use 2..16, or 32 for full precision")
-    for name in ("batch_size", "max_len", "eval_every", "max_steps"):
+    for name in ("batch_size", "max_len", "eval_every", "max_steps", "save_every", "rank_samples"):
         v = getattr(args, name)
-        if v is not None and v < (0 if name in ("max_steps", "eval_every") else 1):
-            p.error(f"--{name} must be positive, got {v}")
+        least = 1 if name in ("batch_size", "max_len") else 0
+        if v is not None and v < least:
+            p.error(f"--{name} must be at least {least}, got {v}")
     bad = [k for k in args.sweep_kd if k not in qatkd.KD_MODES]
     if bad:
         p.error(f"--sweep_kd: unknown KD mode {bad[0]!r}; use some of {','.join(qatkd.KD_MODES)}")
@@ -222,23 +229,34 @@ def run_qat(env, args, ptq=None):
     start = time.time()
     run_dir = Path(args.output_dir) / args.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    qatkd.write_json(run_dir / "args.json", {**vars(args), "teacher_path": env.teacher_path})
+    checkpoint, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
+    if args.resume:  # the log continues from the checkpoint: drop what was logged after it
+        step = qatkd.load_checkpoint(checkpoint)["loop"]["step"]
+        print(f"resuming {run_dir} from step {step}")
+        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        tmp = log_path.with_name(log_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log_path)
+    else:
+        checkpoint.unlink(missing_ok=True)  # a stale checkpoint of a replaced run
+        qatkd.write_json(run_dir / "args.json", {**vars(args), "teacher_path": env.teacher_path})
     qatkd.set_seed(args.seed)
     ptq = ptq or ptq_baseline(env, args)
     student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
     cfg = qatkd.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                             eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed, pad_id=env.pad_id,
-                            optimizer=args.optimizer)
+                            optimizer=args.optimizer, save_every=args.save_every)
     loss_fn = qatkd.qat_loss_fn(student, env.teacher, env.task, args.kd, args.map_coeff, args.output_coeff,
                                 args.gt_coeff, args.include_padding)
-    with open(run_dir / "log.jsonl", "w") as log_file:
+    with open(log_path, "a" if args.resume else "w") as log_file:
 
         def log(record):
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
         result = qatkd.train(student, loss_fn, env.train, cfg, lambda: evaluate(env, student, args), env.task.metric,
-                             log, desc=f"QAT {args.kd} W{args.wbits}A{args.abits} seed {args.seed}")
+                             log, desc=f"QAT {args.kd} W{args.wbits}A{args.abits} seed {args.seed}",
+                             checkpoint=checkpoint)
     qatkd.save_student(student, run_dir / "student", env.tokenizer)
     sizes = export(env, student, run_dir / "student_packed")
     qat_recovery = recovery(env, student, args)
@@ -250,6 +268,7 @@ def run_qat(env, args, ptq=None):
                "wall_seconds": time.time() - start, "peak_memory_mb": peak_memory_mb(),
                "torch_threads": torch.get_num_threads()}
     qatkd.write_json(run_dir / "metrics.json", metrics)
+    checkpoint.unlink(missing_ok=True)  # the run is complete: student/ and metrics.json hold it
     print(f"\n== summary: {env.task.name}, KD {args.kd}, W{args.wbits}A{args.abits}, seed {args.seed} ==")
     print(f"teacher                      {fmt(env.teacher_metrics)}")
     print(f"student before QAT (PTQ)     {fmt(ptq['metrics'])}")
@@ -305,6 +324,7 @@ def sweep(env, args):
             one = argparse.Namespace(**{**vars(args), "kd": kd, "seed": seed, "sweep": False,
                                         "run_name": f"{args.task}-{kd}-w{args.wbits}a{args.abits}-seed{seed}"})
             done = Path(args.output_dir) / one.run_name / "metrics.json"
+            one.resume = (done.parent / "checkpoint.pt").is_file()  # an interrupted run continues
             runs.append(json.loads(done.read_text()) if done.is_file() else run_qat(env, one, ptq))
         kl = [sum(r["attention_recovery"]["qat"]["map_kl"]) / len(r["attention_recovery"]["qat"]["map_kl"])
               for r in runs]
@@ -329,6 +349,26 @@ def sweep(env, args):
     return table
 
 
+RESUMABLE = ("resume", "overwrite", "save_every", "teacher_path")  # may differ between a run and its resumption
+
+
+def check_run_dir(run_dir, args):
+    """Refuse to overwrite an earlier run by accident, and to resume one with other settings."""
+    stored = run_dir / "args.json"
+    if args.resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            done = " (it has finished)" if (run_dir / "metrics.json").is_file() else ""
+            raise FileNotFoundError(f"--resume: {run_dir} holds no checkpoint to resume from{done}")
+        old = json.loads(stored.read_text())
+        changed = [f"--{k} {old[k]} (now {v})" for k, v in vars(args).items()
+                   if k not in RESUMABLE and k in old and old[k] != v]
+        if changed:
+            raise ValueError(f"--resume: {run_dir} was started with other arguments: {', '.join(changed)}")
+    elif stored.exists() and not args.overwrite:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
+                              "it, or another --run_name")
+
+
 def main(argv=None):
     args = parse_args(argv)
     import transformers
@@ -336,8 +376,8 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()  # we say ourselves what is fine-tuned and loaded
     transformers.utils.logging.disable_progress_bar()
     run_dir = Path(args.output_dir) / args.run_name
-    if not args.sweep and (run_dir / "args.json").exists() and not args.overwrite:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --overwrite to replace it, or another --run_name")
+    if not args.sweep:
+        check_run_dir(run_dir, args)
     env = setup(args)
     return sweep(env, args) if args.sweep else run_qat(env, args)
 
@@ -347,5 +387,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"run.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("run.py: interrupted")
+    except KeyboardInterrupt as e:
+        sys.exit(f"run.py: {e or 'interrupted'}")

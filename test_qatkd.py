@@ -763,7 +763,7 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     m2 = run.main([*map(str, common), "--kd", "score", "--max_steps", "3", "--eval_every", "0"])
     assert m2["teacher"] == metrics["teacher"] and m2["steps"] == 3
     p = run_py(*common, "--kd", "map", "--epochs", "2")
-    assert p.returncode != 0 and "already holds a run; pass --overwrite" in p.stderr
+    assert p.returncode != 0 and "already holds a run; pass --resume to continue it, --overwrite" in p.stderr
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics  # nothing lost
 
 
@@ -792,6 +792,78 @@ def test_sweep_end_to_end(tmp_path, tiny_dir):
     mtime = (tmp_path / "mrpc-map-w2a8-seed1" / "metrics.json").stat().st_mtime
     assert run.main(argv) == table
     assert (tmp_path / "mrpc-map-w2a8-seed1" / "metrics.json").stat().st_mtime == mtime
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
+    """A real subprocess killed mid-run with SIGKILL, resumed, ends exactly as an uninterrupted run."""
+    import signal
+    import time
+
+    data = write_tiny_mrpc(tmp_path / "MRPC", 96, 16)
+    common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", data, "--batch_size", "4", "--epochs", "5",
+              "--max_steps", "100", "--eval_every", "20", "--save_every", "5", "--teacher_epochs", "1",
+              "--lr", "1e-3"]
+    p = run_py(*common, "--output_dir", tmp_path / "a")
+    assert p.returncode == 0, p.stderr[-2000:]
+    whole = tmp_path / "a" / "mrpc-map-w2a8-seed42"
+    assert not (whole / "checkpoint.pt").exists()  # removed once the run is complete
+    # the same run, killed once a checkpoint is on disk and before the end
+    run_dir = tmp_path / "b" / "mrpc-map-w2a8-seed42"
+    (tmp_path / "b" / "teachers").mkdir(parents=True)
+    os.symlink(tmp_path / "a" / "teachers" / os.listdir(tmp_path / "a" / "teachers")[0],
+               tmp_path / "b" / "teachers" / os.listdir(tmp_path / "a" / "teachers")[0])
+    proc = subprocess.Popen([sys.executable, str(HERE / "run.py"), *map(str, common), "--output_dir", tmp_path / "b"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists(), "the run ended before it could be killed"
+    steps_logged = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert 5 <= max(steps_logged) < 100
+    p = run_py(*common, "--output_dir", tmp_path / "b", "--resume")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "resuming" in p.stdout
+    a = json.loads((whole / "metrics.json").read_text())
+    b = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("best", "best_step", "last", "last_step", "steps", "ptq", "teacher", "attention_recovery"):
+        assert a[key] == b[key], key
+    log_a = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert log_a == log_b  # the log continues where the checkpoint left it, without repeats
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(whole / "student" / "model.safetensors"), load_file(run_dir / "student" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # nothing left to resume now; resuming with other settings is refused
+    p = run_py(*common, "--output_dir", tmp_path / "b", "--resume")
+    assert p.returncode != 0 and "holds no checkpoint to resume from (it has finished)" in p.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_refuses_other_arguments(tmp_path, tiny_dir):
+    import signal
+    import time
+
+    data = write_tiny_mrpc(tmp_path / "MRPC", 96, 16)
+    common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", data, "--output_dir", tmp_path,
+              "--batch_size", "4", "--epochs", "50", "--eval_every", "0", "--save_every", "0", "--teacher_epochs", "1"]
+    run_dir = tmp_path / "mrpc-map-w2a8-seed42"
+    proc = subprocess.Popen([sys.executable, str(HERE / "run.py"), *map(str, common)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=HERE)
+    deadline = time.time() + 300
+    while not (run_dir / "log.jsonl").exists() or (run_dir / "log.jsonl").stat().st_size < 2000:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"run\.py: interrupted after step \d+; resume from .*checkpoint\.pt", last), last
+    assert (run_dir / "checkpoint.pt").is_file()
+    p = run_py(*common, "--lr", "1e-3", "--resume")
+    assert p.returncode != 0 and "was started with other arguments: --lr 2e-05 (now 0.001)" in p.stderr
+    assert (run_dir / "checkpoint.pt").is_file()  # nothing lost
 
 
 @pytest.mark.parametrize("argv, message", [
