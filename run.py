@@ -224,6 +224,14 @@ def plot_recovery(path, ptq, qat):
     plt.close(fig)
 
 
+def log_step(line):
+    """The step of a log.jsonl line; a line torn by a kill counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return float("inf")
+
+
 def run_qat(env, args, ptq=None):
     """One QAT run into OUTPUT_DIR/RUN_NAME; returns its metrics (also written to metrics.json)."""
     start = time.time()
@@ -233,7 +241,7 @@ def run_qat(env, args, ptq=None):
     if args.resume:  # the log continues from the checkpoint: drop what was logged after it
         step = qatkd.load_checkpoint(checkpoint)["loop"]["step"]
         print(f"resuming {run_dir} from step {step}")
-        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line in log_path.read_text().splitlines() if log_step(line) <= step]
         tmp = log_path.with_name(log_path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, log_path)

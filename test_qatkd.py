@@ -866,17 +866,76 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_refuses_other_arguments(tmp_path, 
     assert (run_dir / "checkpoint.pt").is_file()  # nothing lost
 
 
+def test_nan_loss_keeps_the_last_good_checkpoint(tiny_dir, tmp_path):
+    teacher = classifier(tiny_dir)
+    feats = [{"input_ids": [2, 7, 3], "attention_mask": [1, 1, 1], "labels": 0}] * 40
+    calls = []
+
+    def loss_fn(b):
+        calls.append(1)
+        v = teacher(input_ids=b["input_ids"]).logits.pow(2).mean()
+        bad = v * float("inf") if len(calls) == 8 else v
+        return bad, {"pred": v, "output": bad}
+
+    ckpt = tmp_path / "checkpoint.pt"
+    cfg = qatkd.TrainConfig(batch_size=4, save_every=3)
+    with pytest.raises(FloatingPointError, match=f"at step 8 \\(term: output\\); the last good checkpoint is {ckpt}"):
+        qatkd.train(teacher, loss_fn, feats, cfg, log=lambda r: None, checkpoint=ckpt)
+    state = qatkd.load_checkpoint(ckpt)
+    assert state["loop"]["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.fixture()
+def earlier_run(tmp_path):
+    """An output directory holding a finished run, to check that bad input damages nothing in it."""
+    run_dir = tmp_path / "out" / "mrpc-map-w2a8-seed42"
+    run_dir.mkdir(parents=True)
+    for name in ("args.json", "metrics.json", "log.jsonl"):
+        (run_dir / name).write_text('{"step": 1}\n')
+    return tmp_path / "out"
+
+
+def snapshot(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "nosuch"], "argument --task: invalid choice: 'nosuch'"),
     (["--task", "mrpc", "--wbits", "3"], "argument --wbits: invalid choice: 3"),
     (["--task", "mrpc", "--abits", "40"], "--abits 40 is out of range"),
-    (["--task", "mrpc", "--teacher", "/no/such/dir", "--data_dir", "."], "missing data file"),
+    (["--task", "mrpc", "--abits", "1"], "--abits 1 is out of range"),
+    (["--task", "mrpc", "--run_name", "x", "--teacher", "/no/such/dir", "--data_dir", "."], "missing data file"),
+    (["--task", "mrpc", "--run_name", "x", "--teacher", "/no/such/dir"], "teacher directory /no/such/dir does not exist"),
+    (["--task", "mrpc", "--kd", "map"], "already holds a run; pass --resume to continue it, --overwrite"),
+    (["--task", "mrpc", "--resume"], "holds no checkpoint to resume from (it has finished)"),
+    (["--task", "mrpc", "--run_name", "x", "--teacher", "{empty}"], "holds no model (no config.json)"),
+    (["--task", "mrpc", "--run_name", "x", "--teacher", "{three_labels}"], "3-label head but task mrpc needs 2"),
+    (["--task", "mrpc", "--run_name", "x", "--data_dir", "{malformed}"], "train.tsv:3: expected at least 5"),
+    (["--task", "mrpc", "--run_name", "x", "--data_dir", "{empty_data}"], "dev.tsv: no examples"),
+    (["--task", "mrpc", "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
 ])
-def test_run_py_bad_input_is_one_line(argv, message):
-    p = run_py(*argv)
+def test_run_py_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_run, tmp_path, tiny_dir):
+    good = write_tiny_mrpc(tmp_path / "good", 8, 4)
+    malformed = write_tiny_mrpc(tmp_path / "malformed", 8, 4)
+    lines = (malformed / "train.tsv").read_text().splitlines()
+    (malformed / "train.tsv").write_text("\n".join(lines[:2] + ["1\t2\tonly three"] + lines[2:]) + "\n")
+    empty_data = write_tiny_mrpc(tmp_path / "empty_data", 8, 4)
+    (empty_data / "dev.tsv").write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n")
+    (tmp_path / "empty").mkdir()
+    classifier(tiny_dir, num_labels=3).save_pretrained(tmp_path / "three_labels")
+    paths = {"empty": tmp_path / "empty", "three_labels": tmp_path / "three_labels", "malformed": malformed,
+             "empty_data": empty_data}
+    argv = [a.format(**paths) for a in argv]
+    if "--teacher" not in argv:
+        argv += ["--teacher", str(tiny_dir)]
+    if "--data_dir" not in argv:
+        argv += ["--data_dir", str(good)]
+    before = snapshot(earlier_run)
+    p = run_py(*argv, "--output_dir", earlier_run)
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert snapshot(earlier_run) == before
 
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
