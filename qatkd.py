@@ -622,19 +622,20 @@ def batches(features, batch_size, pad_id=0, shuffle=False, seed=0, start=0):
         yield collate([features[j] for j in order[i:i + batch_size].tolist()], pad_id)
 
 
+def _confusion(preds, labels):
+    """(tp, tn, fp, fn) of binary predictions against labels."""
+    pairs = list(zip(preds, labels))
+    return tuple(sum(p == a and y == b for p, y in pairs) for a, b in ((1, 1), (0, 0), (1, 0), (0, 1)))
+
+
 def _mcc(preds, labels):
-    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
-    tn = sum(p == 0 and y == 0 for p, y in zip(preds, labels))
-    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
-    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
+    tp, tn, fp, fn = _confusion(preds, labels)
     denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     return (tp * tn - fp * fn) / denom if denom else 0.0
 
 
 def _f1(preds, labels):
-    tp = sum(p == 1 and y == 1 for p, y in zip(preds, labels))
-    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
-    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
+    tp, _, fp, fn = _confusion(preds, labels)
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
