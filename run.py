@@ -312,6 +312,8 @@ def export(env, student, path):
 def mean_std(values):
     if not values:
         return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
     m = sum(values) / len(values)
     sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
     return f"{100 * m:.2f} ± {100 * sd:.2f}"
