@@ -301,11 +301,12 @@ def export(env, student, path):
     sizes = qatkd.export_quantized(student, path, env.tokenizer)
     sizes["teacher_fp32_bytes"] = sum(p.numel() * 4 for p in env.teacher.state_dict().values())
     sizes["file_bytes"] = (Path(path) / "model.safetensors").stat().st_size
-    mb = 1024 ** 2
-    print(f"\nexported to {path}: teacher fp32 {sizes['teacher_fp32_bytes'] / mb:.1f} MiB, packed student "
-          f"{sizes['file_bytes'] / mb:.1f} MiB ({sizes['teacher_fp32_bytes'] / sizes['file_bytes']:.1f}x smaller; "
-          f"codes and scales {sizes['packed_bytes'] / mb:.1f} MiB, kept in full precision "
-          f"{sizes['fp_bytes'] / mb:.1f} MiB)")
+    sizes["ratio"] = sizes["teacher_fp32_bytes"] / sizes["file_bytes"]
+    print(f"\npacked student exported to {path}")
+    for label, key in (("teacher, fp32", "teacher_fp32_bytes"), ("packed student (file)", "file_bytes"),
+                       ("  low-bit codes and scales", "packed_bytes"), ("  kept in full precision", "fp_bytes")):
+        print(f"{label:<28}{sizes[key]:>14,} bytes")
+    print(f"{'ratio':<28}{sizes['ratio']:>14.1f}x smaller")
     return sizes
 
 
