@@ -17,9 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+try:
+    import torch
 
-import qatkd
+    import qatkd
+except ImportError as e:  # run outside the project's environment
+    sys.exit(f"run.py: error: {e}; install the requirements first (README: set-up)")
 
 
 def parse_args(argv=None):
