@@ -25,11 +25,13 @@ what is computed. Where we deviate on purpose, the code says so in a comment sta
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -713,12 +715,27 @@ def set_seed(seed):
         pass
 
 
-def write_json(path, obj):
-    """Write JSON atomically (write to a temporary file, then rename), so a kill leaves no half file."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling of path to write; rename it onto path once written.
+
+    A kill mid-write leaves only the temporary (file or directory), never a half-written path.
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    if tmp.is_dir():  # left behind by an earlier kill
+        shutil.rmtree(tmp)
+    tmp.unlink(missing_ok=True)
+    yield tmp
+    if path.is_dir():
+        shutil.rmtree(path)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    """Write JSON atomically, so a kill leaves no half file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 @torch.no_grad()
@@ -762,8 +779,11 @@ class TrainConfig:
     seed: int = 42
     pad_id: int = 0
 
+    def steps_per_epoch(self, n_train):
+        return math.ceil(n_train / self.batch_size)
+
     def total_steps(self, n_train):
-        steps = math.ceil(self.epochs * math.ceil(n_train / self.batch_size))
+        steps = math.ceil(self.epochs * self.steps_per_epoch(n_train))
         return min(steps, self.max_steps) if self.max_steps else steps
 
 
@@ -857,10 +877,9 @@ def save_checkpoint(path, model, opt, sched, loop):
 
     Written atomically (temporary file, then rename): a kill never leaves a half-written checkpoint.
     """
-    tmp = Path(str(path) + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": rng_state(), "loop": loop}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": rng_state(), "loop": loop}, tmp)
 
 
 def load_checkpoint(path):
@@ -886,7 +905,7 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
     from tqdm.auto import tqdm
 
     total = cfg.total_steps(len(train_feats))
-    steps_per_epoch = math.ceil(len(train_feats) / cfg.batch_size)
+    steps_per_epoch = cfg.steps_per_epoch(len(train_feats))
     opt, sched = make_optimizer(model, cfg, total)
     loop = {"step": 0, "seconds": 0.0, "eval_seconds": 0.0,
             "result": {"best": None, "best_step": None, "last": None, "last_step": None}}
@@ -996,22 +1015,12 @@ def save_model(model, path, tokenizer=None, extra=None):
 
     extra: {filename: json object} written beside it (the student's quantization.json).
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    for name, obj in (extra or {}).items():
-        write_json(tmp / name, obj)
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            write_json(tmp / name, obj)
 
 
 def save_student(student, path, tokenizer=None):
@@ -1186,7 +1195,7 @@ def export_quantized(student, path, tokenizer=None):
     for key, value in student.state_dict().items():
         if key in quantized:
             codes, scale = weight_codes(value, bits["wbits"], per_row=quantized[key][1])
-            tensors[key + ".codes"] = pack_bits(codes, 2 if bits["wbits"] == 2 else bits["wbits"])
+            tensors[key + ".codes"] = pack_bits(codes, bits["wbits"])
             tensors[key + ".scale"] = scale.contiguous()
             shapes[key] = list(value.shape)
             sizes["packed_bytes"] += tensors[key + ".codes"].numel() + scale.numel() * scale.element_size()
@@ -1194,9 +1203,8 @@ def export_quantized(student, path, tokenizer=None):
             tensors[key] = value.contiguous()
             sizes["fp_bytes"] += value.numel() * value.element_size()
     meta = {"qatkd": json.dumps({**bits, "shapes": shapes})}
-    tmp = path / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path / "model.safetensors")
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     student.config.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
@@ -1220,7 +1228,7 @@ def load_quantized(path):
     state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale"))}
     for key, shape in meta["shapes"].items():
         n = math.prod(shape)
-        codes = unpack_bits(tensors[key + ".codes"], 2 if wbits == 2 else wbits, n).reshape(shape)
+        codes = unpack_bits(tensors[key + ".codes"], wbits, n).reshape(shape)
         state[key] = codes_to_weight(codes, tensors[key + ".scale"], wbits)
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation="qatkd")

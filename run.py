@@ -11,7 +11,6 @@ student before training (PTQ); run QAT with the chosen KD loss; save the student
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -245,9 +244,8 @@ def run_qat(env, args, ptq=None):
         step = qatkd.load_checkpoint(checkpoint)["loop"]["step"]
         print(f"resuming {run_dir} from step {step}")
         kept = [line for line in log_path.read_text().splitlines() if log_step(line) <= step]
-        tmp = log_path.with_name(log_path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, log_path)
+        with qatkd.atomic_path(log_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
     else:
         checkpoint.unlink(missing_ok=True)  # a stale checkpoint of a replaced run
         qatkd.write_json(run_dir / "args.json", {**vars(args), "teacher_path": env.teacher_path})
