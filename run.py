@@ -6,12 +6,20 @@
 Steps: load GLUE data and the teacher; fine-tune the teacher first if its classification head is
 untrained (cached under --output_dir/teachers and reused); evaluate teacher and the quantized
 student before training (PTQ); run QAT with the chosen KD loss; save the student; summarise.
+
+On several processes (CPU: gloo, GPUs: nccl, one process per GPU):
+    torchrun --nproc_per_node=N run.py --task mrpc --kd map --wbits 2 ...
+--batch_size stays the global batch; rank 0 evaluates, logs and saves. Timing: run.py --benchmark.
 """
 
 import argparse
+import contextlib
 import csv
 import json
+import os
+import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,14 +100,30 @@ def parse_args(argv=None):
                    help="comma-separated KD modes for --sweep. Default: pred,score,map,output,unified")
     g.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42],
                    help="comma-separated seeds for --sweep. Default: 42")
+    g = p.add_argument_group("benchmark (no training: times steps on one random batch of --batch_size x --max_len)")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time a plain FP fine-tuning step against QAT steps (map, score, output, unified) and "
+                        "inference; medians after warm-up, quantizer and loss shares, peak memory; GPU if present")
+    g.add_argument("--bench_model", default="teacher", choices=("teacher", "bert-base"),
+                   help="teacher: the --teacher architecture and weights; bert-base: a randomly initialised "
+                        "BERT-base (12 layers, hidden 768), nothing downloaded. Default: teacher")
+    g.add_argument("--bench_steps", type=int, default=10, help="timed steps per measurement. Default: 10")
+    g.add_argument("--bench_warmup", type=int, default=2, help="untimed steps first. Default: 2")
     args = p.parse_args(argv)
     if not (2 <= args.abits <= 16 or args.abits == 32):
         p.error(f"--abits {args.abits} is out of range; use 2..16, or 32 for full precision")
-    for name in ("batch_size", "max_len", "eval_every", "max_steps", "save_every", "rank_samples"):
+    for name in ("batch_size", "max_len", "eval_every", "max_steps", "save_every", "rank_samples", "bench_steps",
+                 "bench_warmup"):
         v = getattr(args, name)
-        least = 1 if name in ("batch_size", "max_len") else 0
+        least = 1 if name in ("batch_size", "max_len", "bench_steps") else 0
         if v is not None and v < least:
             p.error(f"--{name} must be at least {least}, got {v}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and (args.sweep or args.benchmark):
+        p.error(f"--{'sweep' if args.sweep else 'benchmark'} runs in one process; start it without torchrun")
+    if world > 1 and args.batch_size is not None and args.batch_size < world:
+        p.error(f"--batch_size {args.batch_size} is the global batch and must be at least the number of "
+                f"processes ({world})")
     bad = [k for k in args.sweep_kd if k not in qatkd.KD_MODES]
     if bad:
         p.error(f"--sweep_kd: unknown KD mode {bad[0]!r}; use some of {','.join(qatkd.KD_MODES)}")
@@ -117,6 +141,7 @@ def fmt(metrics):
 
 def get_teacher(args, task, data):
     """The task teacher: as given if its head is trained, else fine-tuned once and cached."""
+    qatkd.set_seed(args.teacher_seed)  # an untrained head is initialised at random: seeded, so one seed, one teacher
     teacher, tokenizer, trained = qatkd.load_teacher(args.teacher, task)
     if trained:
         return teacher, tokenizer, args.teacher
@@ -136,12 +161,14 @@ def get_teacher(args, task, data):
                             warmup=args.warmup, seed=args.teacher_seed, pad_id=tokenizer.pad_token_id or 0,
                             optimizer="adamw")  # as Hugging Face's run_glue, which the original README suggests
     feats = qatkd.tokenize(data["train"], tokenizer, args.max_len)
-    result = qatkd.finetune_teacher(teacher, task, feats, cfg, log=lambda r: None)
+    result = qatkd.finetune_teacher(teacher.to(args.device), task, feats, cfg, log=lambda r: None)
     teacher.eval()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    qatkd.save_model(teacher, cache, tokenizer, {"teacher_args.json": {
-        "base": args.teacher, "epochs": args.teacher_epochs, "lr": args.teacher_lr, "seed": args.teacher_seed,
-        "batch_size": args.batch_size, "max_len": args.max_len, "optimizer": "adamw", "steps": result["steps"]}})
+    if is_main():  # the other processes hold the same weights (DistributedDataParallel)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        qatkd.save_model(teacher, cache, tokenizer, {"teacher_args.json": {
+            "base": args.teacher, "epochs": args.teacher_epochs, "lr": args.teacher_lr, "seed": args.teacher_seed,
+            "batch_size": args.batch_size, "max_len": args.max_len, "optimizer": "adamw",
+            "steps": result["steps"]}})
     return teacher, tokenizer, str(cache)
 
 
@@ -165,12 +192,14 @@ def setup(args):
     print(f"{task.name}: {len(data['train'])} train examples, "
           + ", ".join(f"{len(v)} {k}" for k, v in data.items() if k != "train"))
     teacher, tokenizer, teacher_path = get_teacher(args, task, data)
+    teacher.to(args.device)
     pad_id = tokenizer.pad_token_id or 0
     train = qatkd.tokenize(data["train"], tokenizer, args.max_len)
     dev = {k: qatkd.tokenize(v, tokenizer, args.max_len) for k, v in data.items() if k != "train"}
     env = Setup(task, teacher, tokenizer, teacher_path, train, dev, pad_id, {})
-    env.teacher_metrics = evaluate(env, teacher, args, "eval teacher")
-    print(f"teacher (full precision)     {fmt(env.teacher_metrics)}")
+    if is_main():
+        env.teacher_metrics = evaluate(env, teacher, args, "eval teacher")
+        print(f"teacher (full precision)     {fmt(env.teacher_metrics)}")
     return env
 
 
@@ -238,8 +267,13 @@ def run_qat(env, args, ptq=None):
     """One QAT run into OUTPUT_DIR/RUN_NAME; returns its metrics (also written to metrics.json)."""
     start = time.time()
     run_dir = Path(args.output_dir) / args.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
+    if not is_main():  # another torchrun process: train on its shard; rank 0 does the rest
+        student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
+        qatkd.set_seed(args.seed)
+        qatkd.train(student, qat_loss(env, args), env.train, train_config(env, args), checkpoint=checkpoint)
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
     if args.resume:  # the log continues from the checkpoint: drop what was logged after it
         step = qatkd.load_checkpoint(checkpoint)["loop"]["step"]
         print(f"resuming {run_dir} from step {step}")
@@ -248,24 +282,20 @@ def run_qat(env, args, ptq=None):
             tmp.write_text("".join(line + "\n" for line in kept))
     else:
         checkpoint.unlink(missing_ok=True)  # a stale checkpoint of a replaced run
-        qatkd.write_json(run_dir / "args.json", {**vars(args), "teacher_path": env.teacher_path})
-    qatkd.set_seed(args.seed)
+        qatkd.write_json(run_dir / "args.json", {**{k: v for k, v in vars(args).items() if k != "device"},
+                                                 "teacher_path": env.teacher_path})
     ptq = ptq or ptq_baseline(env, args)
     student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
-    cfg = qatkd.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
-                            eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed, pad_id=env.pad_id,
-                            optimizer=args.optimizer, save_every=args.save_every)
-    loss_fn = qatkd.qat_loss_fn(student, env.teacher, env.task, args.kd, args.map_coeff, args.output_coeff,
-                                args.gt_coeff, args.include_padding)
+    qatkd.set_seed(args.seed)  # after the PTQ evaluation, so every torchrun process starts QAT in one RNG state
     with open(log_path, "a" if args.resume else "w") as log_file:
 
         def log(record):
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
 
-        result = qatkd.train(student, loss_fn, env.train, cfg, lambda: evaluate(env, student, args), env.task.metric,
-                             log, desc=f"QAT {args.kd} W{args.wbits}A{args.abits} seed {args.seed}",
-                             checkpoint=checkpoint)
+        result = qatkd.train(student, qat_loss(env, args), env.train, train_config(env, args),
+                             lambda: evaluate(env, student, args), env.task.metric, log,
+                             desc=f"QAT {args.kd} W{args.wbits}A{args.abits} seed {args.seed}", checkpoint=checkpoint)
     qatkd.save_student(student, run_dir / "student", env.tokenizer)
     sizes = export(env, student, run_dir / "student_packed")
     qat_recovery = recovery(env, student, args)
@@ -287,6 +317,17 @@ def run_qat(env, args, ptq=None):
           f"{metrics['wall_seconds'] / 60:.1f} min, peak memory {metrics['peak_memory_mb'] / 1024:.1f} GB; "
           f"outputs in {run_dir}")
     return metrics
+
+
+def train_config(env, args):
+    return qatkd.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
+                             eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed, pad_id=env.pad_id,
+                             optimizer=args.optimizer, save_every=args.save_every)
+
+
+def qat_loss(env, args):
+    return qatkd.qat_loss_fn(env.teacher, env.task, args.kd, args.map_coeff, args.output_coeff, args.gt_coeff,
+                             args.include_padding)
 
 
 def peak_memory_mb():
@@ -361,6 +402,172 @@ def sweep(env, args):
     return table
 
 
+# ---------------------------------------------------------------------------------------------
+# --benchmark: what a QAT step costs against a plain full-precision fine-tuning step
+# ---------------------------------------------------------------------------------------------
+
+
+def step_seconds(step, n, warmup, device):
+    """Wall times of n calls of step() after `warmup` untimed calls (GPU: synchronised)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+@contextlib.contextmanager
+def peak_memory(device, out):
+    """Append to `out` the peak memory (MiB) inside the block: the CUDA allocator's peak on a GPU,
+    else the process's resident set size sampled every 10 ms from /proc (Linux), else ru_maxrss."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield
+        out.append(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        return
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        yield
+        out.append(peak_memory_mb())
+        return
+    page, peak, stop = os.sysconf("SC_PAGE_SIZE"), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], int(statm.read_text().split()[1]) * page)
+            stop.wait(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sampler.join()
+        out.append(peak[0] / 2 ** 20)
+
+
+def benchmark(args):
+    """Time, in one process on one random batch: a plain FP fine-tuning step (the HF default sdpa
+    attention, and the eager attention QAT uses), a QAT step per KD mode (teacher forward + student
+    forward/backward + loss + optimizer step, exactly train()'s), the same map step with the
+    quantizers off (W32A32) to get the quantizers' share, the KD loss alone (forward + backward on
+    stored internals) to get the loss's share, and teacher/student inference. Writes a Markdown
+    table and JSON to OUTPUT_DIR/benchmark-MODEL-bB-sS-DEVICE.{md,json}."""
+    import copy
+
+    import torch.nn.functional as F
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    device, task = args.device, qatkd.TASKS[args.task]
+    if args.bench_model == "bert-base":
+        teacher = AutoModelForSequenceClassification.from_config(
+            BertConfig(num_labels=task.num_labels), attn_implementation="qatkd")
+        name = "random BERT-base"
+    else:
+        teacher = qatkd.load_teacher(args.teacher, task)[0]
+        name = Path(args.teacher).name if Path(args.teacher).is_dir() else args.teacher
+    teacher.to(device).eval()
+    B, S, vocab = args.batch_size, args.max_len, teacher.config.vocab_size
+    gen = torch.Generator().manual_seed(args.seed)
+    batch = {"input_ids": torch.randint(vocab // 10, vocab, (B, S), generator=gen),
+             "attention_mask": torch.ones(B, S, dtype=torch.long), "token_type_ids": torch.zeros(B, S, dtype=torch.long),
+             "labels": torch.randint(0, task.num_labels, (B,), generator=gen)}
+    batch = {k: v.to(device) for k, v in batch.items()}
+    inputs = {k: batch[k] for k in qatkd.MODEL_INPUTS}
+    params = sum(p.numel() for p in teacher.parameters())
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"benchmark: {name} ({params / 1e6:.1f}M parameters), batch {B} x length {S} (no padding), "
+          f"W{args.wbits}A{args.abits}, {where}; median of {args.bench_steps} steps after {args.bench_warmup}")
+    rows, n, w = [], args.bench_steps, args.bench_warmup
+
+    def measure(label, step, times=None):
+        """Median seconds of step; `times` (a list) also collects the raw times."""
+        mem = []
+        with peak_memory(device, mem):
+            raw = step_seconds(step, n, w, device)
+        seconds = statistics.median(raw)
+        if times is not None:
+            times += raw
+        rows.append({"step": label, "seconds": seconds, "peak_memory_mb": mem[0]})
+        print(f"  {label:<44}{seconds:8.3f} s   peak {mem[0]:8.0f} MiB", flush=True)
+        return seconds
+
+    def train_step(model, loss_fn):
+        opt, _ = qatkd.make_optimizer(model, qatkd.TrainConfig(), total_steps=1000)
+
+        def step():
+            loss, _ = loss_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    def ce(model, b):
+        return F.cross_entropy(model(**inputs).logits, b["labels"]), {}
+
+    def fp_model(attn):
+        fp = copy.deepcopy(teacher).train()
+        fp.set_attn_implementation(attn)
+        return fp
+
+    fp_times = []  # the reference: timed first and again last, against drift of the machine's speed
+    measure("FP fine-tuning (sdpa attention)", train_step(fp_model("sdpa"), ce), fp_times)
+    measure("FP fine-tuning (eager attention)", train_step(fp_model("eager"), ce))
+    qat = {}
+    for kd in ("map", "score", "output", "unified"):
+        student = qatkd.quantize_student(teacher, args.wbits, args.abits).train()
+        qat[kd] = measure(f"QAT {kd} W{args.wbits}A{args.abits}", train_step(student, qatkd.qat_loss_fn(teacher, task, kd)))
+        del student
+    plain = qatkd.quantize_student(teacher, 32, 32).train()
+    off = measure("QAT map, quantizers off (W32A32)", train_step(plain, qatkd.qat_loss_fn(teacher, task, "map")))
+    with torch.no_grad():
+        t_int = qatkd.forward_internals(teacher, batch)
+    s_int = qatkd.forward_internals(plain, batch)
+    s_int = qatkd.Internals(*[[x.detach().requires_grad_() for x in v] if isinstance(v, list)
+                              else v.detach().requires_grad_() for v in vars(s_int).values()])
+    del plain
+    loss_seconds = {}
+    for kd in qat:
+        def loss_step(kd=kd):
+            qatkd.kd_loss(s_int, t_int, batch["attention_mask"], kd)[0].backward()
+
+        loss_seconds[kd] = measure(f"KD loss {kd} alone (forward + backward)", loss_step)
+    with torch.no_grad():
+        measure("inference: teacher", lambda: teacher(**inputs))
+        student = qatkd.quantize_student(teacher, args.wbits, args.abits).eval()
+        measure(f"inference: student W{args.wbits}A{args.abits}", lambda: student(**inputs))
+    measure("FP fine-tuning (sdpa attention), again", train_step(fp_model("sdpa"), ce), fp_times)
+    fp_seconds = statistics.median(fp_times)
+    for r in rows:
+        r["vs_fp"] = r["seconds"] / fp_seconds
+    shares = {"quantizers_in_map_step": 1 - off / qat["map"],
+              **{f"loss_in_{kd}_step": loss_seconds[kd] / qat[kd] for kd in qat}}
+    md = "\n".join(["| step | median s | vs FP (sdpa, both runs) | peak memory MiB |", "|---|---|---|---|"]
+                   + [f"| {r['step']} | {r['seconds']:.3f} | {r['vs_fp']:.2f}x | {r['peak_memory_mb']:.0f} |"
+                      for r in rows])
+    md += (f"\n\nShare of the map QAT step spent in quantizers: {100 * shares['quantizers_in_map_step']:.0f}% "
+           f"(map step with W32A32 vs W{args.wbits}A{args.abits}); in the KD loss: "
+           + ", ".join(f"{kd} {100 * loss_seconds[kd] / qat[kd]:.0f}%" for kd in qat) + ".")
+    stem = Path(args.output_dir) / f"benchmark-{name.replace(' ', '-').replace('/', '--')}-b{B}-s{S}-{device.type}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"{name} ({params / 1e6:.1f}M parameters), batch {B} x length {S}, W{args.wbits}A{args.abits}, {where}, "
+              f"torch {torch.__version__}; median of {n} steps after {w} warm-up steps\n\n")
+    stem.with_suffix(".md").write_text(header + md + "\n")
+    qatkd.write_json(stem.with_suffix(".json"), {
+        "model": name, "parameters": params, "batch_size": B, "seq_len": S, "wbits": args.wbits, "abits": args.abits,
+        "device": where, "torch": torch.__version__, "steps": n, "warmup": w, "rows": rows, "shares": shares})
+    print(f"\n{md}\nmap QAT / FP step: {qat['map'] / fp_seconds:.2f}x; written to {stem}.md and {stem}.json")
+    return rows
+
+
 RESUMABLE = ("resume", "overwrite", "save_every", "teacher_path")  # may differ between a run and its resumption
 
 
@@ -381,17 +588,45 @@ def check_run_dir(run_dir, args):
                               "it, or another --run_name")
 
 
+def is_main():
+    """True in a single process, and on rank 0 under torchrun."""
+    return qatkd.distributed()[0] == 0
+
+
+def init_device():
+    """The device of this process; under torchrun (WORLD_SIZE > 1) also start the process group:
+    nccl with one GPU per process (LOCAL_RANK), else gloo on CPU. Only rank 0 prints."""
+    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if not is_main():
+            sys.stdout = open(os.devnull, "w")  # one report, from rank 0; errors still reach stderr
+    return device
+
+
 def main(argv=None):
     args = parse_args(argv)
     import transformers
 
     transformers.logging.set_verbosity_error()  # we say ourselves what is fine-tuned and loaded
     transformers.utils.logging.disable_progress_bar()
-    run_dir = Path(args.output_dir) / args.run_name
-    if not args.sweep:
-        check_run_dir(run_dir, args)
-    env = setup(args)
-    return sweep(env, args) if args.sweep else run_qat(env, args)
+    args.device = init_device()
+    try:
+        if args.benchmark:
+            return benchmark(args)
+        run_dir = Path(args.output_dir) / args.run_name
+        if not args.sweep:
+            check_run_dir(run_dir, args)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has checked the run folder before rank 0 writes to it
+        env = setup(args)
+        return sweep(env, args) if args.sweep else run_qat(env, args)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

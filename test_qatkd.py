@@ -43,7 +43,7 @@ def matrices(min_side=1, max_side=12):
 WORDS = "the a cat dog sat on mat big small red blue runs is not good bad very movie film".split()
 
 
-def write_tiny_model(d, arch="bert", num_layers=2):
+def write_tiny_model(d, arch="bert", num_layers=2, dropout=0.1):
     """Save a tiny random encoder (no classification head) with a word-level tokenizer into d."""
     from transformers import (BertConfig, BertModel, BertTokenizerFast, ElectraConfig, ElectraModel,
                               RobertaConfig, RobertaModel)
@@ -54,7 +54,8 @@ def write_tiny_model(d, arch="bert", num_layers=2):
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
     kw = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
               intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
-              initializer_range=0.2)  # larger than BERT's 0.02: peaked attention maps, as in a trained model
+              initializer_range=0.2,  # larger than BERT's 0.02: peaked attention maps, as in a trained model
+              hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     cfg_cls, model_cls = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel),
                           "electra": (ElectraConfig, ElectraModel)}[arch]
     if arch == "electra":
@@ -65,8 +66,9 @@ def write_tiny_model(d, arch="bert", num_layers=2):
     return d
 
 
-def write_tiny_mrpc(d, n_train=96, n_dev=32, seed=0):
-    """MRPC-layout TSVs (with a BOM, as the real files) whose label is learnable: 'good' in #1 String."""
+def write_tiny_mrpc(d, n_train=96, n_dev=32, seed=0, words=(3, 14)):
+    """MRPC-layout TSVs (with a BOM, as the real files) whose label is learnable: 'good' in #1 String.
+    Each sentence has between words[0] and words[1] words (one token each)."""
     import random
 
     rng = random.Random(seed)
@@ -75,8 +77,8 @@ def write_tiny_mrpc(d, n_train=96, n_dev=32, seed=0):
     for split, n in (("train", n_train), ("dev", n_dev)):
         rows = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"]
         for i in range(n):
-            a = " ".join(rng.choices(WORDS, k=rng.randint(3, 14)))
-            b = " ".join(rng.choices(WORDS, k=rng.randint(3, 14)))
+            a = " ".join(rng.choices(WORDS, k=rng.randint(*words)))
+            b = " ".join(rng.choices(WORDS, k=rng.randint(*words)))
             rows.append(f"{int('good' in a.split())}\t{i}\t{i + 1}\t{a}\t{b}")
         (d / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return d
@@ -539,7 +541,7 @@ def test_kd_loss_falls_under_qat(tiny_dir, tmp_path):
     student = qatkd.quantize_student(teacher, 2, 8)
     log = []
     cfg = qatkd.TrainConfig(epochs=5, lr=2e-3, batch_size=16, seed=0)
-    qatkd.train(student, qatkd.qat_loss_fn(student, teacher, task, "unified"), feats, cfg, log=log.append)
+    qatkd.train(student, qatkd.qat_loss_fn(teacher, task, "unified"), feats, cfg, log=log.append)
     losses = [r["loss"] for r in log]
     assert len(losses) == 30 and {"pred", "rep", "map", "output"} <= log[0].keys()
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
@@ -550,8 +552,8 @@ def test_nonfinite_loss_stops_with_step_and_term(tiny_dir):
     teacher = classifier(tiny_dir)
     feats = [{"input_ids": [2, 7, 3], "attention_mask": [1, 1, 1], "labels": 0}] * 8
 
-    def loss_fn(b):
-        v = teacher(input_ids=b["input_ids"]).logits.sum()
+    def loss_fn(net, b):
+        v = net(input_ids=b["input_ids"]).logits.sum()
         return v * float("nan"), {"pred": v, "map": v * float("nan")}
 
     with pytest.raises(FloatingPointError, match="at step 1 .*term: map"):
@@ -570,7 +572,7 @@ def test_seed_fixes_the_run(tiny_dir, tmp_path):
         qatkd.set_seed(3)
         student = qatkd.quantize_student(teacher)
         log = []
-        qatkd.train(student, qatkd.qat_loss_fn(student, teacher, task, "map"), feats,
+        qatkd.train(student, qatkd.qat_loss_fn(teacher, task, "map"), feats,
                     qatkd.TrainConfig(epochs=1, batch_size=8, seed=3, lr=1e-3), log=log.append)
         return [r["loss"] for r in log], student.state_dict()
 
@@ -674,7 +676,7 @@ def test_export_reload_gives_identical_logits(tiny_dir, tmp_path, wbits):
     teacher = classifier(tiny_dir)
     qatkd.set_seed(0)
     student = qatkd.quantize_student(teacher, wbits, 8)
-    qatkd.train(student, qatkd.qat_loss_fn(student, teacher, task, "map"), qatkd.tokenize(data["train"], tok, 32),
+    qatkd.train(student, qatkd.qat_loss_fn(teacher, task, "map"), qatkd.tokenize(data["train"], tok, 32),
                 qatkd.TrainConfig(epochs=1, batch_size=8, lr=1e-3), log=lambda r: None)
     sizes = qatkd.export_quantized(student, tmp_path / "packed", tok)
     loaded = qatkd.load_quantized(tmp_path / "packed")
@@ -873,9 +875,9 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tiny_dir, tmp_path):
     feats = [{"input_ids": [2, 7, 3], "attention_mask": [1, 1, 1], "labels": 0}] * 40
     calls = []
 
-    def loss_fn(b):
+    def loss_fn(net, b):
         calls.append(1)
-        v = teacher(input_ids=b["input_ids"]).logits.pow(2).mean()
+        v = net(input_ids=b["input_ids"]).logits.pow(2).mean()
         bad = v * float("inf") if len(calls) == 8 else v
         return bad, {"pred": v, "output": bad}
 
@@ -1001,3 +1003,157 @@ def test_real_minilm_mrpc(tmp_path):
     assert sum(maps[-6:]) < sum(maps[:6])  # QAT recovers the attention maps
     assert metrics["teacher"]["acc"] > 279 / 408  # the briefly fine-tuned teacher beats the majority class
     assert metrics["ptq"]["acc"] < metrics["teacher"]["acc"]
+
+
+# ---------------------------------------------------------------------------------------------
+# speed: the optimised code computes the plain formulas' numbers; the benchmark; torchrun
+# ---------------------------------------------------------------------------------------------
+
+
+def plain_quantize(x, bits):
+    """quantize_uniform as first written: clamp, |x| max, round(x_c * s) / s, backward masked_fill."""
+    class Plain(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            xc = x.clamp(-2.5, 2.5)
+            n = 2 ** (bits - 1) - 1
+            s = n / xc.abs().amax().clamp_min(n * torch.finfo(x.dtype).tiny)
+            return torch.round(xc * s) / s
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return g.masked_fill(x.abs() >= 2.5, 0.0)
+
+    return Plain.apply(x)
+
+
+def plain_ternarize(w):
+    class Plain(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            ctx.save_for_backward(w)
+            wc = w.clamp(-2.5, 2.5)
+            a = wc.abs()
+            keep = a > 0.7 * a.mean()
+            alpha = (a * keep).sum() / keep.sum().clamp_min(1)
+            return torch.where(keep, alpha * wc.sign(), torch.zeros_like(wc))
+
+        @staticmethod
+        def backward(ctx, g):
+            (w,) = ctx.saved_tensors
+            return g.masked_fill(w.abs() >= 2.5, 0.0)
+
+    return Plain.apply(w)
+
+
+@given(hnp.arrays("float32", st.tuples(st.integers(1, 6), st.integers(1, 40)),
+                  elements=st.floats(-4, 4, allow_nan=False, width=32)).map(torch.from_numpy),
+       st.sampled_from([4, 8]))
+def test_fast_quantizers_equal_the_plain_formulas(x, bits):
+    """The fast paths (one aminmax pass, skipped clamp, fused backward mask, in-place temporaries)
+    give bit-identical values and gradients, clipped (|x| >= 2.5 present) or not, at ±2.5 exactly."""
+    x = torch.cat([x.flatten(), torch.tensor([2.5, -2.5, 0.0])]) if x.numel() % 2 else x
+    for inp in (x, x * 0.5):  # with and without clipping
+        g = torch.randn(inp.shape, generator=torch.Generator().manual_seed(0))
+        a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+        qa, qb = qatkd.quantize_uniform(a, bits), plain_quantize(b, bits)
+        assert torch.equal(qa, qb)
+        qa.backward(g), qb.backward(g)
+        assert torch.equal(a.grad, b.grad)
+        a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+        ta, tb = qatkd.ternarize(a), plain_ternarize(b)
+        assert torch.equal(ta, tb)
+        ta.backward(g), tb.backward(g)
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_fast_map_loss_equals_the_plain_formula():
+    """map_loss works in place on one temporary; values and gradients equal the plain expression's."""
+    torch.manual_seed(0)
+    mask = make_batch([9, 6, 2, 9])["attention_mask"]
+    add = (1 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    scores = [torch.randn(4, 3, 9, 9, requires_grad=True) for _ in range(2)]
+    t_probs = [torch.softmax(torch.randn(4, 3, 9, 9) * 3 + add, -1) for _ in range(2)]
+
+    def plain(s_probs):
+        m = mask.float()
+        pairs, lengths = m[:, None, :, None] * m[:, None, None, :], m.sum(-1)[:, None]
+        total = 0.0
+        for s, t in zip(s_probs, t_probs):
+            t, s = t.clamp_min(1e-8), s.clamp_min(1e-8)
+            total = total + ((t * (t.log() - s.log()) * pairs).sum((-1, -2)) / lengths).mean()
+        return total
+
+    a = plain([torch.softmax(x * 4 + add, -1) for x in scores])
+    ga = torch.autograd.grad(a, scores)
+    b = qatkd.map_loss([torch.softmax(x * 4 + add, -1) for x in scores], t_probs, mask)
+    gb = torch.autograd.grad(b, scores)
+    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_cached_eval_weights_follow_updates(tiny_dir):
+    """Without autograd the quantized weight is reused, and recomputed once the weight changes."""
+    student = qatkd.quantize_student(classifier(tiny_dir), 2, 8)
+    lin = next(m for m in student.modules() if isinstance(m, qatkd.QuantLinear))
+    with torch.no_grad():
+        first = lin.quantized_weight()
+        assert lin.quantized_weight() is first
+        lin.weight.mul_(-1)
+        second = lin.quantized_weight()
+    assert torch.equal(second, qatkd.ternarize(lin.weight.detach())) and torch.equal(second, -first)
+    assert lin.quantized_weight().requires_grad  # in training: a fresh graph every step
+
+
+def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
+    p = run_py("--task", "mrpc", "--benchmark", "--teacher", tiny_dir, "--batch_size", "4", "--max_len", "16",
+               "--bench_steps", "2", "--bench_warmup", "1", "--output_dir", tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((tmp_path / "benchmark-bert-b4-s16-cpu.json").read_text())
+    steps = [r["step"] for r in result["rows"]]
+    for kd in ("map", "score", "output", "unified"):
+        assert f"QAT {kd} W2A8" in steps and f"KD loss {kd} alone (forward + backward)" in steps
+    assert {"FP fine-tuning (sdpa attention)", "inference: teacher", "inference: student W2A8"} <= set(steps)
+    assert all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in result["rows"])
+    assert 0 < result["shares"]["loss_in_map_step"] < 1
+    assert "map QAT / FP step:" in p.stdout and (tmp_path / "benchmark-bert-b4-s16-cpu.md").is_file()
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """torchrun, 2 CPU processes (gloo), same global batch: teacher fine-tuning and QAT end where
+    one process ends, within float tolerance (dropout off, activations in full precision, and
+    sentences of one length, so both shards hold as many tokens as each other)."""
+    from safetensors.torch import load_file
+
+    model = write_tiny_model(tmp_path / "bert", dropout=0.0)
+    data = write_tiny_mrpc(tmp_path / "MRPC", 32, 8, words=(5, 5))
+    common = ["--task", "mrpc", "--teacher", model, "--data_dir", data, "--batch_size", "8", "--teacher_epochs", "1",
+              "--teacher_lr", "1e-3", "--lr", "1e-3", "--max_steps", "4", "--abits", "32", "--kd", "unified",
+              "--save_every", "0"]
+    one = run_py(*common, "--output_dir", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(HERE / "run.py"), *map(str, common), "--output_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=HERE, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("== summary: mrpc") == 1  # only rank 0 reports
+    run = "mrpc-unified-w2a32-seed42"
+    teacher = next((tmp_path / "one" / "teachers").iterdir()).name
+    for sub in (f"teachers/{teacher}", f"{run}/student"):
+        a, b = load_file(tmp_path / "one" / sub / "model.safetensors"), load_file(tmp_path / "two" / sub / "model.safetensors")
+        assert a.keys() == b.keys()
+        # 1e-4: the attention key biases get gradients at rounding-noise level (softmax ignores a
+        # constant shift), which Adam's normalisation enlarges; every other tensor agrees to ~1e-6
+        assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    t, s = (load_file(tmp_path / "two" / sub / "model.safetensors") for sub in (f"teachers/{teacher}", f"{run}/student"))
+    assert max((t[k] - s[k]).abs().max() for k in t) > 1e-3  # QAT did move the weights
+    logs = [[json.loads(line) for line in (tmp_path / d / run / "log.jsonl").read_text().splitlines()]
+            for d in ("one", "two")]
+    steps = [[r for r in log if "loss" in r] for log in logs]
+    assert len(steps[0]) == len(steps[1]) == 4
+    for r1, r2 in zip(*steps):
+        assert r1.keys() == r2.keys() and all(abs(r1[k] - r2[k]) < 1e-4 * max(1, abs(r1[k])) for k in r1)
+    m1, m2 = (json.loads((tmp_path / d / run / "metrics.json").read_text()) for d in ("one", "two"))
+    assert m1["last"] == m2["last"]
