@@ -1238,6 +1238,7 @@ def export_quantized(student, path, tokenizer=None):
                  if isinstance(m, (QuantLinear, QuantEmbedding)) and m.wbits < 32}
     tensors, shapes, sizes = {}, {}, {"packed_bytes": 0, "fp_bytes": 0}
     for key, value in student.state_dict().items():
+        value = value.detach().cpu()  # a student trained on a GPU is packed on the CPU
         if key in quantized:
             codes, scale = weight_codes(value, bits["wbits"], per_row=quantized[key][1])
             tensors[key + ".codes"] = pack_bits(codes, bits["wbits"])

@@ -85,6 +85,8 @@ def parse_args(argv=None):
                    help="evaluate on dev every N steps (and at the end). Default: per task, e.g. 50 for MRPC")
     g.add_argument("--max_steps", type=int, default=0, help="stop after N steps (0: run all epochs)")
     g.add_argument("--seed", type=int, default=42, help="seed of QAT (data order, dropout). Default: 42")
+    g.add_argument("--keep_denormals", action="store_true",
+                   help="compute with denormal floats on CPU (slow on x86) instead of flushing them to zero")
     g = p.add_argument_group("teacher fine-tuning (when the teacher's head is untrained)")
     g.add_argument("--teacher_epochs", type=float, default=3.0, help="Default: 3")
     g.add_argument("--teacher_lr", type=float, default=2e-5, help="Default: 2e-5")
@@ -107,8 +109,9 @@ def parse_args(argv=None):
     g.add_argument("--bench_model", default="teacher", choices=("teacher", "bert-base"),
                    help="teacher: the --teacher architecture and weights; bert-base: a randomly initialised "
                         "BERT-base (12 layers, hidden 768), nothing downloaded. Default: teacher")
-    g.add_argument("--bench_steps", type=int, default=10, help="timed steps per measurement. Default: 10")
-    g.add_argument("--bench_warmup", type=int, default=2, help="untimed steps first. Default: 2")
+    g.add_argument("--bench_steps", type=int, default=10,
+                   help="timed rounds (one step of every measurement each). Default: 10")
+    g.add_argument("--bench_warmup", type=int, default=2, help="untimed rounds first. Default: 2")
     args = p.parse_args(argv)
     if not (2 <= args.abits <= 16 or args.abits == 32):
         p.error(f"--abits {args.abits} is out of range; use 2..16, or 32 for full precision")
@@ -407,21 +410,6 @@ def sweep(env, args):
 # ---------------------------------------------------------------------------------------------
 
 
-def step_seconds(step, n, warmup, device):
-    """Wall times of n calls of step() after `warmup` untimed calls (GPU: synchronised)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(n):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 @contextlib.contextmanager
 def peak_memory(device, out):
     """Append to `out` the peak memory (MiB) inside the block: the CUDA allocator's peak on a GPU,
@@ -458,9 +446,12 @@ def benchmark(args):
     attention, and the eager attention QAT uses), a QAT step per KD mode (teacher forward + student
     forward/backward + loss + optimizer step, exactly train()'s), the same map step with the
     quantizers off (W32A32) to get the quantizers' share, the KD loss alone (forward + backward on
-    stored internals) to get the loss's share, and teacher/student inference. Writes a Markdown
-    table and JSON to OUTPUT_DIR/benchmark-MODEL-bB-sS-DEVICE.{md,json}."""
+    stored internals) to get the loss's share, and teacher/student inference. Phases are timed in
+    interleaved rounds, so their ratios are measured side by side. Writes a Markdown table and JSON
+    to OUTPUT_DIR/benchmark-MODEL-bB-sS-DEVICE.{md,json}."""
     import copy
+
+    from tqdm.auto import tqdm
 
     import torch.nn.functional as F
     from transformers import AutoModelForSequenceClassification, BertConfig
@@ -472,7 +463,8 @@ def benchmark(args):
         name = "random BERT-base"
     else:
         teacher = qatkd.load_teacher(args.teacher, task)[0]
-        name = Path(args.teacher).name if Path(args.teacher).is_dir() else args.teacher
+        path = Path(args.teacher).resolve()  # a directory is named with its parent: ".../minilm/model"
+        name = f"{path.parent.name}-{path.name}" if path.is_dir() else args.teacher
     teacher.to(device).eval()
     B, S, vocab = args.batch_size, args.max_len, teacher.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
@@ -484,20 +476,9 @@ def benchmark(args):
     params = sum(p.numel() for p in teacher.parameters())
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"benchmark: {name} ({params / 1e6:.1f}M parameters), batch {B} x length {S} (no padding), "
-          f"W{args.wbits}A{args.abits}, {where}; median of {args.bench_steps} steps after {args.bench_warmup}")
-    rows, n, w = [], args.bench_steps, args.bench_warmup
-
-    def measure(label, step, times=None):
-        """Median seconds of step; `times` (a list) also collects the raw times."""
-        mem = []
-        with peak_memory(device, mem):
-            raw = step_seconds(step, n, w, device)
-        seconds = statistics.median(raw)
-        if times is not None:
-            times += raw
-        rows.append({"step": label, "seconds": seconds, "peak_memory_mb": mem[0]})
-        print(f"  {label:<44}{seconds:8.3f} s   peak {mem[0]:8.0f} MiB", flush=True)
-        return seconds
+          f"W{args.wbits}A{args.abits}, {where}; median of {args.bench_steps} rounds after {args.bench_warmup} "
+          "warm-up rounds")
+    n, w = args.bench_steps, args.bench_warmup
 
     def train_step(model, loss_fn):
         opt, _ = qatkd.make_optimizer(model, qatkd.TrainConfig(), total_steps=1000)
@@ -518,39 +499,71 @@ def benchmark(args):
         fp.set_attn_implementation(attn)
         return fp
 
-    fp_times = []  # the reference: timed first and again last, against drift of the machine's speed
-    measure("FP fine-tuning (sdpa attention)", train_step(fp_model("sdpa"), ce), fp_times)
-    measure("FP fine-tuning (eager attention)", train_step(fp_model("eager"), ce))
-    qat = {}
-    for kd in ("map", "score", "output", "unified"):
-        student = qatkd.quantize_student(teacher, args.wbits, args.abits).train()
-        qat[kd] = measure(f"QAT {kd} W{args.wbits}A{args.abits}", train_step(student, qatkd.qat_loss_fn(teacher, task, kd)))
-        del student
-    plain = qatkd.quantize_student(teacher, 32, 32).train()
-    off = measure("QAT map, quantizers off (W32A32)", train_step(plain, qatkd.qat_loss_fn(teacher, task, "map")))
-    with torch.no_grad():
-        t_int = qatkd.forward_internals(teacher, batch)
-    s_int = qatkd.forward_internals(plain, batch)
-    s_int = qatkd.Internals(*[[x.detach().requires_grad_() for x in v] if isinstance(v, list)
-                              else v.detach().requires_grad_() for v in vars(s_int).values()])
-    del plain
-    loss_seconds = {}
-    for kd in qat:
-        def loss_step(kd=kd):
-            qatkd.kd_loss(s_int, t_int, batch["attention_mask"], kd)[0].backward()
+    def student(wbits, abits, training=True):
+        return qatkd.quantize_student(teacher, wbits, abits).train(training)
 
-        loss_seconds[kd] = measure(f"KD loss {kd} alone (forward + backward)", loss_step)
-    with torch.no_grad():
-        measure("inference: teacher", lambda: teacher(**inputs))
-        student = qatkd.quantize_student(teacher, args.wbits, args.abits).eval()
-        measure(f"inference: student W{args.wbits}A{args.abits}", lambda: student(**inputs))
-    measure("FP fine-tuning (sdpa attention), again", train_step(fp_model("sdpa"), ce), fp_times)
-    fp_seconds = statistics.median(fp_times)
+    wa = f"W{args.wbits}A{args.abits}"
+    phases = {"FP fine-tuning (sdpa attention)": lambda: train_step(fp_model("sdpa"), ce),
+              "FP fine-tuning (eager attention)": lambda: train_step(fp_model("eager"), ce)}
+    for kd in ("map", "score", "output", "unified"):
+        phases[f"QAT {kd} {wa}"] = lambda kd=kd: train_step(student(args.wbits, args.abits),
+                                                            qatkd.qat_loss_fn(teacher, task, kd))
+    phases["QAT map, quantizers off (W32A32)"] = lambda: train_step(student(32, 32), qatkd.qat_loss_fn(teacher, task))
+
+    def loss_alone(kd):  # kd_loss forward + backward on stored internals of the student
+        def build():
+            with torch.no_grad():
+                t = qatkd.forward_internals(teacher, batch)
+            s = qatkd.forward_internals(student(args.wbits, args.abits), batch)
+            s = qatkd.Internals(*[[x.detach().requires_grad_() for x in v] if isinstance(v, list)
+                                  else v.detach().requires_grad_() for v in vars(s).values()])
+            return lambda: qatkd.kd_loss(s, t, batch["attention_mask"], kd)[0].backward()
+
+        return build
+
+    for kd in ("map", "score", "output", "unified"):
+        phases[f"KD loss {kd} alone (forward + backward)"] = loss_alone(kd)
+
+    def inference(model):
+        @torch.no_grad()
+        def step():
+            model(**inputs)
+
+        return step
+
+    phases["inference: teacher"] = lambda: inference(teacher)
+    phases[f"inference: student {wa}"] = lambda: inference(student(args.wbits, args.abits, training=False))
+
+    # Build each phase and run one step of it, recording the memory peak; then run the phases in
+    # rounds, one step of each per round, so a drift in the machine's speed hits all alike: `w`
+    # untimed rounds (the allocator settles once every model exists), then `n` timed ones.
+    steps, rows, sync = {}, [], torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for label, build in phases.items():
+        mem = []
+        with peak_memory(device, mem):
+            steps[label] = build()
+            steps[label]()
+        rows.append({"step": label, "peak_memory_mb": mem[0], "times": []})
+        print(f"  built {label:<44} peak memory {mem[0]:8.0f} MiB", flush=True)
+    for i in tqdm(range(w + n), desc="benchmark rounds", dynamic_ncols=True):
+        for r in rows:
+            sync()
+            t0 = time.perf_counter()
+            steps[r["step"]]()
+            sync()
+            if i >= w:
+                r["times"].append(time.perf_counter() - t0)
+    seconds = {r["step"]: statistics.median(r["times"]) for r in rows}
+    fp_seconds = seconds["FP fine-tuning (sdpa attention)"]
     for r in rows:
-        r["vs_fp"] = r["seconds"] / fp_seconds
+        r.update(seconds=seconds[r["step"]], vs_fp=seconds[r["step"]] / fp_seconds)
+    qat = {kd: seconds[f"QAT {kd} {wa}"] for kd in ("map", "score", "output", "unified")}
+    loss_seconds = {kd: seconds[f"KD loss {kd} alone (forward + backward)"] for kd in qat}
+    off = seconds["QAT map, quantizers off (W32A32)"]
     shares = {"quantizers_in_map_step": 1 - off / qat["map"],
               **{f"loss_in_{kd}_step": loss_seconds[kd] / qat[kd] for kd in qat}}
-    md = "\n".join(["| step | median s | vs FP (sdpa, both runs) | peak memory MiB |", "|---|---|---|---|"]
+    md = "\n".join(["| step | median s | vs FP (sdpa) | peak memory MiB (earlier rows' models resident) |",
+                    "|---|---|---|---|"]
                    + [f"| {r['step']} | {r['seconds']:.3f} | {r['vs_fp']:.2f}x | {r['peak_memory_mb']:.0f} |"
                       for r in rows])
     md += (f"\n\nShare of the map QAT step spent in quantizers: {100 * shares['quantizers_in_map_step']:.0f}% "
@@ -559,7 +572,7 @@ def benchmark(args):
     stem = Path(args.output_dir) / f"benchmark-{name.replace(' ', '-').replace('/', '--')}-b{B}-s{S}-{device.type}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     header = (f"{name} ({params / 1e6:.1f}M parameters), batch {B} x length {S}, W{args.wbits}A{args.abits}, {where}, "
-              f"torch {torch.__version__}; median of {n} steps after {w} warm-up steps\n\n")
+              f"torch {torch.__version__}; median of {n} rounds after {w} warm-up rounds\n\n")
     stem.with_suffix(".md").write_text(header + md + "\n")
     qatkd.write_json(stem.with_suffix(".json"), {
         "model": name, "parameters": params, "batch_size": B, "seq_len": S, "wbits": args.wbits, "abits": args.abits,
@@ -588,6 +601,26 @@ def check_run_dir(run_dir, args):
                               "it, or another --run_name")
 
 
+def keep_freed_memory():
+    """glibc only: keep freed memory in the process for reuse instead of handing it back to the OS.
+
+    A QAT step allocates and frees many large temporaries (attention maps are [B, H, S, S]: 25 MB
+    each for MiniLM at batch 32 x 128). By default glibc serves such blocks with mmap and returns
+    them on free, so a step can pay a page fault per 4 KiB to take them again. Turning mmap off
+    and trimming only above 1 GiB of free memory computes the same numbers; the process's memory
+    then stays at its peak. The benchmark measures FP and QAT steps under the same setting.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): keep the default
+        pass
+
+
 def is_main():
     """True in a single process, and on rank 0 under torchrun."""
     return qatkd.distributed()[0] == 0
@@ -613,6 +646,11 @@ def main(argv=None):
 
     transformers.logging.set_verbosity_error()  # we say ourselves what is fine-tuned and loaded
     transformers.utils.logging.disable_progress_bar()
+    keep_freed_memory()
+    # Denormal floats (|x| < 1.2e-38: the far tail of a peaked softmax) take a slow path on x86
+    # CPUs, up to 10% of a map-KD step; flushed to zero they cost nothing. Checked on real MRPC
+    # steps: the same losses and weights, bit for bit. --keep_denormals computes with them.
+    torch.set_flush_denormal(not args.keep_denormals)
     args.device = init_device()
     try:
         if args.benchmark:

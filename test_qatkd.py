@@ -1110,14 +1110,15 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
     p = run_py("--task", "mrpc", "--benchmark", "--teacher", tiny_dir, "--batch_size", "4", "--max_len", "16",
                "--bench_steps", "2", "--bench_warmup", "1", "--output_dir", tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    result = json.loads((tmp_path / "benchmark-bert-b4-s16-cpu.json").read_text())
+    (table,) = tmp_path.glob("benchmark-*-bert-b4-s16-cpu.json")  # named after the model directory
+    result = json.loads(table.read_text())
     steps = [r["step"] for r in result["rows"]]
     for kd in ("map", "score", "output", "unified"):
         assert f"QAT {kd} W2A8" in steps and f"KD loss {kd} alone (forward + backward)" in steps
     assert {"FP fine-tuning (sdpa attention)", "inference: teacher", "inference: student W2A8"} <= set(steps)
     assert all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in result["rows"])
     assert 0 < result["shares"]["loss_in_map_step"] < 1
-    assert "map QAT / FP step:" in p.stdout and (tmp_path / "benchmark-bert-b4-s16-cpu.md").is_file()
+    assert "map QAT / FP step:" in p.stdout and table.with_suffix(".md").is_file()
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
