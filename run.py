@@ -650,7 +650,7 @@ def main(argv=None):
     # Denormal floats (|x| < 1.2e-38: the far tail of a peaked softmax) take a slow path on x86
     # CPUs, up to 10% of a map-KD step; flushed to zero they cost nothing. Checked on real MRPC
     # steps: the same losses and weights, bit for bit. --keep_denormals computes with them.
-    torch.set_flush_denormal(not args.keep_denormals)
+    flush = torch.set_flush_denormal(not args.keep_denormals)  # True where the CPU supports it
     args.device = init_device()
     try:
         if args.benchmark:
@@ -663,6 +663,8 @@ def main(argv=None):
         env = setup(args)
         return sweep(env, args) if args.sweep else run_qat(env, args)
     finally:
+        if flush and not args.keep_denormals:
+            torch.set_flush_denormal(False)  # main() may be called from other code: leave the process as found
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -764,6 +764,7 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
         metrics["last"]
     # a second run reuses the cached teacher; an existing run folder is refused without --overwrite
     m2 = run.main([*map(str, common), "--kd", "score", "--max_steps", "3", "--eval_every", "0"])
+    assert (torch.tensor(1e-30) * torch.tensor(1e-10)).item() != 0  # main() flushed denormals, then stopped
     assert m2["teacher"] == metrics["teacher"] and m2["steps"] == 3
     p = run_py(*common, "--kd", "map", "--epochs", "2")
     assert p.returncode != 0 and "already holds a run; pass --resume to continue it, --overwrite" in p.stderr
