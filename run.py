@@ -505,18 +505,36 @@ def benchmark(args):
     wa = f"W{args.wbits}A{args.abits}"
     phases = {"FP fine-tuning (sdpa attention)": lambda: train_step(fp_model("sdpa"), ce),
               "FP fine-tuning (eager attention)": lambda: train_step(fp_model("eager"), ce)}
+    shared = {}  # one W2A8 student (and optimizer) for the four KD modes: memory for one, not four
+
+    def qat_step(kd):
+        if "student" not in shared:
+            shared["student"] = student(args.wbits, args.abits)
+            shared["opt"] = qatkd.make_optimizer(shared["student"], qatkd.TrainConfig(), total_steps=1000)[0]
+        model, opt, loss_fn = shared["student"], shared["opt"], qatkd.qat_loss_fn(teacher, task, kd)
+
+        def step():
+            loss, _ = loss_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
     for kd in ("map", "score", "output", "unified"):
-        phases[f"QAT {kd} {wa}"] = lambda kd=kd: train_step(student(args.wbits, args.abits),
-                                                            qatkd.qat_loss_fn(teacher, task, kd))
+        phases[f"QAT {kd} {wa}"] = lambda kd=kd: qat_step(kd)
     phases["QAT map, quantizers off (W32A32)"] = lambda: train_step(student(32, 32), qatkd.qat_loss_fn(teacher, task))
 
     def loss_alone(kd):  # kd_loss forward + backward on stored internals of the student
         def build():
-            with torch.no_grad():
-                t = qatkd.forward_internals(teacher, batch)
-            s = qatkd.forward_internals(student(args.wbits, args.abits), batch)
-            s = qatkd.Internals(*[[x.detach().requires_grad_() for x in v] if isinstance(v, list)
-                                  else v.detach().requires_grad_() for v in vars(s).values()])
+            if "internals" not in shared:
+                with torch.no_grad():
+                    t = qatkd.forward_internals(teacher, batch)
+                s = qatkd.forward_internals(shared["student"], batch)
+                shared["internals"] = t, qatkd.Internals(*[
+                    [x.detach().requires_grad_() for x in v] if isinstance(v, list) else v.detach().requires_grad_()
+                    for v in vars(s).values()])
+            t, s = shared["internals"]
             return lambda: qatkd.kd_loss(s, t, batch["attention_mask"], kd)[0].backward()
 
         return build
@@ -532,6 +550,7 @@ def benchmark(args):
         return step
 
     phases["inference: teacher"] = lambda: inference(teacher)
+    # inference on its own copy in eval mode: the shared student keeps training, with dropout
     phases[f"inference: student {wa}"] = lambda: inference(student(args.wbits, args.abits, training=False))
 
     # Build each phase and run one step of it, recording the memory peak; then run the phases in
