@@ -620,26 +620,6 @@ def check_run_dir(run_dir, args):
                               "it, or another --run_name")
 
 
-def keep_freed_memory():
-    """glibc only: keep freed memory in the process for reuse instead of handing it back to the OS.
-
-    A QAT step allocates and frees many large temporaries (attention maps are [B, H, S, S]: 25 MB
-    each for MiniLM at batch 32 x 128). By default glibc serves such blocks with mmap and returns
-    them on free, so a step can pay a page fault per 4 KiB to take them again. Turning mmap off
-    and trimming only above 1 GiB of free memory computes the same numbers; the process's memory
-    then stays at its peak. The benchmark measures FP and QAT steps under the same setting.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-        libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): keep the default
-        pass
-
-
 def is_main():
     """True in a single process, and on rank 0 under torchrun."""
     return qatkd.distributed()[0] == 0
@@ -665,7 +645,6 @@ def main(argv=None):
 
     transformers.logging.set_verbosity_error()  # we say ourselves what is fine-tuned and loaded
     transformers.utils.logging.disable_progress_bar()
-    keep_freed_memory()
     # Denormal floats (|x| < 1.2e-38: the far tail of a peaked softmax) take a slow path on x86
     # CPUs, up to 10% of a map-KD step; flushed to zero they cost nothing. Checked on real MRPC
     # steps: the same losses and weights, bit for bit. --keep_denormals computes with them.
