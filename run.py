@@ -670,7 +670,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError, FloatingPointError) as e:
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
         sys.exit(f"run.py: error: {e}")
     except KeyboardInterrupt as e:
         sys.exit(f"run.py: {e or 'interrupted'}")

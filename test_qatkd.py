@@ -3,6 +3,7 @@
     pytest -q -rs        (CI=1 makes Hypothesis derandomized, so a red CI reproduces)
 """
 
+import itertools
 import json
 import math
 import os
@@ -713,6 +714,9 @@ def test_ternary_export_is_over_10x_smaller(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+CPU = {"CUDA_VISIBLE_DEVICES": ""}  # for runs that must be bit-for-bit reproducible: CPU, also where a GPU is
+
+
 def run_py(*args, cwd=HERE, env=None):
     return subprocess.run([sys.executable, str(HERE / "run.py"), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=600, env={**os.environ, **(env or {})})
@@ -808,7 +812,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
     common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", data, "--batch_size", "4", "--epochs", "5",
               "--max_steps", "100", "--eval_every", "20", "--save_every", "5", "--teacher_epochs", "1",
               "--lr", "1e-3"]
-    p = run_py(*common, "--output_dir", tmp_path / "a")
+    p = run_py(*common, "--output_dir", tmp_path / "a", env=CPU)
     assert p.returncode == 0, p.stderr[-2000:]
     whole = tmp_path / "a" / "mrpc-map-w2a8-seed42"
     assert not (whole / "checkpoint.pt").exists()  # removed once the run is complete
@@ -818,7 +822,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
     os.symlink(tmp_path / "a" / "teachers" / os.listdir(tmp_path / "a" / "teachers")[0],
                tmp_path / "b" / "teachers" / os.listdir(tmp_path / "a" / "teachers")[0])
     proc = subprocess.Popen([sys.executable, str(HERE / "run.py"), *map(str, common), "--output_dir", tmp_path / "b"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE, env={**os.environ, **CPU})
     deadline = time.time() + 300
     while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -827,7 +831,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
     assert not (run_dir / "metrics.json").exists(), "the run ended before it could be killed"
     steps_logged = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert 5 <= max(steps_logged) < 100
-    p = run_py(*common, "--output_dir", tmp_path / "b", "--resume")
+    p = run_py(*common, "--output_dir", tmp_path / "b", "--resume", env=CPU)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resuming" in p.stdout
     a = json.loads((whole / "metrics.json").read_text())
@@ -954,8 +958,25 @@ def test_run_py_hub_defaults_fail_cleanly_offline(tmp_path, tiny_dir):
         "run.py: error: could not load teacher 'bert-base-uncased'")
     p = run_py("--task", "mrpc", "--teacher", tiny_dir, "--output_dir", tmp_path, env=OFFLINE)
     last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode != 0 and last.startswith("run.py: error: could not load GLUE mrpc from the hub")
+    hub = "could not load GLUE mrpc from the hub" if has_datasets() else "loading GLUE mrpc from the hub needs"
+    assert p.returncode != 0 and last.startswith(f"run.py: error: {hub}")
     assert last.endswith("pass --data_dir with the GLUE TSV files")
+
+
+def has_datasets():
+    import importlib.util
+
+    return importlib.util.find_spec("datasets") is not None
+
+
+def test_run_py_hub_glue_without_datasets_is_one_line(tmp_path, tiny_dir):
+    """Without the datasets package (an optional path: --data_dir needs none) the error says what to do."""
+    (tmp_path / "block" / "datasets").mkdir(parents=True)
+    (tmp_path / "block" / "datasets" / "__init__.py").write_text("raise ImportError('No module named datasets')\n")
+    p = run_py("--task", "mrpc", "--teacher", tiny_dir, "--output_dir", tmp_path, env={"PYTHONPATH": str(tmp_path / "block")})
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        "run.py: error: loading GLUE mrpc from the hub needs the datasets package (pip install datasets); "
+        "or pass --data_dir with the GLUE TSV files"]
 
 
 def test_run_py_missing_teacher_is_one_line(tmp_path):
@@ -1056,18 +1077,22 @@ def test_fast_quantizers_equal_the_plain_formulas(x, bits):
     """The fast paths (one aminmax pass, skipped clamp, fused backward mask, in-place temporaries)
     give bit-identical values and gradients, clipped (|x| >= 2.5 present) or not, at ±2.5 exactly."""
     x = torch.cat([x.flatten(), torch.tensor([2.5, -2.5, 0.0])]) if x.numel() % 2 else x
-    for inp in (x, x * 0.5):  # with and without clipping
-        g = torch.randn(inp.shape, generator=torch.Generator().manual_seed(0))
-        a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
-        qa, qb = qatkd.quantize_uniform(a, bits), plain_quantize(b, bits)
-        assert torch.equal(qa, qb)
-        qa.backward(g), qb.backward(g)
-        assert torch.equal(a.grad, b.grad)
-        a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
-        ta, tb = qatkd.ternarize(a), plain_ternarize(b)
-        assert torch.equal(ta, tb)
-        ta.backward(g), tb.backward(g)
-        assert torch.equal(a.grad, b.grad)
+    try:
+        for inp, check in itertools.product((x, x * 0.5), (("cpu",), ())):  # with/without clipping, CPU/GPU path
+            qatkd.CLIP_CHECK_DEVICES = check  # (): the sync-free path taken on a GPU, always clamping
+            g = torch.randn(inp.shape, generator=torch.Generator().manual_seed(0))
+            a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+            qa, qb = qatkd.quantize_uniform(a, bits), plain_quantize(b, bits)
+            assert torch.equal(qa, qb)
+            qa.backward(g), qb.backward(g)
+            assert torch.equal(a.grad, b.grad)
+            a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+            ta, tb = qatkd.ternarize(a), plain_ternarize(b)
+            assert torch.equal(ta, tb)
+            ta.backward(g), tb.backward(g)
+            assert torch.equal(a.grad, b.grad)
+    finally:
+        qatkd.CLIP_CHECK_DEVICES = ("cpu",)
 
 
 def test_fast_map_loss_equals_the_plain_formula():
@@ -1089,9 +1114,10 @@ def test_fast_map_loss_equals_the_plain_formula():
 
     a = plain([torch.softmax(x * 4 + add, -1) for x in scores])
     ga = torch.autograd.grad(a, scores)
-    b = qatkd.map_loss([torch.softmax(x * 4 + add, -1) for x in scores], t_probs, mask)
-    gb = torch.autograd.grad(b, scores)
-    assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+    for chunk in (2 ** 20, 3 * 9 * 9, 2 * 3 * 9 * 9 + 1):  # all samples at once, one by one, in pairs + 1
+        b = qatkd.map_loss([torch.softmax(x * 4 + add, -1) for x in scores], t_probs, mask, chunk=chunk)
+        gb = torch.autograd.grad(b, scores)
+        assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
 
 
 def test_cached_eval_weights_follow_updates(tiny_dir):
@@ -1111,7 +1137,7 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
     p = run_py("--task", "mrpc", "--benchmark", "--teacher", tiny_dir, "--batch_size", "4", "--max_len", "16",
                "--bench_steps", "2", "--bench_warmup", "1", "--output_dir", tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
-    (table,) = tmp_path.glob("benchmark-*-bert-b4-s16-cpu.json")  # named after the model directory
+    (table,) = tmp_path.glob("benchmark-*-bert-b4-s16-*.json")  # model directory, shape, device
     result = json.loads(table.read_text())
     steps = [r["step"] for r in result["rows"]]
     for kd in ("map", "score", "output", "unified"):
@@ -1133,12 +1159,13 @@ def test_torchrun_two_processes_match_one(tmp_path):
     common = ["--task", "mrpc", "--teacher", model, "--data_dir", data, "--batch_size", "8", "--teacher_epochs", "1",
               "--teacher_lr", "1e-3", "--lr", "1e-3", "--max_steps", "4", "--abits", "32", "--kd", "unified",
               "--save_every", "0"]
-    one = run_py(*common, "--output_dir", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    cpu = {"OMP_NUM_THREADS": "1", **CPU}  # gloo on CPU, also on a machine with a GPU
+    one = run_py(*common, "--output_dir", tmp_path / "one", env=cpu)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(HERE / "run.py"), *map(str, common), "--output_dir", str(tmp_path / "two")],
                          capture_output=True, text=True, cwd=HERE, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, **cpu})
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("== summary: mrpc") == 1  # only rank 0 reports
     run = "mrpc-unified-w2a32-seed42"
