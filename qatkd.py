@@ -52,9 +52,6 @@ CLIP = 2.5  # every quantizer clips its input to [-2.5, 2.5] first (TernaryBERT'
 # =============================================================================================
 
 
-CLIP_CHECK_DEVICES = ("cpu",)  # where ClipSTE may sync with the host to skip a clamp that changes nothing
-
-
 class ClipSTE(torch.autograd.Function):
     """Straight-through estimator with clipping, as in TernaryBERT (Zhang et al. 2020).
 
@@ -67,10 +64,12 @@ class ClipSTE(torch.autograd.Function):
     computes exactly dL/dq * 1[-clip < x < clip] in one fused pass (5x faster than masked_fill).
     """
 
+    check_devices = ("cpu",)  # device types where the clamp-skipping check (a host sync) is worth it
+
     @staticmethod
     def forward(ctx, x, levels, clip):
         inside = False
-        if x.device.type in CLIP_CHECK_DEVICES:
+        if x.device.type in ClipSTE.check_devices:
             lo, hi = torch.aminmax(x)
             inside = bool((hi < clip) & (lo > -clip))
         ctx.save_for_backward(None if inside else x)

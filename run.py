@@ -480,8 +480,8 @@ def benchmark(args):
           "warm-up rounds")
     n, w = args.bench_steps, args.bench_warmup
 
-    def train_step(model, loss_fn):
-        opt, _ = qatkd.make_optimizer(model, qatkd.TrainConfig(), total_steps=1000)
+    def train_step(model, loss_fn, opt=None):
+        opt = opt or qatkd.make_optimizer(model, qatkd.TrainConfig(), total_steps=1000)[0]
 
         def step():
             loss, _ = loss_fn(model, batch)
@@ -511,15 +511,7 @@ def benchmark(args):
         if "student" not in shared:
             shared["student"] = student(args.wbits, args.abits)
             shared["opt"] = qatkd.make_optimizer(shared["student"], qatkd.TrainConfig(), total_steps=1000)[0]
-        model, opt, loss_fn = shared["student"], shared["opt"], qatkd.qat_loss_fn(teacher, task, kd)
-
-        def step():
-            loss, _ = loss_fn(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        return step
+        return train_step(shared["student"], qatkd.qat_loss_fn(teacher, task, kd), shared["opt"])
 
     for kd in ("map", "score", "output", "unified"):
         phases[f"QAT {kd} {wa}"] = lambda kd=kd: qat_step(kd)

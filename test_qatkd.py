@@ -1079,7 +1079,7 @@ def test_fast_quantizers_equal_the_plain_formulas(x, bits):
     x = torch.cat([x.flatten(), torch.tensor([2.5, -2.5, 0.0])]) if x.numel() % 2 else x
     try:
         for inp, check in itertools.product((x, x * 0.5), (("cpu",), ())):  # with/without clipping, CPU/GPU path
-            qatkd.CLIP_CHECK_DEVICES = check  # (): the sync-free path taken on a GPU, always clamping
+            qatkd.ClipSTE.check_devices = check  # (): the sync-free path taken on a GPU, always clamping
             g = torch.randn(inp.shape, generator=torch.Generator().manual_seed(0))
             a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
             qa, qb = qatkd.quantize_uniform(a, bits), plain_quantize(b, bits)
@@ -1092,7 +1092,7 @@ def test_fast_quantizers_equal_the_plain_formulas(x, bits):
             ta.backward(g), tb.backward(g)
             assert torch.equal(a.grad, b.grad)
     finally:
-        qatkd.CLIP_CHECK_DEVICES = ("cpu",)
+        qatkd.ClipSTE.check_devices = ("cpu",)
 
 
 def test_fast_map_loss_equals_the_plain_formula():
