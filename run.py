@@ -481,7 +481,8 @@ def benchmark(args):
     n, w = args.bench_steps, args.bench_warmup
 
     def train_step(model, loss_fn, opt=None):
-        opt = opt or qatkd.make_optimizer(model, qatkd.TrainConfig(), total_steps=1000)[0]
+        if opt is None:
+            opt = qatkd.make_optimizer(model, qatkd.TrainConfig(), total_steps=1000)[0]
 
         def step():
             loss, _ = loss_fn(model, batch)
@@ -564,6 +565,8 @@ def benchmark(args):
             sync()
             if i >= w:
                 r["times"].append(time.perf_counter() - t0)
+    # the rounds hold every phase's model at once: their peak is above each build's
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else peak_memory_mb()
     seconds = {r["step"]: statistics.median(r["times"]) for r in rows}
     fp_seconds = seconds["FP fine-tuning (sdpa attention)"]
     for r in rows:
@@ -579,7 +582,8 @@ def benchmark(args):
                       for r in rows])
     md += (f"\n\nShare of the map QAT step spent in quantizers: {100 * shares['quantizers_in_map_step']:.0f}% "
            f"(map step with W32A32 vs W{args.wbits}A{args.abits}); in the KD loss: "
-           + ", ".join(f"{kd} {100 * loss_seconds[kd] / qat[kd]:.0f}%" for kd in qat) + ".")
+           + ", ".join(f"{kd} {100 * loss_seconds[kd] / qat[kd]:.0f}%" for kd in qat) + "."
+           f"\nPeak memory of the whole benchmark (the rounds, every phase's model resident): {peak:.0f} MiB.")
     stem = Path(args.output_dir) / f"benchmark-{name.replace(' ', '-').replace('/', '--')}-b{B}-s{S}-{device.type}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     header = (f"{name} ({params / 1e6:.1f}M parameters), batch {B} x length {S}, W{args.wbits}A{args.abits}, {where}, "
@@ -587,7 +591,8 @@ def benchmark(args):
     stem.with_suffix(".md").write_text(header + md + "\n")
     qatkd.write_json(stem.with_suffix(".json"), {
         "model": name, "parameters": params, "batch_size": B, "seq_len": S, "wbits": args.wbits, "abits": args.abits,
-        "device": where, "torch": torch.__version__, "steps": n, "warmup": w, "rows": rows, "shares": shares})
+        "device": where, "torch": torch.__version__, "steps": n, "warmup": w, "rows": rows, "shares": shares,
+        "peak_memory_mb": peak})
     print(f"\n{md}\nmap QAT / FP step: {qat['map'] / fp_seconds:.2f}x; written to {stem}.md and {stem}.json")
     return rows
 

@@ -1145,6 +1145,7 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
     assert {"FP fine-tuning (sdpa attention)", "inference: teacher", "inference: student W2A8"} <= set(steps)
     assert all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in result["rows"])
     assert 0 < result["shares"]["loss_in_map_step"] < 1
+    assert result["peak_memory_mb"] >= max(r["peak_memory_mb"] for r in result["rows"])  # the rounds' peak
     assert "map QAT / FP step:" in p.stdout and table.with_suffix(".md").is_file()
 
 
