@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
 import random
 import shutil
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -227,7 +229,7 @@ class QuantEmbedding(nn.Embedding):
         return f"{super().extra_repr()}, wbits={self.wbits}"
 
 
-def qat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, qatkd_record=None, **_):
+def qat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
     """Eager self-attention with the student's activation quantizers (official modeling_quant.py).
 
     Registered with transformers' attention interface as "qatkd"; teacher and student both use it.
@@ -236,17 +238,18 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
         A = Q K^T / sqrt(d_h)                      pre-softmax scores        [B, H, S, S]
         P = softmax(A + mask)                      attention map             [B, H, S, S]
         ctx = Q_a(dropout(P)) V                    P is quantized after dropout
-    If qatkd_record (a list) is passed through the model call, (A, P) is appended to it: the
-    scores without the additive mask, the map before dropout and quantization, as the KD losses
-    use them. Returns ctx as [B, S, H, d_h] and P.
+    While forward_internals() runs, module.qatkd_record is a list and (A, P) is appended to it:
+    the scores without the additive mask, the map before dropout and quantization, as the KD
+    losses use them. Returns ctx as [B, S, H, d_h] and P.
     """
     abits = getattr(module, "qatkd_abits", 32)
     q, k, v = quantize_act(query, abits), quantize_act(key, abits), quantize_act(value, abits)
     scaling = q.size(-1) ** -0.5 if scaling is None else scaling
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
-    if qatkd_record is not None:
-        qatkd_record.append((scores, probs))
+    record = getattr(module, "qatkd_record", None)
+    if record is not None:
+        record.append((scores, probs))
     dropped = F.dropout(probs, p=dropout, training=module.training)
     ctx = torch.matmul(quantize_act(dropped, abits), v)
     return ctx.transpose(1, 2).contiguous(), probs
@@ -257,7 +260,8 @@ def _register_attention():
 
     In transformers 5 a custom attention function also needs a mask function registered under
     the same name; without one the model builds no padding mask at all and padded keys get
-    attention silently. The eager mask is additive: 0 to keep, dtype-min to drop.
+    attention silently. The eager mask is additive: 0 to keep, dtype-min to drop (it also carries
+    ModernBERT's sliding window).
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -269,36 +273,137 @@ def _register_attention():
 _register_attention()
 
 
+def deberta_attention(module, hidden_states, attention_mask, output_attentions=False, query_states=None,
+                      relative_pos=None, rel_embeddings=None):
+    """DeBERTa-v2/v3 disentangled self-attention with the student's quantizers.
+
+    Replaces DisentangledSelfAttention.forward (DeBERTa does not use the attention interface);
+    the same operations in the same order as transformers', plus Q_a on Q, K, V and P.
+    hidden_states: [B, S, d]; attention_mask: [B, 1, S, S] (1 = both tokens valid).
+        Q, K, V <- Q_a(Q), Q_a(K), Q_a(V)                          [B*H, S, d_h]
+        A = Q K^T / sqrt(3 d_h) + c2p(Q) + p2c(K)                  content and relative-position terms
+        P = softmax(A masked)                                      [B, H, S, S]
+        ctx = Q_a(dropout(P)) V
+    The relative-position keys and queries (c2p, p2c) are the QuantLinear projections of the
+    relative-position embeddings; they depend on no input (constants at inference) and are not
+    quantized again. (A, P) is recorded as in qat_attention. Returns (ctx [B, S, d], P or None).
+    """
+    from transformers.models.deberta_v2.modeling_deberta_v2 import scaled_size_sqrt
+
+    abits, heads = getattr(module, "qatkd_abits", 32), module.num_attention_heads
+    query_states = hidden_states if query_states is None else query_states
+    q = quantize_act(module.transpose_for_scores(module.query_proj(query_states), heads), abits)
+    k = quantize_act(module.transpose_for_scores(module.key_proj(hidden_states), heads), abits)
+    v = quantize_act(module.transpose_for_scores(module.value_proj(hidden_states), heads), abits)
+    scale_factor = 1 + ("c2p" in module.pos_att_type) + ("p2c" in module.pos_att_type)
+    scores = torch.bmm(q, k.transpose(-1, -2) / scaled_size_sqrt(q, scale_factor).to(dtype=q.dtype))
+    if module.relative_attention:
+        rel = module.pos_dropout(rel_embeddings)
+        scores = scores + module.disentangled_attention_bias(q, k, relative_pos, rel, scale_factor)
+    scores = scores.view(-1, heads, scores.size(-2), scores.size(-1))  # [B, H, S, S]
+    probs = torch.softmax(scores.masked_fill(~attention_mask.bool(), torch.finfo(q.dtype).min), dim=-1)
+    record = getattr(module, "qatkd_record", None)
+    if record is not None:
+        record.append((scores, probs))
+    dropped = quantize_act(module.dropout(probs), abits)
+    ctx = torch.bmm(dropped.view(-1, probs.size(-2), probs.size(-1)), v)  # [B*H, S, d_h]
+    ctx = ctx.view(-1, heads, ctx.size(-2), ctx.size(-1)).permute(0, 2, 1, 3).contiguous()
+    return ctx.view(*ctx.shape[:-2], -1), (probs if output_attentions else None)
+
+
 # =============================================================================================
 # 3. Student patching and capture of internals
+#
+# One row per encoder family says where qatkd reads its internals. Nothing is guessed from
+# module names: a family that is not in the table is refused.
 # =============================================================================================
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one encoder family (config.model_type) keeps what the KD losses read.
+
+    attention   class of the self-attention module: it computes the scores and the softmax
+    output      the module that produces the attention sub-layer output Y ("Class.attribute"
+                for a child of Class), read from its output, or from its input if tap="input"
+    classifier  the task head's final projection, which stays full precision
+    pre_ln      pre-LayerNorm layers: Y = X + MHA(LN(X)); else Y = LN(MHA(X) + X)
+    interface   attention runs through transformers' attention interface (else deberta_attention)
+    """
+
+    attention: str
+    output: str
+    classifier: str = "classifier"
+    tap: str = "output"
+    pre_ln: bool = False
+    interface: bool = True
+
+
+FAMILIES = {
+    "bert": Family("BertSelfAttention", "BertSelfOutput"),
+    "roberta": Family("RobertaSelfAttention", "RobertaSelfOutput", "classifier.out_proj"),
+    "xlm-roberta": Family("XLMRobertaSelfAttention", "XLMRobertaSelfOutput", "classifier.out_proj"),
+    "camembert": Family("CamembertSelfAttention", "CamembertSelfOutput", "classifier.out_proj"),
+    "electra": Family("ElectraSelfAttention", "ElectraSelfOutput", "classifier.out_proj"),
+    "mobilebert": Family("MobileBertSelfAttention", "MobileBertSelfOutput"),
+    "distilbert": Family("DistilBertSelfAttention", "TransformerBlock.sa_layer_norm"),
+    "albert": Family("AlbertAttention", "AlbertAttention"),  # its attention module ends with the LayerNorm
+    # pre-LN: the residual stream after attention is the input of the FFN's LayerNorm
+    "modernbert": Family("ModernBertAttention", "ModernBertEncoderLayer.mlp_norm", tap="input", pre_ln=True),
+    "deberta-v2": Family("DisentangledSelfAttention", "DebertaV2SelfOutput", interface=False),  # also DeBERTa-v3
+}
+
+
+def model_family(config):
+    """The FAMILIES row of a model config; an unsupported architecture is refused in one line."""
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise ValueError(f"qatkd does not support model type {config.model_type!r}; supported: "
+                         f"{', '.join(FAMILIES)}")
+    if getattr(config, "conv_kernel_size", 0) > 0:  # DeBERTa-v2 xlarge/xxlarge: a convolution beside layer 1
+        raise ValueError(f"qatkd does not support {config.model_type} with a convolution layer (conv_kernel_size "
+                         f"{config.conv_kernel_size}); DeBERTa-v2/v3 base and large have none")
+    return family
+
+
+def _modules_of(model, spec):
+    """Modules named by a Family field: "Class" (every instance) or "Class.attribute"."""
+    cls, _, attr = spec.partition(".")
+    found = [m for m in model.modules() if type(m).__name__ == cls]
+    return [getattr(m, attr) for m in found] if attr else found
 
 
 def self_attention_modules(model):
-    """The modules that call the attention interface (BertSelfAttention, RobertaSelfAttention...).
+    """The self-attention modules of a model, in layer order (one per layer; ALBERT shares one)."""
+    return _modules_of(model, model_family(model.config).attention)
 
-    Found through the class each transformers model declares for recording "attentions", so no
-    module names are hard-coded.
+
+def use_qatkd_attention(model):
+    """Route a model's self-attention through qat_attention / deberta_attention (idempotent).
+
+    Interface families switch their attention implementation to "qatkd"; DeBERTa's attention
+    modules get deberta_attention as their forward. Until quantize_student sets qatkd_abits,
+    nothing is quantized: a teacher computes exactly what it computed before.
     """
-    target = getattr(model, "_can_record_outputs", None) or {}
-    target = target.get("attentions")
-    target = getattr(target, "target_class", target)
-    mods = [m for m in model.modules() if isinstance(target, type) and isinstance(m, target)]
-    if not mods:
-        raise ValueError(
-            f"{type(model).__name__} does not declare its self-attention modules to transformers' "
-            "attention interface; qatkd supports BERT-style encoders (BERT, RoBERTa, ELECTRA, ...)"
-        )
-    return mods
+    if model_family(model.config).interface:
+        if model.config._attn_implementation != "qatkd":
+            model.set_attn_implementation("qatkd")
+        return model
+    for m in self_attention_modules(model):
+        m.forward = types.MethodType(deberta_attention, m)  # an instance attribute: a deepcopy rebinds it
+    return model
 
 
 def quantize_student(teacher, wbits=2, abits=8):
     """A quantized deep copy of a full-precision sequence classifier (the paper's W2A8 set-up).
 
-    - every nn.Linear of the encoder and pooler (model.base_model) -> QuantLinear(wbits, abits);
+    The same rule in every family (FAMILIES):
+    - every nn.Linear -> QuantLinear(wbits, abits): attention, FFN, embedding projections, and
+      the pooler or the head's hidden dense layer (BERT's pooler is quantized in the original);
     - the word embedding -> row-wise quantized QuantEmbedding(wbits);
     - inside self-attention Q, K, V and the post-dropout attention probabilities -> abits;
-    - LayerNorms, biases, position/token-type embeddings and the task classifier stay FP.
+    - full precision: the task head's final projection (Family.classifier), LayerNorms, biases,
+      position/token-type/relative-position embeddings.
     The latent weights start as the teacher's. With wbits=abits=32 the student computes exactly
     what the teacher does.
     """
@@ -306,10 +411,12 @@ def quantize_student(teacher, wbits=2, abits=8):
         raise ValueError(f"unsupported weight bit width {wbits}; use one of {WEIGHT_BITS}")
     if not (2 <= abits <= 16 or abits == 32):
         raise ValueError(f"unsupported activation bit width {abits}; use 2..16, or 32 for full precision")
-    student = copy.deepcopy(teacher)
-    for parent in list(student.base_model.modules()):
+    family = model_family(teacher.config)
+    student = use_qatkd_attention(copy.deepcopy(teacher))
+    keep = student.get_submodule(family.classifier)
+    for parent in list(student.modules()):
         for name, child in parent.named_children():
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and child is not keep:
                 q = QuantLinear(child.in_features, child.out_features, child.bias is not None, wbits, abits, "meta")
                 q.weight, q.bias = child.weight, child.bias
                 setattr(parent, name, q)
@@ -319,7 +426,6 @@ def quantize_student(teacher, wbits=2, abits=8):
     student.set_input_embeddings(qemb)
     for m in self_attention_modules(student):
         m.qatkd_abits = abits
-    student.set_attn_implementation("qatkd")
     student.qatkd_bits = {"wbits": wbits, "abits": abits}
     return student
 
@@ -331,8 +437,11 @@ class Internals:
     logits         [B, C]
     hidden_states  N+1 x [B, S, d]      embedding output, then every layer's output
     attn_scores    N   x [B, H, S, S]   pre-softmax scores Q K^T / sqrt(d_h), without the mask
+                                        (DeBERTa: content and relative-position terms together)
     attn_probs     N   x [B, H, S, S]   softmax probabilities, before dropout and quantization
-    attn_outputs   N   x [B, S, d]      attention sub-layer output LN(MHA(X) + X), the FFN input
+    attn_outputs   N   x [B, S, d]      attention sub-layer output Y, the FFN's input:
+                                        post-LN families LN(MHA(X) + X); pre-LN (ModernBERT)
+                                        X + MHA(LN(X)), the residual stream after attention
     """
 
     logits: torch.Tensor
@@ -345,27 +454,39 @@ class Internals:
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
+def model_inputs(model, batch):
+    """The entries of batch that the model takes (DistilBERT and ModernBERT take no token_type_ids)."""
+    accepted = inspect.signature(getattr(model, "module", model).forward).parameters
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch and k in accepted}
+
+
 def forward_internals(model, batch):
     """Run the model on batch (a dict with input_ids, attention_mask [, token_type_ids]).
 
-    Works for teacher and student alike, bare or wrapped in DistributedDataParallel. The model is
-    switched to the "qatkd" attention implementation if it is not on it yet (load with
-    attn_implementation="qatkd" to start so).
-    The attention sub-layer output is taken from the parent of each self-attention module
-    (e.g. BertAttention), whose output is LN(dense(ctx) + X). Returns Internals.
+    Works for teacher and student alike, bare or wrapped in DistributedDataParallel. The model's
+    attention is switched to qatkd's (use_qatkd_attention) if it is not yet. How the internals
+    get out: each self-attention module holds a list, qatkd_record, for the length of the call,
+    and its attention function appends (scores, probs) to it; a hook on the Family's output
+    module collects the attention sub-layer outputs. Returns Internals.
     """
     net, model = model, getattr(model, "module", model)  # a DistributedDataParallel wrapper is called as is
-    if model.config._attn_implementation != "qatkd":
-        model.set_attn_implementation("qatkd")
-    parents = {id(c): p for p in model.modules() for c in p.children()}
+    family = model_family(model.config)
+    use_qatkd_attention(model)
     record, outputs, hooks = [], [], []
-    for m in self_attention_modules(model):
-        hook = lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out)  # noqa: E731
-        hooks.append(parents[id(m)].register_forward_hook(hook))
+    attention = self_attention_modules(model)
+    for m in _modules_of(model, family.output):
+        if family.tap == "input":
+            hooks.append(m.register_forward_pre_hook(lambda _m, args: outputs.append(args[0])))
+        else:
+            hooks.append(m.register_forward_hook(lambda _m, _i, out: outputs.append(
+                out[0] if isinstance(out, tuple) else out)))
     try:
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        out = net(**inputs, output_hidden_states=True, qatkd_record=record)
+        for m in attention:
+            m.qatkd_record = record
+        out = net(**model_inputs(model, batch), output_hidden_states=True)
     finally:
+        for m in attention:
+            del m.qatkd_record
         for h in hooks:
             h.remove()
     return Internals(
@@ -383,9 +504,16 @@ def forward_internals(model, batch):
 # Each takes per-layer lists of [B, ...] tensors plus the [B, S] attention mask (1 = token,
 # 0 = padding) and sums over layers, as the official code does (no averaging over layers).
 #
-# DEVIATION (padding): the official code masks padding only in the map loss; its MSE terms average
-# over padded positions too, so their value changes when a batch gains padding. Here padding is
-# excluded from every loss. include_padding=True (run.py --include_padding) restores the original.
+# DEVIATION (padding): the official code pads every batch to max_len and masks padding only in the
+# map loss; its MSE terms average over padded positions too, so each is diluted by the batch's
+# share of real tokens (the score term by its share of real query-key pairs: about 0.42 on MRPC,
+# 0.18 on CoLA). Here batches are padded only to their longest example and padding is excluded
+# from every loss. include_padding=True on batches padded to max_len (run.py --original_padding)
+# gives every term the original's value.
+#
+# Reductions: the MSE terms pool over the whole batch (a sample counts with its number of tokens,
+# or for the score loss of query-key pairs, i.e. the square of its length); the map and
+# prediction terms average per sample (every sample counts alike).
 # =============================================================================================
 
 
@@ -414,7 +542,8 @@ def rep_loss(s_hidden, t_hidden, mask, include_padding=False):
     """Hidden-state distillation (TinyBERT Eq. 8): L_rep = sum_{l=0..N} MSE(H_S^l, H_T^l).
 
     s_hidden, t_hidden: N+1 x [B, S, d] (embedding output and every layer); mask: [B, S].
-    MSE averages over valid tokens and d (include_padding: over all B*S*d, as the original).
+    MSE = sum over the batch's valid tokens and d / (valid tokens * d): pooled over the batch, so a
+    sample weighs as its length. include_padding: the mean over all B*S*d entries, as the original.
     """
     mask = torch.ones_like(mask) if include_padding else mask
     return sum(_masked_mse(s, t, mask) for s, t in zip(s_hidden, t_hidden))
@@ -423,9 +552,11 @@ def rep_loss(s_hidden, t_hidden, mask, include_padding=False):
 def score_loss(s_scores, t_scores, mask, include_padding=False):
     """Attention-score distillation, the TernaryBERT baseline: L_score = sum_l MSE(A_S^l, A_T^l).
 
-    s_scores, t_scores: N x [B, H, S, S] pre-softmax scores; mask: [B, S]. The MSE averages over
-    the valid (query, key) pairs of each sample. include_padding: as the original, zero the padded
-    key columns and average over all B*H*S*S entries (padded query rows included).
+    s_scores, t_scores: N x [B, H, S, S] pre-softmax scores; mask: [B, S], L_b valid tokens.
+        MSE^l = sum_b sum_h sum_{i, j < L_b} (A_S - A_T)^2 / (H * sum_b L_b^2)
+    pooled over the whole batch: a sample weighs as the square of its length. include_padding: as
+    the original, zero the padded key columns and average over all B*H*S*S entries (padded query
+    rows over valid keys included).
     """
     keys = mask[:, None, None, :].to(s_scores[0].dtype)  # [B, 1, 1, S]
     if include_padding:
@@ -468,7 +599,9 @@ def output_loss(s_outputs, t_outputs, mask, include_padding=False):
     """Attention-output loss L_out (the paper's proposal): L_out = sum_l MSE(Y_S^l, Y_T^l).
 
     Y^l = LN(MHA(X^l) + X^l): the attention sub-layer output after the residual add and
-    LayerNorm, i.e. the FFN's input. s_outputs, t_outputs: N x [B, S, d]; mask: [B, S].
+    LayerNorm, i.e. the FFN's input (pre-LN encoders: X^l + MHA(LN(X^l)), see Internals).
+    s_outputs, t_outputs: N x [B, S, d]; mask: [B, S]. Pooled over the batch's valid tokens as
+    rep_loss; include_padding: the mean over all B*S*d entries, as the original.
     """
     mask = torch.ones_like(mask) if include_padding else mask
     return sum(_masked_mse(s, t, mask) for s, t in zip(s_outputs, t_outputs))
@@ -638,9 +771,10 @@ def tokenize(examples, tokenizer, max_len):
     return feats
 
 
-def collate(features, pad_id=0):
-    """Pad a list of features to the longest in the batch (dynamic padding) -> dict of tensors."""
-    longest = max(len(f["input_ids"]) for f in features)
+def collate(features, pad_id=0, pad_to=None):
+    """Pad a list of features to the longest in the batch (dynamic padding), or to pad_to tokens (the
+    original code pads every batch to max_len) -> dict of tensors."""
+    longest = pad_to or max(len(f["input_ids"]) for f in features)
     batch = {}
     for k in MODEL_INPUTS:
         if k in features[0]:
@@ -652,13 +786,14 @@ def collate(features, pad_id=0):
     return batch
 
 
-def batches(features, batch_size, pad_id=0, shuffle=False, seed=0, start=0, device="cpu"):
-    """Yield padded batches on `device`, from batch number `start` on; shuffle with a torch
-    generator seeded by `seed`, so one seed gives one order (and a resumed epoch the same order)."""
+def batches(features, batch_size, pad_id=0, shuffle=False, seed=0, start=0, device="cpu", pad_to=None):
+    """Yield padded batches on `device` (collate: dynamic padding, or to pad_to), from batch number
+    `start` on; shuffle with a torch generator seeded by `seed`, so one seed gives one order (and a
+    resumed epoch the same order)."""
     order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed)) if shuffle \
         else torch.arange(len(features))
     for i in range(start * batch_size, len(features), batch_size):
-        batch = collate([features[j] for j in order[i:i + batch_size].tolist()], pad_id)
+        batch = collate([features[j] for j in order[i:i + batch_size].tolist()], pad_id, pad_to)
         yield {k: v.to(device) for k, v in batch.items()}
 
 
@@ -705,15 +840,10 @@ def glue_metrics(task, logits, labels):
 # =============================================================================================
 
 
-def load_teacher(name_or_path, task):
-    """A full-precision sequence classifier for the task, its tokenizer, and whether its head is trained.
-
-    name_or_path: a hub id or a local directory (save_pretrained layout). A checkpoint that has
-    no classification head (a plain encoder, e.g. bert-base-uncased or all-MiniLM-L6-v2) comes up
-    with a freshly initialised head: head_trained is False and it must be fine-tuned first.
-    A classification head with the wrong number of labels is refused.
-    """
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+def teacher_config(name_or_path):
+    """The teacher's config, read before anything else: a missing path, a path without a model, an
+    unreachable hub id or an unsupported architecture is refused here, in one line."""
+    from transformers import AutoConfig
 
     path = Path(name_or_path)
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
@@ -726,14 +856,30 @@ def load_teacher(name_or_path, task):
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"could not load teacher {name_or_path!r}: not a local model directory, and the "
                                 f"hub could not provide it ({type(e).__name__}); pass --teacher DIR") from None
+    model_family(config)
+    return config
+
+
+def load_teacher(name_or_path, task):
+    """A full-precision sequence classifier for the task, its tokenizer, and whether its head is trained.
+
+    name_or_path: a hub id or a local directory (save_pretrained layout). A checkpoint that has
+    no classification head (a plain encoder, e.g. bert-base-uncased or all-MiniLM-L6-v2) comes up
+    with a freshly initialised head: head_trained is False and it must be fine-tuned first.
+    A classification head with the wrong number of labels is refused. The model's attention runs
+    through qatkd's (use_qatkd_attention), which computes what the original does.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    config = teacher_config(name_or_path)
     trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     if trained_head and config.num_labels != task.num_labels:
         raise ValueError(f"teacher {name_or_path} has a {config.num_labels}-label head but task {task.name} needs "
                          f"{task.num_labels}; pass a teacher fine-tuned on {task.name}, or its base encoder")
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, num_labels=task.num_labels, attn_implementation="qatkd", output_loading_info=True)
+        name_or_path, num_labels=task.num_labels, output_loading_info=True)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    return model, tokenizer, trained_head and not info["missing_keys"]
+    return use_qatkd_attention(model), tokenizer, trained_head and not info["missing_keys"]
 
 
 # =============================================================================================
@@ -777,11 +923,12 @@ def write_json(path, obj):
 
 
 @torch.no_grad()
-def evaluate(model, task, dev_sets, batch_size, pad_id=0, desc="eval"):
+def evaluate(model, task, dev_sets, batch_size, pad_id=0, desc="eval", pad_to=None):
     """Dev metrics of a model. dev_sets: {split: features}; MNLI's second split gets suffix _mm.
 
     Batches are formed in file order, so a result is reproducible: note that the student's
-    activation scales are per batch (as in the original), so they depend on the batch size.
+    activation scales are per batch (as in the original), so they depend on the batch size and on
+    the padding (pad_to: pad every batch to that length, as the original code).
     """
     from tqdm.auto import tqdm
 
@@ -790,9 +937,9 @@ def evaluate(model, task, dev_sets, batch_size, pad_id=0, desc="eval"):
     out = {}
     for i, feats in enumerate(dev_sets.values()):
         logits, labels = [], []
-        for b in tqdm(batches(feats, batch_size, pad_id, device=model.device), desc=desc,
+        for b in tqdm(batches(feats, batch_size, pad_id, device=model.device, pad_to=pad_to), desc=desc,
                       total=math.ceil(len(feats) / batch_size), leave=False, dynamic_ncols=True):
-            logits.append(model(**{k: b[k] for k in MODEL_INPUTS if k in b}).logits.float().cpu())
+            logits.append(model(**model_inputs(model, b)).logits.float().cpu())
             labels.append(b["labels"].cpu())
         metrics = glue_metrics(task, torch.cat(logits), torch.cat(labels))
         out.update({k + ("_mm" if i else ""): v for k, v in metrics.items()})
@@ -816,6 +963,7 @@ class TrainConfig:
     max_steps: int = 0  # 0: epochs decide
     seed: int = 42
     pad_id: int = 0
+    pad_to: int = 0  # 0: pad each batch to its longest example; else to this length (the original: max_len)
 
     def steps_per_epoch(self, n_train):
         return math.ceil(n_train / self.batch_size)
@@ -980,7 +1128,7 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
         while step < total:
             epoch, skip = divmod(step, steps_per_epoch)
             for batch in batches(train_feats, cfg.batch_size, cfg.pad_id, shuffle=True, seed=cfg.seed + epoch,
-                                 start=skip, device=model.device):
+                                 start=skip, device=model.device, pad_to=cfg.pad_to or None):
                 if world > 1:  # this process's slice of the global batch
                     batch = {k: v.tensor_split(world)[rank] for k, v in batch.items()}
                 loss, terms = loss_fn(net, batch)
@@ -1038,7 +1186,7 @@ def finetune_teacher(model, task, train_feats, cfg, evaluate_fn=None, log=print)
     """Full-precision fine-tuning with the ground truth: cross-entropy, or MSE for STS-B."""
 
     def loss_fn(net, b):
-        logits = net(**{k: b[k] for k in MODEL_INPUTS if k in b}).logits
+        logits = net(**model_inputs(net, b)).logits
         if task.labels is None:
             loss = F.mse_loss(logits.squeeze(-1), b["labels"])
         else:
@@ -1093,7 +1241,7 @@ def load_student(path):
     from transformers import AutoModelForSequenceClassification
 
     bits = json.loads((Path(path) / "quantization.json").read_text())
-    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="qatkd")
+    model = AutoModelForSequenceClassification.from_pretrained(path)
     return quantize_student(model, bits["wbits"], bits["abits"])
 
 
@@ -1107,37 +1255,46 @@ def load_student(path):
 
 
 def rank_loss(s_probs, t_probs, mask):
-    """Pairwise ranking loss between attention maps (Liu et al. 2021; the paper's Fig. 4).
+    """Pairwise ranking loss between attention maps (Liu et al. 2021), on the paper's scale (Fig. 4).
 
-    s_probs, t_probs: [B, H, S, S]; mask: [B, S]. For each valid query row r and each ordered
-    pair of valid keys (i, j):  max(0, -(s_ri - s_rj) * sign(t_ri - t_rj)),
-    averaged over the L(L-1) pairs, then over rows and heads. Returns [B]; 0 when the student
-    orders every row as the teacher does.
+    s_probs, t_probs: [B, H, S, S]; mask: [B, S]; L = valid tokens of a sample. Per head, as the
+    paper's analysis notebook (Exp1) computes it, a sum over every query row r < L and key pairs
+    i in [0, L-2], j in [1, L-1]:
+        R_h = sum_r sum_i sum_j max(0, -(s_ri - s_rj) * sign(t_ri - t_rj))
+    Returns [B], the mean of R_h over heads; 0 when the student orders every row as the teacher.
+    A sum, not a mean: it grows as L^3, so compare students on the same examples only.
     """
     out = []
     for b in range(s_probs.shape[0]):
         L = int(mask[b].sum())
         s, t = s_probs[b, :, :L, :L], t_probs[b, :, :L, :L]  # [H, L, L]
-        wrong = torch.relu(-(s[..., :, None] - s[..., None, :]) * torch.sign(t[..., :, None] - t[..., None, :]))
-        out.append(wrong.sum((-1, -2)).div(max(1, L * (L - 1))).mean())  # [H, L, L, L] -> scalar
+        ds = s[..., :-1, None] - s[..., None, 1:]  # s_ri - s_rj, i < L-1, j >= 1   [H, L, L-1, L-1]
+        dt = t[..., :-1, None] - t[..., None, 1:]
+        out.append(torch.relu(-ds * torch.sign(dt)).sum((-1, -2, -3)).mean())
     return torch.stack(out)
 
 
-def cover_length(s_probs, t_probs, mask, k=5):
-    """Cover length of the teacher's top-k keys in the student's ranking (the paper's Fig. 4).
+COVER_TOP_K = 5  # the paper's cover length follows the teacher's 5 largest keys of each row
 
-    s_probs, t_probs: [B, H, S, S]; mask: [B, S]. For each valid query row: the deepest position
-    (1-based) that any of the teacher's k largest keys takes in the student's descending order,
-    divided by L. Mean over rows and heads; returns [B]. Its minimum, min(k, L) / L, means the
-    student's top-k is the teacher's.
+
+def cover_length(s_probs, t_probs, mask, k=COVER_TOP_K):
+    """Cover-length ratio of the teacher's top-k keys in the student's ranking (the paper's Fig. 4).
+
+    s_probs, t_probs: [B, H, S, S]; mask: [B, S]; L = valid tokens of a sample. As the paper's
+    analysis notebook (Exp1): for each query row r < L-1, the deepest 0-based position that any
+    of the teacher's k largest keys takes in the student's descending order, divided by L; these
+    summed over the rows and divided by L:
+        C_h = (1 / L) sum_{r < L-1} max_{key in top_k(t_r)} pos_{s_r}(key) / L
+    Returns [B], the mean of C_h over heads. Its minimum, (k - 1)(L - 1) / L^2 for L >= k, means
+    the student's top-k is the teacher's.
     """
     out = []
     for b in range(s_probs.shape[0]):
         L = int(mask[b].sum())
-        s, t = s_probs[b, :, :L, :L], t_probs[b, :, :L, :L]  # [H, L, L]
-        top = t.argsort(dim=-1, descending=True, stable=True)[..., :k]  # [H, L, k]
-        position = s.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # [H, L, L] rank of each key
-        out.append((position.gather(-1, top).amax(-1) + 1).float().div(L).mean())
+        s, t = s_probs[b, :, :L - 1, :L], t_probs[b, :, :L - 1, :L]  # rows r < L-1  [H, L-1, L]
+        top = t.argsort(dim=-1, descending=True, stable=True)[..., :k]  # [H, L-1, k]
+        position = s.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)  # 0-based rank of each key
+        out.append(position.gather(-1, top).amax(-1).float().div(L).sum(-1).div(L).mean())
     return torch.stack(out)
 
 
@@ -1145,7 +1302,7 @@ DIAGNOSTICS = ("map_kl", "output_mse", "output_cos", "rank_loss", "cover_length"
 
 
 @torch.no_grad()
-def attention_recovery(student, teacher, features, batch_size, pad_id=0, rank_samples=64):
+def attention_recovery(student, teacher, features, batch_size, pad_id=0, rank_samples=64, pad_to=None):
     """Per-layer distance between student and teacher self-attention on dev features.
 
     Returns {measure: [one value per layer]} for
@@ -1159,7 +1316,7 @@ def attention_recovery(student, teacher, features, batch_size, pad_id=0, rank_sa
     was = student.training, teacher.training
     student.eval(), teacher.eval()
     sums, counts = None, {"samples": 0, "tokens": 0, "ranked": 0}
-    for batch in batches(features, batch_size, pad_id, device=student.device):
+    for batch in batches(features, batch_size, pad_id, device=student.device, pad_to=pad_to):
         s, t = forward_internals(student, batch), forward_internals(teacher, batch)
         sums = sums or {name: [0.0] * len(s.attn_probs) for name in DIAGNOSTICS}
         mask = batch["attention_mask"]
@@ -1292,7 +1449,7 @@ def load_quantized(path):
         codes = unpack_bits(tensors[key + ".codes"], wbits, n).reshape(shape)
         state[key] = codes_to_weight(codes, tensors[key + ".scale"], wbits)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="qatkd")
+    model = AutoModelForSequenceClassification.from_config(config)
     model.load_state_dict(state)
     student = quantize_student(model, 32, meta["abits"]).eval()
     student.qatkd_bits = {"wbits": wbits, "abits": meta["abits"]}

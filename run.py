@@ -15,6 +15,7 @@ On several processes (CPU: gloo, GPUs: nccl, one process per GPU):
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import os
 import statistics
@@ -30,6 +31,16 @@ try:
     import qatkd
 except ImportError as e:  # run outside the project's environment
     sys.exit(f"run.py: error: {e}; install the requirements first (README: set-up)")
+
+
+def int_list(text):
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+PROTOCOLS = ("default", "original")
 
 
 def parse_args(argv=None):
@@ -52,9 +63,10 @@ def parse_args(argv=None):
                    help="weight of the attention-output loss. Default: 1")
     g.add_argument("--gt_coeff", type=float, default=0.0,
                    help="add this times the ground-truth cross-entropy to the KD loss (paper: 0). Default: 0")
-    g.add_argument("--include_padding", action="store_true",
-                   help="as the original code: average rep/output/score MSE over padding positions too "
-                        "(default: padding is excluded from every loss)")
+    g.add_argument("--original_padding", action="store_true",
+                   help="the original code's protocol: pad every training and evaluation batch to --max_len and "
+                        "average the rep/output/score MSEs over padding too (default: batches padded to their "
+                        "longest example, padding excluded from every loss)")
     g = p.add_argument_group("models and data")
     g.add_argument("--teacher", default="bert-base-uncased",
                    help="hub id or local directory of the full-precision teacher; if its classification head "
@@ -66,7 +78,11 @@ def parse_args(argv=None):
                    help="root of all outputs: teachers/ (fine-tuned teachers) and one folder per run. Default: runs")
     g.add_argument("--run_name", default=None,
                    help="folder of this run under --output_dir. Default: TASK-KD-wWaA-seedS")
-    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in the same folder")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in the same folder (a sweep reruns runs made with other arguments)")
+    g.add_argument("--mix_commits", action="store_true",
+                   help="let --resume and --sweep reuse runs made by another commit of this code (recorded in their "
+                        "args.json); default: refused, so that a table never mixes code versions")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint (same arguments); the result is the same "
                         "as an uninterrupted run's")
@@ -90,7 +106,9 @@ def parse_args(argv=None):
     g = p.add_argument_group("teacher fine-tuning (when the teacher's head is untrained)")
     g.add_argument("--teacher_epochs", type=float, default=3.0, help="Default: 3")
     g.add_argument("--teacher_lr", type=float, default=2e-5, help="Default: 2e-5")
-    g.add_argument("--teacher_seed", type=int, default=42, help="Default: 42")
+    g.add_argument("--teacher_seed", type=int, default=42,
+                   help="seed of teacher fine-tuning (the new head's initialisation, data order, dropout); one seed, "
+                        "one cached teacher. Default: 42")
     g = p.add_argument_group("analysis (the paper's attention-recovery measures)")
     g.add_argument("--rank_samples", type=int, default=64,
                    help="dev examples for the ranking-loss and cover-length diagnostics (cost grows as length^3). "
@@ -100,8 +118,12 @@ def parse_args(argv=None):
                         "table (OUTPUT_DIR/sweep-TASK-wWaA.md and .csv); finished runs are reused")
     g.add_argument("--sweep_kd", type=lambda s: s.split(","), default=list(qatkd.KD_MODES),
                    help="comma-separated KD modes for --sweep. Default: pred,score,map,output,unified")
-    g.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42],
-                   help="comma-separated seeds for --sweep. Default: 42")
+    g.add_argument("--seeds", type=int_list, default=[42], help="comma-separated QAT seeds for --sweep. Default: 42")
+    g.add_argument("--sweep_teacher_seeds", type=int_list, default=None,
+                   help="comma-separated teacher seeds for --sweep: one fine-tuned teacher each. Default: --teacher_seed")
+    g.add_argument("--sweep_protocols", type=lambda s: s.split(","), default=["default"],
+                   help="comma-separated protocols for --sweep: default, original (as --original_padding). "
+                        "Default: default")
     g = p.add_argument_group("benchmark (no training: times steps on one random batch of --batch_size x --max_len)")
     g.add_argument("--benchmark", action="store_true",
                    help="time a plain FP fine-tuning step against QAT steps (map, score, output, unified) and "
@@ -130,12 +152,24 @@ def parse_args(argv=None):
     bad = [k for k in args.sweep_kd if k not in qatkd.KD_MODES]
     if bad:
         p.error(f"--sweep_kd: unknown KD mode {bad[0]!r}; use some of {','.join(qatkd.KD_MODES)}")
+    bad = [k for k in args.sweep_protocols if k not in PROTOCOLS]
+    if bad:
+        p.error(f"--sweep_protocols: unknown protocol {bad[0]!r}; use some of {','.join(PROTOCOLS)}")
+    args.sweep_teacher_seeds = args.sweep_teacher_seeds or [args.teacher_seed]
     task = qatkd.TASKS[args.task]
     args.batch_size = args.batch_size or task.batch_size
     args.max_len = args.max_len or task.max_len
     args.eval_every = task.eval_every if args.eval_every is None else args.eval_every
-    args.run_name = args.run_name or f"{args.task}-{args.kd}-w{args.wbits}a{args.abits}-seed{args.seed}"
+    args.run_name = args.run_name or default_run_name(args)
     return args
+
+
+def default_run_name(args):
+    """TASK-KD-wWaA-seedS, then -tseedT for a teacher seed other than 42 and -original for the
+    original padding protocol: runs that differ in what they compute never share a folder."""
+    return (f"{args.task}-{args.kd}-w{args.wbits}a{args.abits}-seed{args.seed}"
+            + (f"-tseed{args.teacher_seed}" if args.teacher_seed != 42 else "")
+            + ("-original" if args.original_padding else ""))
 
 
 def fmt(metrics):
@@ -150,9 +184,15 @@ def get_teacher(args, task, data):
         return teacher, tokenizer, args.teacher
     path = Path(args.teacher).resolve()
     slug = f"{path.parent.name}-{path.name}" if path.is_dir() else args.teacher.replace("/", "--")
-    cache = Path(args.output_dir) / "teachers" / f"{task.name}-{slug}"
+    cache = Path(args.output_dir) / "teachers" / f"{task.name}-{slug}-seed{args.teacher_seed}"
+    recipe = {"base": args.teacher, "epochs": args.teacher_epochs, "lr": args.teacher_lr, "seed": args.teacher_seed,
+              "batch_size": args.batch_size, "max_len": args.max_len, "warmup": args.warmup, "optimizer": "adamw"}
     if (cache / "config.json").is_file():
         how = json.loads((cache / "teacher_args.json").read_text()) if (cache / "teacher_args.json").is_file() else {}
+        changed = [f"{k} {how[k]} (now {v})" for k, v in recipe.items() if k in how and how[k] != v and k != "base"]
+        if changed:
+            raise ValueError(f"{cache} holds a teacher fine-tuned with other settings: {', '.join(changed)}; pass the "
+                             "same settings, or delete that folder to fine-tune again")
         print(f"reusing the teacher fine-tuned in {cache} ({', '.join(f'{k} {v}' for k, v in how.items())}); "
               "delete it to fine-tune again")
         teacher, tokenizer, _ = qatkd.load_teacher(str(cache), task)
@@ -168,10 +208,7 @@ def get_teacher(args, task, data):
     teacher.eval()
     if is_main():  # the other processes hold the same weights (DistributedDataParallel)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        qatkd.save_model(teacher, cache, tokenizer, {"teacher_args.json": {
-            "base": args.teacher, "epochs": args.teacher_epochs, "lr": args.teacher_lr, "seed": args.teacher_seed,
-            "batch_size": args.batch_size, "max_len": args.max_len, "optimizer": "adamw",
-            "steps": result["steps"]}})
+        qatkd.save_model(teacher, cache, tokenizer, {"teacher_args.json": {**recipe, "steps": result["steps"]}})
     return teacher, tokenizer, str(cache)
 
 
@@ -191,6 +228,7 @@ class Setup:
 
 def setup(args):
     task = qatkd.TASKS[args.task]
+    qatkd.teacher_config(args.teacher)  # an unusable teacher is refused before any data is read
     data = qatkd.load_glue(task, args.data_dir)
     print(f"{task.name}: {len(data['train'])} train examples, "
           + ", ".join(f"{len(v)} {k}" for k, v in data.items() if k != "train"))
@@ -200,20 +238,26 @@ def setup(args):
     train = qatkd.tokenize(data["train"], tokenizer, args.max_len)
     dev = {k: qatkd.tokenize(v, tokenizer, args.max_len) for k, v in data.items() if k != "train"}
     env = Setup(task, teacher, tokenizer, teacher_path, train, dev, pad_id, {})
-    if is_main():
-        env.teacher_metrics = evaluate(env, teacher, args, "eval teacher")
+    if is_main():  # full precision ignores padding: the teacher's score is the same under both protocols
+        env.teacher_metrics = qatkd.evaluate(teacher, task, dev, args.batch_size, pad_id, "eval teacher")
         print(f"teacher (full precision)     {fmt(env.teacher_metrics)}")
     return env
 
 
+def pad_to(args):
+    """Batches padded to --max_len under --original_padding, else to their longest example."""
+    return args.max_len if args.original_padding else None
+
+
 def evaluate(env, model, args, desc="eval"):
-    return qatkd.evaluate(model, env.task, env.dev, args.batch_size, env.pad_id, desc)
+    return qatkd.evaluate(model, env.task, env.dev, args.batch_size, env.pad_id, desc, pad_to(args))
 
 
 def recovery(env, student, args):
     """Attention-recovery diagnostics of a student on the (first) dev split."""
     dev = next(iter(env.dev.values()))
-    return qatkd.attention_recovery(student, env.teacher, dev, args.batch_size, env.pad_id, args.rank_samples)
+    return qatkd.attention_recovery(student, env.teacher, dev, args.batch_size, env.pad_id, args.rank_samples,
+                                    pad_to(args))
 
 
 def ptq_baseline(env, args):
@@ -286,7 +330,7 @@ def run_qat(env, args, ptq=None):
     else:
         checkpoint.unlink(missing_ok=True)  # a stale checkpoint of a replaced run
         qatkd.write_json(run_dir / "args.json", {**{k: v for k, v in vars(args).items() if k != "device"},
-                                                 "teacher_path": env.teacher_path})
+                                                 "teacher_path": env.teacher_path, "code": code_version()})
     ptq = ptq or ptq_baseline(env, args)
     student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
     qatkd.set_seed(args.seed)  # after the PTQ evaluation, so every torchrun process starts QAT in one RNG state
@@ -305,6 +349,8 @@ def run_qat(env, args, ptq=None):
     print_recovery(ptq["recovery"], qat_recovery)
     plot_recovery(run_dir / "attention_recovery.png", ptq["recovery"], qat_recovery)
     metrics = {"task": env.task.name, "kd": args.kd, "wbits": args.wbits, "abits": args.abits, "seed": args.seed,
+               "protocol": "original" if args.original_padding else "default", "code": code_version(),
+               "teacher_path": env.teacher_path, "teacher_seed": args.teacher_seed,
                "selection_metric": env.task.metric, "teacher": env.teacher_metrics, "ptq": ptq["metrics"], **result,
                "attention_recovery": {"ptq": ptq["recovery"], "qat": qat_recovery}, "sizes": sizes,
                "wall_seconds": time.time() - start, "peak_memory_mb": peak_memory_mb(),
@@ -325,12 +371,12 @@ def run_qat(env, args, ptq=None):
 def train_config(env, args):
     return qatkd.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                              eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed, pad_id=env.pad_id,
-                             optimizer=args.optimizer, save_every=args.save_every)
+                             optimizer=args.optimizer, save_every=args.save_every, pad_to=pad_to(args) or 0)
 
 
 def qat_loss(env, args):
     return qatkd.qat_loss_fn(env.teacher, env.task, args.kd, args.map_coeff, args.output_coeff, args.gt_coeff,
-                             args.include_padding)
+                             args.original_padding)
 
 
 def peak_memory_mb():
@@ -365,42 +411,87 @@ def mean_std(values):
     return f"{100 * m:.2f} ± {100 * sd:.2f}"
 
 
-def sweep(env, args):
-    """Teacher, PTQ and QAT for every --sweep_kd mode and --seeds seed; one table (Markdown and CSV).
+def mean(values):
+    return sum(values) / len(values)
+
+
+def sweep(args):
+    """Teacher, PTQ and QAT for every --sweep_teacher_seeds teacher, --sweep_protocols protocol,
+    --sweep_kd mode and --seeds seed; one table (Markdown and CSV) with mean ± std over seeds.
 
     A run whose folder already holds metrics.json is read, not repeated, so an interrupted sweep
-    continues where it stopped.
+    continues where it stopped (an interrupted run resumes from its checkpoint). A reused run must
+    have been made with the same arguments and the same commit of the code: otherwise the sweep
+    stops with one line naming the difference (--overwrite reruns it; --mix_commits accepts runs of
+    another commit).
     """
-    ptq = ptq_baseline(env, args)
-    rows = [("teacher (FP)", [env.teacher_metrics], [env.teacher_metrics], None),
-            (f"PTQ W{args.wbits}A{args.abits}", [ptq["metrics"]], [ptq["metrics"]], ptq["recovery"]["map_kl"])]
-    for kd in args.sweep_kd:
-        runs = []
-        for seed in args.seeds:
-            one = argparse.Namespace(**{**vars(args), "kd": kd, "seed": seed, "sweep": False,
-                                        "run_name": f"{args.task}-{kd}-w{args.wbits}a{args.abits}-seed{seed}"})
-            done = Path(args.output_dir) / one.run_name / "metrics.json"
-            one.resume = (done.parent / "checkpoint.pt").is_file()  # an interrupted run continues
-            runs.append(json.loads(done.read_text()) if done.is_file() else run_qat(env, one, ptq))
-        kl = [sum(r["attention_recovery"]["qat"]["map_kl"]) / len(r["attention_recovery"]["qat"]["map_kl"])
-              for r in runs]
-        rows.append((f"QAT W{args.wbits}A{args.abits} {kd}", [r["best"] for r in runs], [r["last"] for r in runs],
-                     [sum(kl) / len(kl)]))
-    metric = env.task.metric
-    head = ["model", "seeds", f"best {metric}", f"last {metric}", "mean attention-map KL"]
+    metric, rows, teachers, start = qatkd.TASKS[args.task].metric, [], [], time.time()
+    for teacher_seed in args.sweep_teacher_seeds:
+        env = setup(argparse.Namespace(**{**vars(args), "teacher_seed": teacher_seed}))
+        teachers.append(f"teacher seed {teacher_seed}: {env.teacher_path}, {fmt(env.teacher_metrics)}")
+        rows.append((teacher_seed, "-", "teacher (FP)", [{"best": env.teacher_metrics, "last": env.teacher_metrics}]))
+        for protocol in args.sweep_protocols:
+            base = argparse.Namespace(**{**vars(args), "teacher_seed": teacher_seed, "sweep": False, "resume": False,
+                                         "original_padding": protocol == "original"})
+            ptq = ptq_baseline(env, base)
+            rows.append((teacher_seed, protocol, f"PTQ W{args.wbits}A{args.abits}",
+                         [{"best": ptq["metrics"], "last": ptq["metrics"],
+                           "attention_recovery": {"qat": ptq["recovery"]}}]))
+            for kd in args.sweep_kd:
+                runs = [sweep_run(env, argparse.Namespace(**{**vars(base), "kd": kd, "seed": seed}), ptq)
+                        for seed in args.seeds]
+                rows.append((teacher_seed, protocol, f"QAT {kd}", runs))
+    return write_sweep_table(args, metric, rows, teachers, time.time() - start)
+
+
+def sweep_run(env, one, ptq):
+    """One run of a sweep: read if finished with the same arguments and code, resumed if interrupted,
+    else run (again, under --overwrite)."""
+    one.run_name = default_run_name(one)
+    run_dir = Path(one.output_dir) / one.run_name
+    done, stored = run_dir / "metrics.json", run_dir / "args.json"
+    if stored.is_file():
+        old = json.loads(stored.read_text())
+        changed = differing_args(old, one) + differing_code(old, one)
+        if changed and not one.overwrite:
+            raise ValueError(f"sweep: {run_dir} was made with other settings: {', '.join(changed)}; pass --overwrite "
+                             "to rerun it" + (", or --mix_commits to use it" if not differing_args(old, one) else ""))
+        if not changed and done.is_file():
+            return json.loads(done.read_text())
+        one.resume = not changed and (run_dir / "checkpoint.pt").is_file()  # an interrupted run continues
+        one.overwrite = not one.resume  # else start again: a different run, or one stopped before its first checkpoint
+    return run_qat(env, one, ptq)
+
+
+SWEEP_MEASURES = ("map_kl", "output_mse", "output_cos", "rank_loss", "cover_length")
+
+
+def write_sweep_table(args, metric, rows, teachers, seconds):
+    """The sweep's table: one row per (teacher seed, protocol, model), mean ± std over QAT seeds of
+    the best and last dev scores and of every diagnostic's mean over layers."""
+    others = [k for k in rows[0][3][0]["last"] if k not in (metric, "acc_and_f1")]
+    head = (["teacher seed", "protocol", "model", "seeds", f"best {metric}", f"last {metric}"]
+            + [f"last {k}" for k in others] + list(SWEEP_MEASURES) + ["minutes per run"])
     table = []
-    for name, best, last, kl in rows:
-        kl_value = "-" if kl is None else f"{sum(kl) / len(kl):.4f}"
-        seeds = len(best) if name.startswith("QAT") else "-"
-        table.append([name, str(seeds), mean_std([b[metric] for b in best]), mean_std([x[metric] for x in last]),
-                      kl_value])
-    md = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |"
-                                                                                  for r in table])
-    stem = Path(args.output_dir) / f"sweep-{args.task}-w{args.wbits}a{args.abits}"
-    stem.with_suffix(".md").write_text(md + "\n")
+    for teacher_seed, protocol, name, runs in rows:
+        rec = [r.get("attention_recovery", {}).get("qat") for r in runs]
+        measures = [("-" if None in rec else f"{mean([mean(r[m]) for r in rec]):.4g}") for m in SWEEP_MEASURES]
+        wall = [r["wall_seconds"] / 60 for r in runs if "wall_seconds" in r]
+        table.append([str(teacher_seed), protocol, name, ",".join(str(r["seed"]) for r in runs) if wall else "-",
+                      mean_std([r["best"][metric] for r in runs]), mean_std([r["last"][metric] for r in runs])]
+                     + [mean_std([r["last"][k] for r in runs]) for k in others] + measures
+                     + [f"{mean(wall):.1f}" if wall else "-"])
+    md = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                   + ["| " + " | ".join(r) + " |" for r in table])
+    note = (f"{args.task}, W{args.wbits}A{args.abits}, code {code_version()}; "
+            + "; ".join(teachers) + f"; sweep wall time {seconds / 60:.0f} min")
+    suffix = ("" if args.sweep_protocols == ["default"] else "-" + "+".join(args.sweep_protocols)) + (
+        "" if args.sweep_teacher_seeds == [42] else "-tseeds" + "+".join(map(str, args.sweep_teacher_seeds)))
+    stem = Path(args.output_dir) / f"sweep-{args.task}-w{args.wbits}a{args.abits}{suffix}"
+    stem.with_suffix(".md").write_text(note + "\n\n" + md + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         csv.writer(f).writerows([head] + table)
-    print(f"\n== sweep: {env.task.name}, {metric} on dev, mean ± std over seeds ==\n{md}\n"
+    print(f"\n== sweep: {args.task}, {metric} on dev, mean ± std over seeds ==\n{note}\n\n{md}\n"
           f"written to {stem}.md and {stem}.csv")
     return table
 
@@ -597,21 +688,57 @@ def benchmark(args):
     return rows
 
 
-RESUMABLE = ("resume", "overwrite", "save_every", "teacher_path")  # may differ between a run and its resumption
+# arguments that may differ between a run and its resumption or its reuse by a sweep: they change no number
+NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "teacher_path", "code", "keep_denormals", "sweep",
+                "sweep_kd", "seeds", "sweep_teacher_seeds", "sweep_protocols", "benchmark", "bench_model",
+                "bench_steps", "bench_warmup", "device")
+
+
+def differing_args(old, args):
+    """'--name stored (now value)' for every argument of args that a run's args.json holds otherwise."""
+    return [f"--{k} {old[k]} (now {v})" for k, v in vars(args).items()
+            if k not in NOT_COMPARED and k in old and old[k] != v]
+
+
+def differing_code(old, args):
+    """['code X (now Y)'] when the run's recorded commit is not this code's, unless --mix_commits."""
+    now, then = code_version(), old.get("code", "unrecorded")
+    return [] if then == now or args.mix_commits else [f"code {then} (now {now})"]
+
+
+@functools.lru_cache(maxsize=None)
+def code_version():
+    """The git commit of this code, with "+changes" if qatkd.py or run.py differ from it; "unknown" outside
+    a git checkout. Recorded in every run's args.json and metrics.json. Read once, when main() starts: a
+    long sweep records the code it runs, even if the files change meanwhile."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)  # noqa
+        commit = git("rev-parse", "--short=12", "HEAD")
+        if commit.returncode:
+            return "unknown"
+        changed = git("status", "--porcelain", "--", "qatkd.py", "run.py").stdout.strip()
+        return commit.stdout.strip() + ("+changes" if changed else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def check_run_dir(run_dir, args):
-    """Refuse to overwrite an earlier run by accident, and to resume one with other settings."""
+    """Refuse to overwrite an earlier run by accident, and to resume one with other settings or code."""
     stored = run_dir / "args.json"
     if args.resume:
         if not (run_dir / "checkpoint.pt").is_file():
             done = " (it has finished)" if (run_dir / "metrics.json").is_file() else ""
             raise FileNotFoundError(f"--resume: {run_dir} holds no checkpoint to resume from{done}")
         old = json.loads(stored.read_text())
-        changed = [f"--{k} {old[k]} (now {v})" for k, v in vars(args).items()
-                   if k not in RESUMABLE and k in old and old[k] != v]
+        changed = differing_args(old, args)
         if changed:
             raise ValueError(f"--resume: {run_dir} was started with other arguments: {', '.join(changed)}")
+        if differing_code(old, args):
+            raise ValueError(f"--resume: {run_dir} was started by other code: {differing_code(old, args)[0]}; pass "
+                             "--mix_commits to continue it anyway")
     elif stored.exists() and not args.overwrite:
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
                               "it, or another --run_name")
@@ -638,6 +765,7 @@ def init_device():
 
 def main(argv=None):
     args = parse_args(argv)
+    code_version()  # the code this process runs, read now
     import transformers
 
     transformers.logging.set_verbosity_error()  # we say ourselves what is fine-tuned and loaded
@@ -655,8 +783,7 @@ def main(argv=None):
             check_run_dir(run_dir, args)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every process has checked the run folder before rank 0 writes to it
-        env = setup(args)
-        return sweep(env, args) if args.sweep else run_qat(env, args)
+        return sweep(args) if args.sweep else run_qat(setup(args), args)
     finally:
         if flush and not args.keep_denormals:
             torch.set_flush_denormal(False)  # main() may be called from other code: leave the process as found

@@ -44,26 +44,44 @@ def matrices(min_side=1, max_side=12):
 WORDS = "the a cat dog sat on mat big small red blue runs is not good bad very movie film".split()
 
 
+# Per family: what a tiny config needs beyond the shared sizes (FAMILY_SIZES below), and whether
+# its tokenizer returns token_type_ids. Every family of qatkd.FAMILIES has a row.
+FAMILY_CONFIGS = {
+    "bert": {}, "roberta": {}, "xlm-roberta": {}, "camembert": {},
+    "electra": dict(embedding_size=16),
+    "mobilebert": dict(embedding_size=16, true_hidden_size=32, intra_bottleneck_size=32, num_feedforward_networks=2),
+    "distilbert": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64),
+    "albert": dict(embedding_size=16),  # one layer group: the layer is shared, called N times
+    # a local window of 8 (4 each side) in every other layer: longer batches exercise the sliding mask
+    "modernbert": dict(global_attn_every_n_layers=2, local_attention=8, bos_token_id=2, cls_token_id=2, eos_token_id=3,
+                       sep_token_id=3),
+    # DeBERTa-v3 style: relative positions in buckets, shared attention keys, no absolute positions
+    "deberta-v2": dict(relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8,
+                       max_relative_positions=32, share_att_key=True, position_biased_input=False,
+                       norm_rel_ebd="layer_norm"),
+}
+
+
 def write_tiny_model(d, arch="bert", num_layers=2, dropout=0.1):
-    """Save a tiny random encoder (no classification head) with a word-level tokenizer into d."""
-    from transformers import (BertConfig, BertModel, BertTokenizerFast, ElectraConfig, ElectraModel,
-                              RobertaConfig, RobertaModel)
+    """Save a tiny random encoder of family `arch` (a config.model_type; no classification head) with a
+    word-level tokenizer into d."""
+    from transformers import AutoConfig, AutoModel, BertTokenizerFast
 
     d = Path(d)
     d.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
     kw = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
-              intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+              intermediate_size=64, max_position_embeddings=64, pad_token_id=0, type_vocab_size=2,
               initializer_range=0.2,  # larger than BERT's 0.02: peaked attention maps, as in a trained model
-              hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    cfg_cls, model_cls = {"bert": (BertConfig, BertModel), "roberta": (RobertaConfig, RobertaModel),
-                          "electra": (ElectraConfig, ElectraModel)}[arch]
-    if arch == "electra":
-        kw["embedding_size"] = 16
+              hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,  # BERT-style names
+              dropout=dropout, attention_dropout=dropout, mlp_dropout=dropout, embedding_dropout=dropout)
+    if arch == "distilbert":
+        kw["n_layers"] = num_layers
+    config = AutoConfig.for_model(arch, **{**kw, **FAMILY_CONFIGS[arch]})
     torch.manual_seed(0)
-    model_cls(cfg_cls(**kw)).save_pretrained(d)
-    BertTokenizerFast(str(d / "vocab.txt")).save_pretrained(d)
+    AutoModel.from_config(config).save_pretrained(d)
+    BertTokenizerFast(str(d / "vocab.txt")).save_pretrained(d)  # qatkd passes a model only the inputs it takes
     return d
 
 
@@ -239,9 +257,8 @@ def test_patched_student(arch, tmp_path):
     linears = [m for m in base.modules() if isinstance(m, nn.Linear)]
     assert linears and all(isinstance(m, qatkd.QuantLinear) and (m.wbits, m.abits) == (2, 8) for m in linears)
     assert isinstance(student.get_input_embeddings(), qatkd.QuantEmbedding)
-    head = [m for n, m in student.named_modules() if isinstance(m, nn.Linear) and not n.startswith(
-        student.base_model_prefix)]
-    assert head and all(type(m) is nn.Linear for m in head)  # task classifier stays full precision
+    head = [n for n, m in student.named_modules() if type(m) is nn.Linear]
+    assert head == [qatkd.FAMILIES[arch].classifier]  # the task head's final projection stays full precision
     emb = base.embeddings
     assert type(emb.position_embeddings) is nn.Embedding and type(emb.token_type_embeddings) is nn.Embedding
     assert all(m.qatkd_abits == 8 for m in qatkd.self_attention_modules(student))
@@ -260,6 +277,149 @@ def test_patched_student(arch, tmp_path):
     q = linears[0]
     assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
     assert len(q.weight.unique()) > 3 and len(qatkd.quantize_weight(q.weight, 2).unique()) == 3
+
+
+def attention_output_by_hand(model, layer, x, probs, abits):
+    """The attention sub-layer output Y of `layer`, written out from the layer's own sub-modules.
+
+    x: the layer's input [B, S, d]; probs: its attention map [B, H, S, S] (eval mode: no dropout).
+    ctx = Q_a(P) Q_a(V); then post-LN families LN(W_O ctx + X), pre-LN ModernBERT X + W_O ctx.
+    """
+    mt, H = model.config.model_type, probs.shape[1]
+    qa = lambda t: qatkd.quantize_act(t, abits)  # noqa: E731
+
+    def context(v):  # v: [B, S, H * d_h] -> ctx [B, S, H * d_h]
+        v = v.view(*v.shape[:2], H, -1).transpose(1, 2)
+        return (qa(probs) @ qa(v)).transpose(1, 2).reshape(*x.shape[:2], -1)
+
+    if mt in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta-v2"):
+        att = model.base_model.encoder.layer[layer].attention
+        v = att.self.value_proj(x) if mt == "deberta-v2" else att.self.value(x)
+        return att.output.LayerNorm(att.output.dense(context(v)) + x)
+    if mt == "mobilebert":
+        block = model.base_model.encoder.layer[layer]
+        _, _, v_in, residual = block.bottleneck(x) if block.use_bottleneck else [x] * 4
+        return block.attention.output.LayerNorm(block.attention.output.dense(context(block.attention.self.value(v_in)))
+                                                + residual)
+    if mt == "distilbert":
+        block = model.base_model.transformer.layer[layer]
+        return block.sa_layer_norm(block.attention.out_lin(context(block.attention.v_lin(x))) + x)
+    if mt == "albert":
+        att = model.base_model.encoder.albert_layer_groups[0].albert_layers[0].attention  # shared by every layer
+        return att.LayerNorm(x + att.dense(context(att.value(x))))
+    if mt == "modernbert":
+        block = model.base_model.layers[layer]
+        v = block.attn.Wqkv(block.attn_norm(x)).view(*x.shape[:2], 3, -1)[:, :, 2]
+        return x + block.attn.Wo(context(v))
+    raise AssertionError(f"no hand-written attention output for {mt}")
+
+
+def family_batch(tok):
+    """Three pairs of 21, 13 and 6 tokens: padding, and sequences longer than ModernBERT's local window."""
+    a = ["the cat sat on the mat big small red blue runs very good movie", "a dog is not bad", "good"]
+    b = ["the film is very good", "the cat is very good", "bad"]
+    return dict(tok(a, b, padding=True, return_tensors="pt"))
+
+
+@pytest.mark.parametrize("arch", list(FAMILY_CONFIGS))
+def test_family_internals(arch, tmp_path):
+    """Every family: internals of teacher and W2A8 student checked against independent computations."""
+    from transformers import AutoModelForSequenceClassification
+
+    assert set(FAMILY_CONFIGS) == set(qatkd.FAMILIES)  # a new family gets a test row
+    task = qatkd.TASKS["mrpc"]
+    model_dir = write_tiny_model(tmp_path / arch, arch, dropout=0.0)
+    torch.manual_seed(0)
+    teacher, tok, _ = qatkd.load_teacher(str(model_dir), task)
+    teacher.eval()
+    b = family_batch(tok)
+    mask, lengths = b["attention_mask"], b["attention_mask"].sum(-1)
+    B, S = mask.shape
+    cfg = teacher.config
+    N, H = cfg.num_hidden_layers, getattr(cfg, "num_attention_heads", getattr(cfg, "n_heads", None))
+    t = qatkd.forward_internals(teacher, b)
+
+    # the teacher computes what transformers' own eager attention computes
+    eager = {} if not qatkd.FAMILIES[cfg.model_type].interface else {"attn_implementation": "eager"}
+    reference = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, **eager).eval()
+    reference.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        ref = reference(**qatkd.model_inputs(reference, b), output_attentions=True, output_hidden_states=True)
+    assert torch.equal(ref.logits, t.logits)
+    assert all(torch.allclose(r, p, atol=1e-6) for r, p in zip(ref.attentions, t.attn_probs))
+    assert all(torch.equal(r, h) for r, h in zip(ref.hidden_states, t.hidden_states))
+
+    student = qatkd.quantize_student(teacher, 2, 8).eval()
+    s = qatkd.forward_internals(student, b)
+    fp = qatkd.forward_internals(qatkd.quantize_student(teacher, 32, 32).eval(), b)
+    assert torch.equal(fp.logits, t.logits)
+    assert not torch.equal(s.logits, t.logits)
+    for model, out, abits in ((teacher, t, 32), (student, s, 8)):
+        assert len(out.attn_scores) == len(out.attn_probs) == len(out.attn_outputs) == N
+        assert len(out.hidden_states) == N + 1
+        for layer in range(N):
+            probs, y = out.attn_probs[layer], out.attn_outputs[layer]
+            assert out.attn_scores[layer].shape == probs.shape == (B, H, S, S)
+            assert y.shape == out.hidden_states[layer + 1].shape == (B, S, cfg.hidden_size if arch != "distilbert"
+                                                                      else cfg.dim)
+            for i, n in enumerate(lengths.tolist()):  # valid query rows give padded keys nothing
+                assert probs[i, :, :n, n:].abs().max() == 0 if n < S else True
+                assert torch.allclose(probs[i, :, :n].sum(-1), torch.ones(H, n), atol=1e-5)
+            with torch.no_grad():
+                by_hand = attention_output_by_hand(model, layer, out.hidden_states[layer], probs, abits)
+            assert torch.allclose(y, by_hand, atol=1e-5, rtol=1e-5), (arch, layer)
+            assert not torch.allclose(y, out.hidden_states[layer + 1], atol=1e-3)  # not the layer's output
+    if arch == "modernbert":  # the sliding window of the local layers, through the registered mask function
+        local = [i for i, kind in enumerate(cfg.layer_types) if kind == "sliding_attention"]
+        far = (torch.arange(S)[:, None] - torch.arange(S)[None, :]).abs() > cfg.sliding_window
+        assert local and far[: lengths[0], : lengths[0]].any()
+        for layer in range(N):
+            outside = t.attn_probs[layer][0][:, far][:, : int(far.sum())]
+            assert (outside.abs().max() == 0) == (layer in local)
+
+    # export and reload keep the logits: save_student / load_student, export_quantized / load_quantized
+    qatkd.save_student(student, tmp_path / "student", tok)
+    assert torch.equal(qatkd.load_student(tmp_path / "student").eval()(**qatkd.model_inputs(student, b)).logits,
+                       s.logits)
+    qatkd.export_quantized(student, tmp_path / "packed", tok)
+    assert torch.equal(qatkd.load_quantized(tmp_path / "packed")(**qatkd.model_inputs(student, b)).logits, s.logits)
+
+    # every KD mode's loss falls over a few QAT steps on this batch
+    b["labels"] = torch.tensor([1, 0, 1])
+    for kd in qatkd.KD_MODES:
+        torch.manual_seed(0)
+        student = qatkd.quantize_student(teacher, 2, 8).train()
+        opt = torch.optim.Adam(student.parameters(), lr=2e-3)
+        loss_fn, losses = qatkd.qat_loss_fn(teacher, task, kd), []
+        for _ in range(8):
+            loss, _ = loss_fn(student, b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < 0.8 * losses[0], (arch, kd, losses)
+
+
+def test_quantization_rule_is_the_same_in_every_family(tmp_path):
+    """Only the head's final projection stays a plain nn.Linear; BERT's pooler and RoBERTa's head dense,
+    DistilBERT's pre_classifier, ModernBERT's head dense and DeBERTa's pooler are all quantized."""
+    for arch in ("bert", "roberta", "distilbert", "modernbert", "deberta-v2"):
+        teacher = qatkd.load_teacher(str(write_tiny_model(tmp_path / arch, arch)), qatkd.TASKS["mrpc"])[0]
+        student = qatkd.quantize_student(teacher, 2, 8)
+        plain = [n for n, m in student.named_modules() if type(m) is nn.Linear]
+        assert plain == [qatkd.FAMILIES[arch].classifier], arch
+        quantized = {n for n, m in student.named_modules() if isinstance(m, qatkd.QuantLinear)}
+        assert {"bert.pooler.dense", "classifier.dense", "pre_classifier", "head.dense", "pooler.dense"} & quantized
+        assert isinstance(student.get_input_embeddings(), qatkd.QuantEmbedding)
+
+
+def test_unsupported_family_is_refused_in_one_line(tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    AutoModel.from_config(AutoConfig.for_model("mpnet", vocab_size=30, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=4, intermediate_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not support model type 'mpnet'; supported: bert, roberta"):
+        qatkd.load_teacher(str(tmp_path), qatkd.TASKS["mrpc"])
 
 
 def test_student_quantizes_qkv_and_probs(tiny_dir):
@@ -404,6 +564,50 @@ def test_include_padding_reproduces_the_original_unmasked_mse():
     assert torch.allclose(qatkd.score_loss(s.attn_scores, t.attn_scores, mask, include_padding=True), expect)
     # and the masked default differs from it
     assert not torch.allclose(qatkd.rep_loss(s.hidden_states, t.hidden_states, mask), expect)
+
+
+@pytest.mark.parametrize("kd", ["score", "unified"])
+def test_original_protocol_gives_every_term_the_original_value(kd, tiny_dir):
+    """--original_padding: a batch of mixed lengths padded to max_len; every loss term equals the formula
+    of the original main.py, written out plainly here."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    texts = [("the cat sat on the mat", "a dog"), ("good", "bad"), ("the big red film is very good", "not bad")]
+    feats = qatkd.tokenize([(a, b, 1) for a, b in texts], tok, 24)
+    batch = next(qatkd.batches(feats, 3, pad_to=24))
+    mask = batch["attention_mask"]
+    assert mask.shape == (3, 24) and mask.sum(-1).tolist() == [len(f["input_ids"]) for f in feats]
+    teacher = classifier(tiny_dir, seed=2)
+    student = qatkd.quantize_student(teacher, 2, 8).eval()
+    s, t = qatkd.forward_internals(student, batch), qatkd.forward_internals(teacher, batch)
+    _, terms = qatkd.kd_loss(s, t, mask, kd, include_padding=True)
+
+    mse = nn.MSELoss()  # mean over every element, padding included
+    # prediction: the original soft cross-entropy; qatkd reports it minus the teacher's entropy (same gradient)
+    p_t = t.logits.softmax(-1)
+    soft_ce = (-p_t * s.logits.log_softmax(-1)).sum(-1).mean()
+    assert torch.allclose(terms["pred"], soft_ce - (-p_t * p_t.log()).sum(-1).mean(), atol=1e-6)
+    assert torch.allclose(terms["rep"], sum(mse(a, b) for a, b in zip(s.hidden_states, t.hidden_states)))
+    if kd == "score":  # scores with the additive -10000 mask; entries <= -100 set to 0 in both; MSE over B*H*S*S
+        additive = (1 - mask[:, None, None, :].float()) * -10000.0
+        zero = lambda x: torch.where(x <= -100, torch.zeros_like(x), x)  # noqa: E731
+        expect = sum(mse(zero(a + additive), zero(b + additive)) for a, b in zip(s.attn_scores, t.attn_scores))
+        assert torch.allclose(terms["score"], expect)
+    else:
+        assert torch.allclose(terms["output"], sum(mse(a, b) for a, b in zip(s.attn_outputs, t.attn_outputs)))
+        expect = 0.0
+        for ps, pt in zip(s.attn_probs, t.attn_probs):  # main.py:716-760: per sample, valid L_b x L_b block
+            kl = torch.zeros(3, ps.shape[1])
+            for b in range(3):
+                L = int(mask[b].sum())
+                p, q = pt[b, :, :L, :L].clamp_min(1e-8), ps[b, :, :L, :L].clamp_min(1e-8)
+                kl[b] = (p * (p.log() - q.log())).sum((-1, -2)) / L
+            expect += kl.mean()
+        assert torch.allclose(terms["map"], expect)
+    # the default protocol excludes padding: its MSE terms are larger (not diluted by the padding)
+    _, default = qatkd.kd_loss(s, t, mask, kd)
+    assert default["rep"] > terms["rep"] and (kd != "score" or default["score"] > terms["score"])
 
 
 def test_map_loss_matches_official_formula():
@@ -590,7 +794,8 @@ def test_rank_and_cover_for_identical_maps():
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3])
     p = masked_probs(random_internals(S=6, seed=11), mask).attn_probs[0]
     assert torch.equal(qatkd.rank_loss(p, p, mask), torch.zeros(3))
-    assert torch.allclose(qatkd.cover_length(p, p, mask), torch.tensor([5 / 6, 4 / 4, 3 / 3]))
+    # the minimum, (min(5, L) - 1)(L - 1) / L^2: the student's top 5 is the teacher's
+    assert torch.allclose(qatkd.cover_length(p, p, mask), torch.tensor([4 * 5 / 36, 3 * 3 / 16, 2 * 2 / 9]))
     q = masked_probs(random_internals(S=6, seed=12), mask).attn_probs[0]
     assert (qatkd.rank_loss(q, p, mask) > 0).all()
     assert (qatkd.cover_length(q, p, mask) >= qatkd.cover_length(p, p, mask)).all()
@@ -600,11 +805,34 @@ def test_rank_and_cover_by_hand():
     t = torch.tensor([0.5, 0.3, 0.2]).expand(1, 1, 3, 3)
     s = torch.tensor([0.2, 0.3, 0.5]).expand(1, 1, 3, 3)  # the reverse order
     mask = torch.ones(1, 3, dtype=torch.long)
-    # ordered pairs (i, j): every one is inverted; |s_i - s_j| = .1, .3, .2, each twice -> 1.2 / 6
-    assert torch.allclose(qatkd.rank_loss(s, t, mask), torch.tensor([1.2 / 6]))
-    # the teacher's top-1 key is the student's last
-    assert torch.allclose(qatkd.cover_length(s, t, mask, k=1), torch.tensor([1.0]))
-    assert torch.allclose(qatkd.cover_length(t, t, mask, k=1), torch.tensor([1 / 3]))
+    # per row, i in {0, 1}, j in {1, 2}: (0,1) .1, (0,2) .3, (1,1) 0, (1,2) .2, all inverted -> 0.6;
+    # summed over the 3 rows -> 1.8 (the paper's notebook sums, it does not average)
+    assert torch.allclose(qatkd.rank_loss(s, t, mask), torch.tensor([1.8]))
+    assert torch.equal(qatkd.rank_loss(t, t, mask), torch.zeros(1))
+    # rows r < L-1 = 2; the teacher's top-1 key (0) is at 0-based position 2 of the student's order:
+    # (2/3 + 2/3) / 3 = 4/9; its top 2 (keys 0 and 1) are at positions 2 and 1: the deepest is 2 again
+    assert torch.allclose(qatkd.cover_length(s, t, mask, k=1), torch.tensor([4 / 9]))
+    assert torch.allclose(qatkd.cover_length(s, t, mask, k=2), torch.tensor([4 / 9]))
+    assert torch.equal(qatkd.cover_length(t, t, mask, k=1), torch.zeros(1))
+    # a loop written as in the paper's notebook, on a random map with padding
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.rand(2, 2, 7, 7, generator=g), torch.rand(2, 2, 7, 7, generator=g)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    for b, L in enumerate((7, 5)):
+        rank, cover = 0.0, 0.0
+        for h in range(2):
+            for r in range(L):
+                for i in range(L - 1):
+                    for j in range(1, L):
+                        rank += max(0.0, -float(s[b, h, r, i] - s[b, h, r, j]) * float(torch.sign(t[b, h, r, i] - t[b, h, r, j])))
+            head = 0.0
+            for r in range(L - 1):
+                top = t[b, h, r, :L].sort(descending=True)[1][:5]
+                order = s[b, h, r, :L].sort(descending=True)[1]
+                head += max(int(torch.where(order == k)[0]) for k in top) / L
+            cover += head / L
+        assert math.isclose(float(qatkd.rank_loss(s, t, mask)[b]), rank / 2, rel_tol=1e-5)
+        assert math.isclose(float(qatkd.cover_length(s, t, mask)[b]), cover / 2, rel_tol=1e-6)
 
 
 @given(extra=st.integers(1, 4), seed=st.integers(0, 1000))
@@ -628,7 +856,8 @@ def test_attention_recovery(tiny_dir):
     assert all(abs(v) < 1e-6 for n in ("map_kl", "output_mse", "rank_loss") for v in same[n])
     assert all(abs(v - 1) < 1e-5 for v in same["output_cos"])
     lengths = [len(f["input_ids"]) for f in feats]
-    assert all(abs(v - sum(min(5, n) / n for n in lengths) / len(lengths)) < 1e-6 for v in same["cover_length"])
+    minimum = sum((min(5, n) - 1) * (n - 1) / n ** 2 for n in lengths) / len(lengths)
+    assert all(abs(v - minimum) < 1e-6 for v in same["cover_length"])
     # a different (full-precision) student: non-zero, and the same with or without padding in the batches
     other = qatkd.quantize_student(classifier(tiny_dir, seed=5), 32, 32)
     with torch.no_grad():
@@ -775,6 +1004,27 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics  # nothing lost
 
 
+def test_run_py_end_to_end_distilbert(tmp_path):
+    """A non-BERT family through run.py: teacher fine-tuning, QAT with the attention-output loss, export, reload."""
+    teacher = write_tiny_model(tmp_path / "distilbert", "distilbert")
+    data = write_tiny_mrpc(tmp_path / "MRPC", 48, 16)
+    p = run_py("--task", "mrpc", "--teacher", teacher, "--data_dir", data, "--output_dir", tmp_path / "runs",
+               "--batch_size", "8", "--teacher_epochs", "1", "--teacher_lr", "1e-3", "--lr", "1e-3", "--kd", "output",
+               "--max_steps", "6", "--eval_every", "0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "mrpc-output-w2a8-seed42"
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "output" in r] == list(range(1, 7))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "student")
+    dev = {"validation": qatkd.tokenize(qatkd.load_glue(qatkd.TASKS["mrpc"], data)["validation"], tok, 128)}
+    for reloaded in (qatkd.load_student(run_dir / "student"), qatkd.load_quantized(run_dir / "student_packed")):
+        assert reloaded.config.model_type == "distilbert"
+        assert qatkd.evaluate(reloaded, qatkd.TASKS["mrpc"], dev, 8) == metrics["last"]
+
+
 def test_sweep_end_to_end(tmp_path, tiny_dir):
     import run
 
@@ -783,24 +1033,76 @@ def test_sweep_end_to_end(tmp_path, tiny_dir):
             "--batch_size", "8", "--teacher_epochs", "1", "--max_steps", "3", "--eval_every", "0", "--sweep",
             "--sweep_kd", "score,map", "--seeds", "1,2"]
     table = run.main(argv)
-    assert [r[0] for r in table] == ["teacher (FP)", "PTQ W2A8", "QAT W2A8 score", "QAT W2A8 map"]
-    assert [r[1] for r in table] == ["-", "-", "2", "2"]
-    assert all(" ± " in r[2] and " ± " in r[3] for r in table[2:])  # two seeds: mean ± std
-    assert all(" ± " not in r[2] for r in table[:2]) and float(table[0][2]) > 0  # one value
-    assert table[0][4] == "-" and all(float(r[4]) > 0 for r in table[1:])
+    head = ["teacher seed", "protocol", "model", "seeds", "best acc", "last acc", "last f1", *run.SWEEP_MEASURES,
+            "minutes per run"]
+    assert [r[2] for r in table] == ["teacher (FP)", "PTQ W2A8", "QAT score", "QAT map"]
+    assert [r[:2] for r in table] == [["42", "-"]] + [["42", "default"]] * 3
+    assert [r[3] for r in table] == ["-", "-", "1,2", "1,2"]
+    assert all(" ± " in r[4] and " ± " in r[5] and " ± " in r[6] for r in table[2:])  # two seeds: mean ± std
+    assert all(" ± " not in r[4] for r in table[:2]) and float(table[0][4]) > 0  # one value
+    assert table[0][7] == "-" and all(float(r[7]) > 0 for r in table[1:])  # map KL: none for the teacher
     for kd in ("score", "map"):
         for seed in (1, 2):
             assert (tmp_path / f"mrpc-{kd}-w2a8-seed{seed}" / "metrics.json").is_file()
     md = (tmp_path / "sweep-mrpc-w2a8.md").read_text()
-    assert md.startswith("| model | seeds | best acc | last acc | mean attention-map KL |")
+    assert md.startswith("mrpc, W2A8, code ") and "teacher seed 42: " in md
+    assert "| " + " | ".join(head) + " |" in md
     import csv
 
     rows = list(csv.reader(open(tmp_path / "sweep-mrpc-w2a8.csv")))
-    assert rows[0][0] == "model" and rows[1:] == table
+    assert rows[0] == head and rows[1:] == table
+    metrics = json.loads((tmp_path / "mrpc-map-w2a8-seed1" / "metrics.json").read_text())
+    assert metrics["code"] == run.code_version() and metrics["teacher_seed"] == 42
+    assert metrics["protocol"] == "default" and metrics["teacher"] == json.loads(
+        (tmp_path / "mrpc-score-w2a8-seed2" / "metrics.json").read_text())["teacher"]
     # a second sweep reads the finished runs instead of training again
     mtime = (tmp_path / "mrpc-map-w2a8-seed1" / "metrics.json").stat().st_mtime
     assert run.main(argv) == table
     assert (tmp_path / "mrpc-map-w2a8-seed1" / "metrics.json").stat().st_mtime == mtime
+    # a run folder of the same name made with other arguments, or by other code, is not silently reused
+    args_json = tmp_path / "mrpc-map-w2a8-seed1" / "args.json"
+    stored = json.loads(args_json.read_text())
+    args_json.write_text(json.dumps({**stored, "optimizer": "adamw", "max_steps": 10}))
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"mrpc-map-w2a8-seed1 was made with other settings: --optimizer adamw "
+                                         r"\(now bertadam\), --max_steps 10 \(now 3\); pass --overwrite to rerun it$"):
+        run.main(argv)
+    assert snapshot(tmp_path) == before
+    args_json.write_text(json.dumps({**stored, "code": "0123456789ab"}))
+    with pytest.raises(ValueError, match=r"code 0123456789ab \(now .*\); pass --overwrite to rerun it, or --mix_commits"):
+        run.main(argv)
+    assert run.main(argv + ["--mix_commits"]) == table  # reused as it is
+    assert run.main(argv + ["--overwrite"])[3][:4] == table[3][:4]  # rerun with this code
+    assert json.loads(args_json.read_text())["code"] == run.code_version()
+    assert (tmp_path / "mrpc-map-w2a8-seed1" / "metrics.json").stat().st_mtime > mtime
+
+
+def test_sweep_over_protocols_and_teacher_seeds(tmp_path, tiny_dir):
+    """One command: two teachers (their own cached folders) x both padding protocols, one table."""
+    import run
+
+    data = write_tiny_mrpc(tmp_path / "MRPC", 32, 16)
+    table = run.main(["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(data), "--output_dir",
+                      str(tmp_path), "--batch_size", "8", "--max_len", "40", "--teacher_epochs", "1", "--max_steps", "2",
+                      "--eval_every", "0", "--sweep", "--sweep_kd", "map", "--seeds", "1", "--sweep_teacher_seeds",
+                      "42,7", "--sweep_protocols", "default,original", "--rank_samples", "4"])
+    assert [r[:3] for r in table] == [
+        ["42", "-", "teacher (FP)"], ["42", "default", "PTQ W2A8"], ["42", "default", "QAT map"],
+        ["42", "original", "PTQ W2A8"], ["42", "original", "QAT map"],
+        ["7", "-", "teacher (FP)"], ["7", "default", "PTQ W2A8"], ["7", "default", "QAT map"],
+        ["7", "original", "PTQ W2A8"], ["7", "original", "QAT map"]]
+    assert sorted(p.name for p in (tmp_path / "teachers").iterdir()) == [
+        "mrpc-tiny0-bert-seed42", "mrpc-tiny0-bert-seed7"]
+    assert table[0][4] != table[5][4] or table[1][4] != table[6][4]  # two different teachers
+    for name, protocol in (("mrpc-map-w2a8-seed1", "default"), ("mrpc-map-w2a8-seed1-original", "original"),
+                           ("mrpc-map-w2a8-seed1-tseed7", "default"), ("mrpc-map-w2a8-seed1-tseed7-original", "original")):
+        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert metrics["protocol"] == protocol and metrics["teacher_seed"] == (7 if "tseed7" in name else 42)
+    assert (tmp_path / "sweep-mrpc-w2a8-default+original-tseeds42+7.md").is_file()
+    # the two protocols train differently (padding to --max_len, losses over padding)
+    log = [json.loads(line) for line in (tmp_path / "mrpc-map-w2a8-seed1-original" / "log.jsonl").read_text().splitlines()]
+    default = [json.loads(line) for line in (tmp_path / "mrpc-map-w2a8-seed1" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["rep"] != default[0]["rep"]
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
@@ -913,7 +1215,9 @@ def snapshot(folder):
     (["--task", "mrpc", "--wbits", "3"], "argument --wbits: invalid choice: 3"),
     (["--task", "mrpc", "--abits", "40"], "--abits 40 is out of range"),
     (["--task", "mrpc", "--abits", "1"], "--abits 1 is out of range"),
-    (["--task", "mrpc", "--run_name", "x", "--teacher", "/no/such/dir", "--data_dir", "."], "missing data file"),
+    (["--task", "mrpc", "--run_name", "x", "--data_dir", "."], "missing data file"),
+    (["--task", "mrpc", "--run_name", "x", "--teacher", "{mpnet}", "--data_dir", "/no/such/data"],
+     "does not support model type 'mpnet'; supported: bert, roberta"),  # refused before any data is read
     (["--task", "mrpc", "--run_name", "x", "--teacher", "/no/such/dir"], "teacher directory /no/such/dir does not exist"),
     (["--task", "mrpc", "--kd", "map"], "already holds a run; pass --resume to continue it, --overwrite"),
     (["--task", "mrpc", "--resume"], "holds no checkpoint to resume from (it has finished)"),
@@ -932,8 +1236,13 @@ def test_run_py_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_r
     (empty_data / "dev.tsv").write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n")
     (tmp_path / "empty").mkdir()
     classifier(tiny_dir, num_labels=3).save_pretrained(tmp_path / "three_labels")
+    from transformers import AutoConfig, AutoModel
+
+    AutoModel.from_config(AutoConfig.for_model("mpnet", vocab_size=30, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=4, intermediate_size=64)).save_pretrained(
+        tmp_path / "mpnet")
     paths = {"empty": tmp_path / "empty", "three_labels": tmp_path / "three_labels", "malformed": malformed,
-             "empty_data": empty_data}
+             "empty_data": empty_data, "mpnet": tmp_path / "mpnet"}
     argv = [a.format(**paths) for a in argv]
     if "--teacher" not in argv:
         argv += ["--teacher", str(tiny_dir)]
