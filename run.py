@@ -49,7 +49,8 @@ def parse_args(argv=None):
     # error messages on one line, with the fix
     p.error = lambda msg: sys.exit(f"run.py: error: {msg} (see python run.py --help)")  # type: ignore[method-assign]
     g = p.add_argument_group("task and method")
-    g.add_argument("--task", required=True, choices=list(qatkd.TASKS), help="GLUE task")
+    g.add_argument("--task", default=None, choices=list(qatkd.TASKS),
+                   help="GLUE task (or your own data: --train_file/--validation_file, or --dataset)")
     g.add_argument("--kd", default="map", choices=qatkd.KD_MODES,
                    help="attention KD term added to prediction + hidden-state KD: score (TernaryBERT), "
                         "map (attention-map KL), output (attention-output MSE), unified (map + output), "
@@ -74,6 +75,17 @@ def parse_args(argv=None):
     g.add_argument("--data_dir", default=None,
                    help="directory with the GLUE TSV files of the task (train.tsv, dev.tsv); "
                         "default: download nyu-mll/glue from the hub")
+    g = p.add_argument_group("your own data (instead of --task): text classification or regression")
+    g.add_argument("--train_file", default=None, help="training data: .csv, .tsv, .json or .jsonl")
+    g.add_argument("--validation_file", default=None, help="dev data, same columns as --train_file")
+    g.add_argument("--dataset", default=None, help="a dataset on the Hugging Face hub, by name")
+    g.add_argument("--dataset_config", default=None, help="its configuration, if it has several")
+    g.add_argument("--validation_split", default="validation", help="--dataset's dev split. Default: validation")
+    g.add_argument("--text_columns", type=lambda s: s.split(","), default=None,
+                   help="one or two comma-separated text columns. Default: sentence1,sentence2 if present, else "
+                        "the columns other than the label")
+    g.add_argument("--label_column", default="label",
+                   help="names or integers: classification (classes sorted); floats: regression. Default: label")
     g.add_argument("--output_dir", default="runs",
                    help="root of all outputs: teachers/ (fine-tuned teachers) and one folder per run. Default: runs")
     g.add_argument("--run_name", default=None,
@@ -156,10 +168,27 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--sweep_protocols: unknown protocol {bad[0]!r}; use some of {','.join(PROTOCOLS)}")
     args.sweep_teacher_seeds = args.sweep_teacher_seeds or [args.teacher_seed]
-    task = qatkd.TASKS[args.task]
-    args.batch_size = args.batch_size or task.batch_size
-    args.max_len = args.max_len or task.max_len
-    args.eval_every = task.eval_every if args.eval_every is None else args.eval_every
+    sources = [f for f, on in (("--task", args.task), ("--train_file", args.train_file), ("--dataset", args.dataset))
+               if on]
+    if len(sources) != 1:
+        p.error("pass one of --task (GLUE), --train_file with --validation_file, or --dataset"
+                + (f"; got {' and '.join(sources)}" if sources else ""))
+    if bool(args.train_file) != bool(args.validation_file):
+        p.error("--train_file and --validation_file go together")
+    if args.text_columns is not None and not 1 <= len(args.text_columns) <= 2:
+        p.error(f"--text_columns takes one or two columns, got {len(args.text_columns)}")
+    if args.benchmark and not args.task:
+        p.error("--benchmark times a GLUE task's shapes: pass --task")
+    if args.task:
+        task = qatkd.TASKS[args.task]
+        args.batch_size = args.batch_size or task.batch_size
+        args.max_len = args.max_len or task.max_len
+        args.eval_every = task.eval_every if args.eval_every is None else args.eval_every
+        args.data_name = args.task
+    else:  # your own data: the evaluation period follows its size (qatkd.data_task), once it is read
+        args.batch_size, args.max_len = args.batch_size or 32, args.max_len or 128
+        args.data_name = qatkd.data_name(args.train_file) if args.train_file else (
+            args.dataset.replace("/", "--") + (f"-{args.dataset_config}" if args.dataset_config else ""))
     args.run_name = args.run_name or default_run_name(args)
     return args
 
@@ -167,7 +196,7 @@ def parse_args(argv=None):
 def default_run_name(args):
     """TASK-KD-wWaA-seedS, then -tseedT for a teacher seed other than 42 and -original for the
     original padding protocol: runs that differ in what they compute never share a folder."""
-    return (f"{args.task}-{args.kd}-w{args.wbits}a{args.abits}-seed{args.seed}"
+    return (f"{args.data_name}-{args.kd}-w{args.wbits}a{args.abits}-seed{args.seed}"
             + (f"-tseed{args.teacher_seed}" if args.teacher_seed != 42 else "")
             + ("-original" if args.original_padding else ""))
 
@@ -177,16 +206,22 @@ def fmt(metrics):
 
 
 def get_teacher(args, task, data):
-    """The task teacher: as given if its head is trained, else fine-tuned once and cached."""
+    """The task teacher: as given if its head is trained (the data's labels then put in its order, by
+    name), else fine-tuned once and cached. Returns teacher, tokenizer, its path, task and data."""
     qatkd.set_seed(args.teacher_seed)  # an untrained head is initialised at random: seeded, so one seed, one teacher
     teacher, tokenizer, trained = qatkd.load_teacher(args.teacher, task)
     if trained:
-        return teacher, tokenizer, args.teacher
+        task, data, permuted = qatkd.align_labels(task, data, teacher.config.id2label)
+        if permuted:
+            print(f"the teacher orders the classes {', '.join(task.names or task.labels)}: the data's labels are "
+                  "mapped onto that order")
+        return teacher, tokenizer, args.teacher, task, data
     path = Path(args.teacher).resolve()
     slug = f"{path.parent.name}-{path.name}" if path.is_dir() else args.teacher.replace("/", "--")
     cache = Path(args.output_dir) / "teachers" / f"{task.name}-{slug}-seed{args.teacher_seed}"
     recipe = {"base": args.teacher, "epochs": args.teacher_epochs, "lr": args.teacher_lr, "seed": args.teacher_seed,
-              "batch_size": args.batch_size, "max_len": args.max_len, "warmup": args.warmup, "optimizer": "adamw"}
+              "batch_size": args.batch_size, "max_len": args.max_len, "warmup": args.warmup, "optimizer": "adamw",
+              "train_data": qatkd.fingerprint(data["train"])}
     if (cache / "config.json").is_file():
         how = json.loads((cache / "teacher_args.json").read_text()) if (cache / "teacher_args.json").is_file() else {}
         changed = [f"{k} {how[k]} (now {v})" for k, v in recipe.items() if k in how and how[k] != v and k != "base"]
@@ -196,10 +231,12 @@ def get_teacher(args, task, data):
         print(f"reusing the teacher fine-tuned in {cache} ({', '.join(f'{k} {v}' for k, v in how.items())}); "
               "delete it to fine-tune again")
         teacher, tokenizer, _ = qatkd.load_teacher(str(cache), task)
-        return teacher, tokenizer, str(cache)
+        task, data, _ = qatkd.align_labels(task, data, teacher.config.id2label)
+        return teacher, tokenizer, str(cache), task, data
     print(f"teacher {args.teacher} has no trained {task.name} head: fine-tuning it in full precision "
           f"({args.teacher_epochs:g} epochs, lr {args.teacher_lr:g}) into {cache}")
     qatkd.set_seed(args.teacher_seed)
+    qatkd.name_labels(teacher.config, task)  # the fine-tuned teacher, its students and exports carry the class names
     cfg = qatkd.TrainConfig(epochs=args.teacher_epochs, lr=args.teacher_lr, batch_size=args.batch_size,
                             warmup=args.warmup, seed=args.teacher_seed, pad_id=tokenizer.pad_token_id or 0,
                             optimizer="adamw")  # as Hugging Face's run_glue, which the original README suggests
@@ -209,7 +246,7 @@ def get_teacher(args, task, data):
     if is_main():  # the other processes hold the same weights (DistributedDataParallel)
         cache.parent.mkdir(parents=True, exist_ok=True)
         qatkd.save_model(teacher, cache, tokenizer, {"teacher_args.json": {**recipe, "steps": result["steps"]}})
-    return teacher, tokenizer, str(cache)
+    return teacher, tokenizer, str(cache), task, data
 
 
 @dataclass
@@ -226,13 +263,24 @@ class Setup:
     teacher_metrics: dict
 
 
+def load_data(args):
+    """(Task, {split: examples}): a GLUE task, your own files, or a hub dataset."""
+    if args.task:
+        task = qatkd.TASKS[args.task]
+        return task, qatkd.load_glue(task, args.data_dir)
+    if args.train_file:
+        return qatkd.load_data_files(args.train_file, args.validation_file, args.text_columns, args.label_column)
+    return qatkd.load_hub_dataset(args.dataset, args.dataset_config, args.validation_split, args.text_columns,
+                                  args.label_column)
+
+
 def setup(args):
-    task = qatkd.TASKS[args.task]
     qatkd.teacher_config(args.teacher)  # an unusable teacher is refused before any data is read
-    data = qatkd.load_glue(task, args.data_dir)
+    task, data = load_data(args)
     print(f"{task.name}: {len(data['train'])} train examples, "
-          + ", ".join(f"{len(v)} {k}" for k, v in data.items() if k != "train"))
-    teacher, tokenizer, teacher_path = get_teacher(args, task, data)
+          + ", ".join(f"{len(v)} {k}" for k, v in data.items() if k != "train")
+          + ("" if task.labels is None else f"; classes {', '.join(task.names or task.labels)}"))
+    teacher, tokenizer, teacher_path, task, data = get_teacher(args, task, data)
     teacher.to(args.device)
     pad_id = tokenizer.pad_token_id or 0
     train = qatkd.tokenize(data["train"], tokenizer, args.max_len)
@@ -370,7 +418,8 @@ def run_qat(env, args, ptq=None):
 
 def train_config(env, args):
     return qatkd.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
-                             eval_every=args.eval_every, max_steps=args.max_steps, seed=args.seed, pad_id=env.pad_id,
+                             eval_every=env.task.eval_every if args.eval_every is None else args.eval_every,
+                             max_steps=args.max_steps, seed=args.seed, pad_id=env.pad_id,
                              optimizer=args.optimizer, save_every=args.save_every, pad_to=pad_to(args) or 0)
 
 
@@ -425,9 +474,10 @@ def sweep(args):
     stops with one line naming the difference (--overwrite reruns it; --mix_commits accepts runs of
     another commit).
     """
-    metric, rows, teachers, start = qatkd.TASKS[args.task].metric, [], [], time.time()
+    rows, teachers, start = [], [], time.time()
     for teacher_seed in args.sweep_teacher_seeds:
         env = setup(argparse.Namespace(**{**vars(args), "teacher_seed": teacher_seed}))
+        metric = env.task.metric
         teachers.append(f"teacher seed {teacher_seed}: {env.teacher_path}, {fmt(env.teacher_metrics)}")
         rows.append((teacher_seed, "-", "teacher (FP)", [{"best": env.teacher_metrics, "last": env.teacher_metrics}]))
         for protocol in args.sweep_protocols:
@@ -483,15 +533,15 @@ def write_sweep_table(args, metric, rows, teachers, seconds):
                      + [f"{mean(wall):.1f}" if wall else "-"])
     md = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                    + ["| " + " | ".join(r) + " |" for r in table])
-    note = (f"{args.task}, W{args.wbits}A{args.abits}, code {code_version()}; "
+    note = (f"{args.data_name}, W{args.wbits}A{args.abits}, code {code_version()}; "
             + "; ".join(teachers) + f"; sweep wall time {seconds / 60:.0f} min")
     suffix = ("" if args.sweep_protocols == ["default"] else "-" + "+".join(args.sweep_protocols)) + (
         "" if args.sweep_teacher_seeds == [42] else "-tseeds" + "+".join(map(str, args.sweep_teacher_seeds)))
-    stem = Path(args.output_dir) / f"sweep-{args.task}-w{args.wbits}a{args.abits}{suffix}"
+    stem = Path(args.output_dir) / f"sweep-{args.data_name}-w{args.wbits}a{args.abits}{suffix}"
     stem.with_suffix(".md").write_text(note + "\n\n" + md + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         csv.writer(f).writerows([head] + table)
-    print(f"\n== sweep: {args.task}, {metric} on dev, mean ± std over seeds ==\n{note}\n\n{md}\n"
+    print(f"\n== sweep: {args.data_name}, {metric} on dev, mean ± std over seeds ==\n{note}\n\n{md}\n"
           f"written to {stem}.md and {stem}.csv")
     return table
 

@@ -3,6 +3,7 @@
     pytest -q -rs        (CI=1 makes Hypothesis derandomized, so a red CI reproduces)
 """
 
+import dataclasses
 import itertools
 import json
 import math
@@ -696,12 +697,191 @@ def test_metrics():
     task = qatkd.TASKS["mrpc"]
     logits = torch.tensor([[0.0, 1], [0, 1], [1, 0], [1, 0], [0, 1]])
     labels = torch.tensor([1, 0, 0, 1, 1])  # tp 2, fp 1, tn 1, fn 1
-    m = qatkd.glue_metrics(task, logits, labels)
+    m = qatkd.task_metrics(task, logits, labels)
     assert m["acc"] == pytest.approx(3 / 5) and m["f1"] == pytest.approx(2 / 3)
-    mcc = qatkd.glue_metrics(qatkd.TASKS["cola"], logits, labels)["mcc"]
+    mcc = qatkd.task_metrics(qatkd.TASKS["cola"], logits, labels)["mcc"]
     assert mcc == pytest.approx((2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2))
-    s = qatkd.glue_metrics(qatkd.TASKS["stsb"], torch.tensor([[1.0], [2], [3], [5]]), torch.tensor([1.0, 2, 3, 4]))
+    s = qatkd.task_metrics(qatkd.TASKS["stsb"], torch.tensor([[1.0], [2], [3], [5]]), torch.tensor([1.0, 2, 3, 4]))
     assert s["spearman"] == pytest.approx(1.0) and 0.9 < s["pearson"] < 1.0
+
+
+def test_metrics_of_own_data():
+    """Own data: accuracy and macro-F1, F1 of the positive (second) class with two classes; the positive
+    class follows a permutation of the classes."""
+    logits = torch.tensor([[0.0, 1], [0, 1], [1, 0], [1, 0], [0, 1]])
+    labels = torch.tensor([1, 0, 0, 1, 1])  # class 1: tp 2, fp 1, fn 1 -> F1 2/3; class 0: tp 1, fp 1, fn 1 -> 1/2
+    two = qatkd.data_task("d", ("neg", "pos"), 100)
+    m = qatkd.task_metrics(two, logits, labels)
+    assert m == pytest.approx({"acc": 3 / 5, "f1": 2 / 3, "macro_f1": (2 / 3 + 1 / 2) / 2})
+    swapped = qatkd.task_metrics(dataclasses.replace(two, positive=0), logits, labels)
+    assert swapped["f1"] == pytest.approx(1 / 2)
+    three = qatkd.data_task("d", ("a", "b", "c"), 100)
+    m3 = qatkd.task_metrics(three, torch.eye(3)[[0, 1, 2, 2]], torch.tensor([0, 1, 2, 1]))
+    assert set(m3) == {"acc", "macro_f1"} and m3["acc"] == 0.75 and m3["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    reg = qatkd.data_task("d", None, 100)
+    assert reg.metric == "corr" and math.isnan(qatkd.task_metrics(reg, torch.ones(4, 1), torch.arange(4.0))["corr"])
+
+
+def mrpc_as(folder, ext, n=None, src=None):
+    """GLUE MRPC TSV files converted to CSV, JSON Lines or a plain TSV (first n rows), as a user would."""
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "dev"):
+        with open(src / f"{split}.tsv", encoding="utf-8-sig") as f:
+            head, *rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        rows = rows[:n]
+        if ext == "csv":
+            with open(folder / f"{split}.csv", "w", newline="") as f:
+                csv.writer(f).writerows([head] + rows)
+        elif ext == "jsonl":
+            lines = [json.dumps({**dict(zip(head, r)), "Quality": int(r[0])}) for r in rows]
+            (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        else:
+            (folder / f"{split}.tsv").write_text("\n".join("\t".join(r) for r in [head] + rows) + "\n")
+    return folder
+
+
+MRPC_COLUMNS = ("--text_columns", "#1 String,#2 String", "--label_column", "Quality")
+
+
+def test_own_files_equal_the_glue_tsv(tmp_path, tiny_dir):
+    """MRPC as CSV, JSON Lines and TSV through --train_file gives the GLUE reader's examples; a few QAT steps
+    of a tiny model give the same losses and metrics as --task mrpc --data_dir: one path after reading."""
+    real = MRPC if (MRPC / "train.tsv").is_file() else write_tiny_mrpc(tmp_path / "tiny_mrpc", 96, 32)
+    glue = qatkd.load_glue(qatkd.TASKS["mrpc"], real)
+    for ext in ("csv", "jsonl", "tsv"):
+        folder = mrpc_as(tmp_path / ext, ext, src=real)
+        task, data = qatkd.load_data_files(folder / f"train.{ext}", folder / f"dev.{ext}", MRPC_COLUMNS[1].split(","),
+                                           "Quality")
+        assert data == {"train": glue["train"], "validation": glue["validation"]}, ext
+        assert task.labels == ("0", "1") and task.scores == ("macro_f1", "f1")
+    # a few steps of a tiny model, the same way
+    small = write_tiny_mrpc(tmp_path / "small", 48, 16)
+    common = ["--teacher", tiny_dir, "--batch_size", "8", "--teacher_epochs", "1", "--max_steps", "4",
+              "--eval_every", "2", "--max_len", "64", "--output_dir", tmp_path / "runs"]
+    p = run_py("--task", "mrpc", "--data_dir", small, *common)
+    assert p.returncode == 0, p.stderr[-2000:]
+    reference = tmp_path / "runs" / "mrpc-map-w2a8-seed42"
+    for ext in ("csv", "jsonl"):
+        folder = mrpc_as(tmp_path / f"small_{ext}", ext, src=small)
+        p = run_py("--train_file", folder / f"train.{ext}", "--validation_file", folder / f"dev.{ext}", *MRPC_COLUMNS,
+                   *common)
+        assert p.returncode == 0, p.stderr[-2000:]
+        run_dir = tmp_path / "runs" / f"small_{ext}-map-w2a8-seed42"  # the run folder names the data
+        ours = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        theirs = [json.loads(line) for line in (reference / "log.jsonl").read_text().splitlines()]
+        assert [r.get("loss") for r in ours] == [r.get("loss") for r in theirs]
+        for a, b in zip(ours, theirs):
+            if "eval" in a:
+                assert a["eval"]["acc"] == b["eval"]["acc"] and a["eval"]["f1"] == b["eval"]["f1"]
+                assert "macro_f1" in a["eval"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["teacher"]["acc"] == json.loads((reference / "metrics.json").read_text())["teacher"]["acc"]
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_own_data_three_classes_and_regression(tmp_path, tiny_dir):
+    """A three-class JSON Lines set (string labels, classes sorted) and a regression CSV, end to end."""
+    import random
+
+    rng = random.Random(0)
+    rows = [{"text": " ".join(rng.choices(WORDS, k=6)), "label": rng.choice(["red", "blue", "green"])} for _ in range(60)]
+    write_jsonl(tmp_path / "colors" / "train.jsonl", rows[:45])
+    write_jsonl(tmp_path / "colors" / "dev.jsonl", rows[45:])
+    task, data = qatkd.load_data_files(tmp_path / "colors" / "train.jsonl", tmp_path / "colors" / "dev.jsonl")
+    assert task.labels == ("blue", "green", "red") and task.name == "colors" and task.scores == ("macro_f1",)
+    assert data["train"][0] == (rows[0]["text"], None, task.labels.index(rows[0]["label"]))
+    out = tmp_path / "runs"
+    p = run_py("--train_file", tmp_path / "colors" / "train.jsonl", "--validation_file", tmp_path / "colors" / "dev.jsonl",
+               "--teacher", tiny_dir, "--output_dir", out, "--batch_size", "8", "--teacher_epochs", "1",
+               "--max_steps", "3", "--eval_every", "0")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "classes blue, green, red" in p.stdout
+    metrics = json.loads((out / "colors-map-w2a8-seed42" / "metrics.json").read_text())
+    assert set(metrics["last"]) == {"acc", "macro_f1"}
+    student = qatkd.load_quantized(out / "colors-map-w2a8-seed42" / "student_packed")
+    assert student.config.id2label == {0: "blue", 1: "green", 2: "red"}  # the names travel with the model
+    # regression: float labels, the MSE prediction loss, Pearson and Spearman
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    for split, n in (("train", 40), ("dev", 16)):
+        lines = ["sentence1,sentence2,label"] + [
+            f"{' '.join(rng.choices(WORDS, k=5))},{' '.join(rng.choices(WORDS, k=4))},{rng.uniform(0, 5):.2f}"
+            for _ in range(n)]
+        (scores / f"{split}.csv").write_text("\n".join(lines) + "\n")
+    task, data = qatkd.load_data_files(scores / "train.csv", scores / "dev.csv")
+    assert task.labels is None and task.metric == "corr" and isinstance(data["train"][0][2], float)
+    assert data["train"][0][1] is not None  # sentence1 and sentence2, found by name
+    p = run_py("--train_file", scores / "train.csv", "--validation_file", scores / "dev.csv", "--teacher", tiny_dir,
+               "--output_dir", out, "--batch_size", "8", "--teacher_epochs", "1", "--max_steps", "3", "--eval_every", "0")
+    assert p.returncode == 0, p.stderr[-2000:]
+    metrics = json.loads((out / "scores-map-w2a8-seed42" / "metrics.json").read_text())
+    assert set(metrics["last"]) == {"pearson", "spearman", "corr"}
+
+
+def test_dataset_by_name(tmp_path, tiny_dir):
+    """--dataset: a dataset folder or hub name through datasets.load_dataset (a local folder here); offline,
+    a hub name fails in one line."""
+    folder = tmp_path / "reviews"
+    rows = [{"sentence": " ".join(WORDS[i % 7:i % 7 + 4]), "label": ["bad", "good"][i % 2]} for i in range(24)]
+    write_jsonl(folder / "train.jsonl", rows[:16])
+    write_jsonl(folder / "test.jsonl", rows[16:])
+    task, data = qatkd.load_hub_dataset(str(folder), validation_split="test")
+    assert task.labels == ("bad", "good") and len(data["train"]) == 16 and len(data["validation"]) == 8
+    with pytest.raises(ValueError, match="has no split 'validation'; its splits: train, test; pass --validation_split"):
+        qatkd.load_hub_dataset(str(folder))
+    p = run_py("--dataset", "someone/reviews", "--teacher", tiny_dir, "--output_dir", tmp_path, env=OFFLINE)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith(
+        "run.py: error: could not load dataset 'someone/reviews' from the hub (") and lines[0].endswith(
+        "pass --train_file and --validation_file with local files instead")
+
+
+def test_teacher_labels_are_aligned_by_name(tmp_path, tiny_dir):
+    """A teacher whose head orders the classes otherwise than the data evaluates (and distils) to the same
+    metrics once its labels are matched by name; names that do not match are refused."""
+    from transformers import AutoTokenizer
+
+    data_dir = write_tiny_mrpc(tmp_path / "MRPC", 48, 24)
+    teacher = classifier(tiny_dir, seed=3)
+    teacher.config.id2label, teacher.config.label2id = {0: "not_equivalent", 1: "equivalent"}, None
+    teacher.save_pretrained(tmp_path / "ordered")
+    permuted = classifier(tiny_dir, seed=3)
+    with torch.no_grad():
+        permuted.classifier.weight.copy_(teacher.classifier.weight.flip(0))
+        permuted.classifier.bias.copy_(teacher.classifier.bias.flip(0))
+    permuted.config.id2label, permuted.config.label2id = {0: "Equivalent", 1: "NOT-EQUIVALENT"}, None  # case, -/_
+    permuted.save_pretrained(tmp_path / "permuted")
+    for d in ("ordered", "permuted"):
+        AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / d)
+    task = qatkd.TASKS["mrpc"]
+    glue = qatkd.load_glue(task, data_dir)
+    t2, data2, moved = qatkd.align_labels(task, glue, permuted.config.id2label)
+    assert moved and t2.labels == ("1", "0") and t2.positive == 0
+    assert [y for *_, y in data2["validation"]] == [1 - y for *_, y in glue["validation"]]
+    runs = {}
+    for d in ("ordered", "permuted"):
+        p = run_py("--task", "mrpc", "--teacher", tmp_path / d, "--data_dir", data_dir, "--output_dir", tmp_path / "runs",
+                   "--run_name", d, "--batch_size", "8", "--max_steps", "4", "--eval_every", "0", "--lr", "1e-3")
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[d] = json.loads((tmp_path / "runs" / d / "metrics.json").read_text())
+        assert ("mapped onto that order" in p.stdout) == (d == "permuted")
+    for stage in ("teacher", "ptq", "last"):
+        assert runs["ordered"][stage] == pytest.approx(runs["permuted"][stage], abs=1e-9), stage
+    # names that match nothing: one line with both sets
+    wrong = classifier(tiny_dir)
+    wrong.config.id2label = {0: "positive", 1: "negative"}
+    with pytest.raises(ValueError, match=r"the teacher's labels \(positive, negative\) do not match the data's "
+                                         r"\(not_equivalent, equivalent\)"):
+        qatkd.align_labels(task, glue, wrong.config.id2label)
+    # generic names leave the data's order
+    assert qatkd.align_labels(task, glue, {0: "LABEL_0", 1: "LABEL_1"})[2] is False
 
 
 def test_dynamic_padding_and_seeded_order():
@@ -1256,6 +1436,59 @@ def test_run_py_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_r
     assert snapshot(earlier_run) == before
 
 
+def own_data_files(d):
+    """Small data files, good and bad, for the own-data bad-input table."""
+    d.mkdir(parents=True, exist_ok=True)
+    good = ["text,label"] + [f"{w} film,{i % 2}" for i, w in enumerate(WORDS)]
+    files = {
+        "good.csv": good,
+        "empty_label.csv": good[:3] + ["the cat,"] + good[3:],
+        "one_class.csv": ["text,label"] + [f"{w},pos" for w in WORDS],
+        "unseen.csv": good[:4] + ["the dog,7"],
+        "fields.csv": good[:5] + ["a,b,c,1"] + good[5:],
+        "nan.csv": ["text,label"] + [f"{w},{i / 3:.2f}" for i, w in enumerate(WORDS)] + ["the dog,nan"],
+        "bad.jsonl": ['{"text": "a b", "label": 1}', '{"text": "c", "label": 0}', '{"text": "oops" "label": 1}'],
+        "mixed.jsonl": ['{"text": "a b", "label": 1}', '{"text": "c", "label": "neg"}'],
+    }
+    for name, lines in files.items():
+        (d / name).write_text("\n".join(lines) + "\n")
+    (d / "latin1.csv").write_bytes("\n".join(good[:6] + ["caf\xe9 film,1"]).encode("latin-1") + b"\n")
+    return d
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train_file", "/no/such.csv", "--validation_file", "{d}/good.csv"], "missing data file /no/such.csv"),
+    (["--train_file", "{d}/good.csv", "--validation_file", "{d}/good.csv", "--label_column", "gold"],
+     "good.csv: no label column 'gold'; its columns are: text, label"),
+    (["--train_file", "{d}/good.csv", "--validation_file", "{d}/good.csv", "--text_columns", "text,other"],
+     "good.csv: no column 'other'; its columns are: text, label"),
+    (["--train_file", "{d}/empty_label.csv", "--validation_file", "{d}/good.csv"], "empty_label.csv:4: empty label"),
+    (["--train_file", "{d}/one_class.csv", "--validation_file", "{d}/good.csv"],
+     "the label column 'label' has one class only ('pos')"),
+    (["--train_file", "{d}/good.csv", "--validation_file", "{d}/unseen.csv"],
+     "unseen.csv:5: label 7 does not occur in the training data (its classes: 0, 1)"),
+    (["--train_file", "{d}/nan.csv", "--validation_file", "{d}/nan.csv"], "nan.csv:21: label nan is not a finite number"),
+    (["--train_file", "{d}/fields.csv", "--validation_file", "{d}/good.csv"],
+     "fields.csv: cannot be read as CSV (line 6: 4 fields, the header has 2)"),
+    (["--train_file", "{d}/latin1.csv", "--validation_file", "{d}/good.csv"],
+     "latin1.csv: cannot be read as CSV (line 7: not valid UTF-8)"),
+    (["--train_file", "{d}/bad.jsonl", "--validation_file", "{d}/good.csv"],
+     "bad.jsonl: cannot be read as JSONL (line 3: not valid JSON)"),
+    (["--train_file", "{d}/mixed.jsonl", "--validation_file", "{d}/mixed.jsonl"], "mixed.jsonl:2: label 'neg' mixes types with the earlier labels (1)"),
+    (["--train_file", "{d}/good.csv"], "--train_file and --validation_file go together"),
+    (["--task", "mrpc", "--train_file", "{d}/good.csv", "--validation_file", "{d}/good.csv"],
+     "pass one of --task (GLUE), --train_file with --validation_file, or --dataset; got --task and --train_file"),
+    ([], "pass one of --task (GLUE), --train_file with --validation_file, or --dataset"),
+])
+def test_own_data_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_run, tmp_path, tiny_dir):
+    d = own_data_files(tmp_path / "data")
+    before = snapshot(earlier_run)
+    p = run_py(*[a.format(d=d) for a in argv], "--teacher", tiny_dir, "--output_dir", earlier_run)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert snapshot(earlier_run) == before
+
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -1315,9 +1548,28 @@ needs_real = pytest.mark.skipif(
            f"and GLUE MRPC in {MRPC}")
 
 
+# Pinned numbers of test_real_minilm_mrpc: the command below, run by this code on 2 CPU threads. A change
+# of numbers must be deliberate: update these values and regenerate the README's tables. Tolerance:
+# 1 and 2 threads (float sums in another order) give loss terms within 0.1% and the same dev scores;
+# loss terms must agree to rtol 2e-3 + atol 1e-3, dev scores to 1.5 of 408 examples.
+PINNED_MRPC = {
+    "teacher": {"acc": 0.7009803921568627, "f1": 0.8189910979228486},
+    "ptq": {"acc": 0.6838235294117647, "f1": 0.8116788321167884},
+    "steps": [  # loss terms of the first 6 QAT steps (map KD)
+        {"loss": 7.791786193847656, "pred": 0.032368529587984085, "rep": 1.8197652101516724, "map": 5.939652442932129},
+        {"loss": 7.61428165435791, "pred": 0.038296207785606384, "rep": 1.7750647068023682, "map": 5.800920486450195},
+        {"loss": 7.268496513366699, "pred": 0.029173536226153374, "rep": 1.7466498613357544, "map": 5.492673397064209},
+        {"loss": 6.536718845367432, "pred": 0.014893216080963612, "rep": 1.6910696029663086, "map": 4.830756187438965},
+        {"loss": 5.995245456695557, "pred": 0.004455411806702614, "rep": 1.5544350147247314, "map": 4.436355113983154},
+        {"loss": 5.57745885848999, "pred": 0.002182362601161003, "rep": 1.538130760192871, "map": 4.037145614624023},
+    ],
+}
+
+
 @needs_real
 def test_real_minilm_mrpc(tmp_path):
-    """run.py on real MRPC with MiniLM: a short teacher fine-tune, then 24 QAT steps of map KD."""
+    """run.py on real MRPC with MiniLM: a short teacher fine-tune, then 24 QAT steps of map KD; the
+    teacher's and the PTQ student's dev scores and the first steps' loss terms are pinned (PINNED_MRPC)."""
     task = qatkd.TASKS["mrpc"]
     data = qatkd.load_glue(task, MRPC)
     assert len(data["train"]) == 3668 and len(data["validation"]) == 408
@@ -1334,6 +1586,13 @@ def test_real_minilm_mrpc(tmp_path):
     assert sum(maps[-6:]) < sum(maps[:6])  # QAT recovers the attention maps
     assert metrics["teacher"]["acc"] > 279 / 408  # the briefly fine-tuned teacher beats the majority class
     assert metrics["ptq"]["acc"] < metrics["teacher"]["acc"]
+    changed = "the real-data numbers changed: if that is deliberate, update PINNED_MRPC and the README's tables"
+    for stage in ("teacher", "ptq"):
+        for k, v in PINNED_MRPC[stage].items():
+            assert abs(metrics[stage][k] - v) <= 1.5 / 408, (changed, stage, k, metrics[stage][k], v)
+    for got, pinned in zip(log, PINNED_MRPC["steps"]):
+        for k, v in pinned.items():
+            assert math.isclose(got[k], v, rel_tol=2e-3, abs_tol=1e-3), (changed, got["step"], k, got[k], v)
 
 
 # ---------------------------------------------------------------------------------------------
