@@ -17,6 +17,7 @@ import contextlib
 import csv
 import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -155,6 +156,18 @@ def parse_args(argv=None):
         least = 1 if name in ("batch_size", "max_len", "bench_steps") else 0
         if v is not None and v < least:
             p.error(f"--{name} must be at least {least}, got {v}")
+    for name in ("epochs", "lr", "teacher_epochs", "teacher_lr"):  # a step size or a length: positive
+        v = getattr(args, name)
+        if not (v > 0 and math.isfinite(v)):
+            p.error(f"--{name} must be a positive number, got {v:g}")
+    for name in ("map_coeff", "output_coeff", "gt_coeff"):  # loss weights: a negative one would be maximised
+        v = getattr(args, name)
+        if not (v >= 0 and math.isfinite(v)):
+            p.error(f"--{name} must be 0 or more, got {v:g}")
+    if not 0 <= args.warmup < 1:
+        p.error(f"--warmup is the fraction of steps that warm up: 0 or more and below 1, got {args.warmup:g}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        p.error(f"--output_dir {args.output_dir} is a file, not a folder; pass a folder")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and (args.sweep or args.benchmark):
         p.error(f"--{'sweep' if args.sweep else 'benchmark'} runs in one process; start it without torchrun")
@@ -201,8 +214,14 @@ def default_run_name(args):
             + ("-original" if args.original_padding else ""))
 
 
+def defined(v):
+    return v is not None and not math.isnan(v)
+
+
 def fmt(metrics):
-    return "  ".join(f"{k} {100 * v:6.2f}" for k, v in metrics.items()) if metrics else "-"
+    """Dev metrics in %, one line; an undefined value (a correlation of constant predictions) as 'undefined'."""
+    return "  ".join(f"{k} {100 * v:6.2f}" if defined(v) else f"{k} undefined"
+                     for k, v in metrics.items()) if metrics else "-"
 
 
 def get_teacher(args, task, data):
@@ -366,7 +385,9 @@ def run_qat(env, args, ptq=None):
     if not is_main():  # another torchrun process: train on its shard; rank 0 does the rest
         student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
         qatkd.set_seed(args.seed)
-        qatkd.train(student, qat_loss(env, args), env.train, train_config(env, args), checkpoint=checkpoint)
+        torch.distributed.barrier()  # rank 0 has removed a replaced run's checkpoint: never load a stale one
+        qatkd.train(student, qat_loss(env, args), env.train, train_config(env, args),
+                    checkpoint=checkpoint if args.resume else None)
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.resume:  # the log continues from the checkpoint: drop what was logged after it
@@ -379,13 +400,15 @@ def run_qat(env, args, ptq=None):
         checkpoint.unlink(missing_ok=True)  # a stale checkpoint of a replaced run
         qatkd.write_json(run_dir / "args.json", {**{k: v for k, v in vars(args).items() if k != "device"},
                                                  "teacher_path": env.teacher_path, "code": code_version()})
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the other processes start training only now
     ptq = ptq or ptq_baseline(env, args)
     student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
     qatkd.set_seed(args.seed)  # after the PTQ evaluation, so every torchrun process starts QAT in one RNG state
     with open(log_path, "a" if args.resume else "w") as log_file:
 
         def log(record):
-            log_file.write(json.dumps(record) + "\n")
+            log_file.write(json.dumps(qatkd.json_ready(record)) + "\n")
             log_file.flush()
 
         result = qatkd.train(student, qat_loss(env, args), env.train, train_config(env, args),
@@ -408,7 +431,7 @@ def run_qat(env, args, ptq=None):
     print(f"\n== summary: {env.task.name}, KD {args.kd}, W{args.wbits}A{args.abits}, seed {args.seed} ==")
     print(f"teacher                      {fmt(env.teacher_metrics)}")
     print(f"student before QAT (PTQ)     {fmt(ptq['metrics'])}")
-    print(f"student best (step {result['best_step']:>5})    {fmt(result['best'])}")
+    print(f"student best (step {result['best_step'] or '-':>5})    {fmt(result['best'])}")
     print(f"student last (step {result['last_step']:>5})    {fmt(result['last'])}")
     print(f"{result['steps']} steps, {result['seconds_per_step']:.2f} s per training step, wall time "
           f"{metrics['wall_seconds'] / 60:.1f} min, peak memory {metrics['peak_memory_mb'] / 1024:.1f} GB; "
@@ -451,6 +474,7 @@ def export(env, student, path):
 
 
 def mean_std(values):
+    values = [v for v in values if defined(v)]  # an undefined evaluation (null) is left out
     if not values:
         return "-"
     if len(values) == 1:
@@ -528,7 +552,8 @@ def write_sweep_table(args, metric, rows, teachers, seconds):
         measures = [("-" if None in rec else f"{mean([mean(r[m]) for r in rec]):.4g}") for m in SWEEP_MEASURES]
         wall = [r["wall_seconds"] / 60 for r in runs if "wall_seconds" in r]
         table.append([str(teacher_seed), protocol, name, ",".join(str(r["seed"]) for r in runs) if wall else "-",
-                      mean_std([r["best"][metric] for r in runs]), mean_std([r["last"][metric] for r in runs])]
+                      mean_std([(r["best"] or {}).get(metric) for r in runs]),
+                      mean_std([r["last"][metric] for r in runs])]
                      + [mean_std([r["last"][k] for r in runs]) for k in others] + measures
                      + [f"{mean(wall):.1f}" if wall else "-"])
     md = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

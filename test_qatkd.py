@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -1406,6 +1407,16 @@ def snapshot(folder):
     (["--task", "mrpc", "--run_name", "x", "--data_dir", "{malformed}"], "train.tsv:3: expected at least 5"),
     (["--task", "mrpc", "--run_name", "x", "--data_dir", "{empty_data}"], "dev.tsv: no examples"),
     (["--task", "mrpc", "--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--task", "mrpc", "--epochs", "0"], "--epochs must be a positive number, got 0"),
+    (["--task", "mrpc", "--epochs", "-1"], "--epochs must be a positive number, got -1"),
+    (["--task", "mrpc", "--lr", "-1"], "--lr must be a positive number, got -1"),
+    (["--task", "mrpc", "--warmup", "2"], "--warmup is the fraction of steps that warm up: 0 or more and below 1"),
+    (["--task", "mrpc", "--map_coeff", "-1"], "--map_coeff must be 0 or more, got -1"),
+    (["--task", "mrpc", "--run_name", "x", "--teacher", "{corrupt}"],
+     "could not load teacher {corrupt}: SafetensorError"),
+    (["--task", "mrpc", "--run_name", "x", "--data_dir", "{latin1}"], "train.tsv:3: not valid UTF-8; save the file as"),
+    (["--task", "stsb", "--run_name", "x", "--data_dir", "{stsb_nan}"], "train.tsv:3: label 'nan' is not a finite number"),
+    (["--task", "stsb", "--run_name", "x", "--data_dir", "{stsb_inf}"], "dev.tsv:2: label 'inf' is not a finite number"),
 ])
 def test_run_py_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_run, tmp_path, tiny_dir):
     good = write_tiny_mrpc(tmp_path / "good", 8, 4)
@@ -1421,9 +1432,27 @@ def test_run_py_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_r
     AutoModel.from_config(AutoConfig.for_model("mpnet", vocab_size=30, hidden_size=32, num_hidden_layers=1,
                                                num_attention_heads=4, intermediate_size=64)).save_pretrained(
         tmp_path / "mpnet")
+    corrupt = tmp_path / "corrupt"
+    classifier(tiny_dir).save_pretrained(corrupt)
+    weights = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated by a failed copy
+    latin1 = write_tiny_mrpc(tmp_path / "latin1", 8, 4)
+    lines = (latin1 / "train.tsv").read_text().lstrip("\ufeff").splitlines()
+    (latin1 / "train.tsv").write_bytes("\n".join(lines[:2] + ["1\t1\t2\tcaf\xe9 film\tgood"] + lines[2:]).encode("latin-1"))
+    stsb = {}
+    for bad, split, row in (("nan", "train", 2), ("inf", "dev", 1)):
+        folder = tmp_path / f"stsb_{bad}"
+        folder.mkdir()
+        for name in ("train", "dev"):
+            rows = ["sentence1\tsentence2\tscore"] + [f"a cat\tthe dog\t{i / 2}" for i in range(4)]
+            if name == split:
+                rows[row] = f"a cat\tthe dog\t{bad}"
+            (folder / f"{name}.tsv").write_text("\n".join(rows) + "\n")
+        stsb[f"stsb_{bad}"] = folder
     paths = {"empty": tmp_path / "empty", "three_labels": tmp_path / "three_labels", "malformed": malformed,
-             "empty_data": empty_data, "mpnet": tmp_path / "mpnet"}
+             "empty_data": empty_data, "mpnet": tmp_path / "mpnet", "corrupt": corrupt, "latin1": latin1, **stsb}
     argv = [a.format(**paths) for a in argv]
+    message = message.format(**paths)
     if "--teacher" not in argv:
         argv += ["--teacher", str(tiny_dir)]
     if "--data_dir" not in argv:
@@ -1487,6 +1516,109 @@ def test_own_data_bad_input_is_one_line_and_loses_nothing(argv, message, earlier
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
     assert snapshot(earlier_run) == before
+
+
+def test_output_dir_naming_a_file_is_one_line(tmp_path, tiny_dir):
+    (tmp_path / "a_file").write_text("keep me\n")
+    p = run_py("--task", "mrpc", "--teacher", tiny_dir, "--output_dir", tmp_path / "a_file")
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        f"run.py: error: --output_dir {tmp_path / 'a_file'} is a file, not a folder; pass a folder "
+        "(see python run.py --help)"]
+    assert (tmp_path / "a_file").read_text() == "keep me\n"
+
+
+def test_undefined_metric_is_never_the_best(tmp_path):
+    """An evaluation whose metric is NaN (constant predictions: no correlation) is logged as undefined and
+    never selected; later defined evaluations are."""
+    model = nn.Linear(3, 1)
+    feats = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 0.5}] * 8
+    values = iter([math.nan, 0.2, math.nan, 0.1])
+    log = []
+    result = qatkd.train(model, lambda net, b: (net(b["input_ids"].float()).pow(2).mean(), {}), feats,
+                         qatkd.TrainConfig(batch_size=2, max_steps=4, eval_every=1), lambda: {"corr": next(values)},
+                         metric="corr", log=log.append)
+    assert result["best_step"] == 2 and result["best"] == {"corr": 0.2} and result["undefined_steps"] == [1, 3]
+    assert [r.get("undefined") for r in log if "eval" in r] == [["corr"], None, ["corr"], None]
+    qatkd.write_json(tmp_path / "m.json", {"last": {"corr": math.nan}})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"last": {"corr": None}}  # strict JSON: null
+
+
+class _NotATensor:
+    pass
+
+
+def test_checkpoints_load_without_unpickling_code(tmp_path, tiny_dir):
+    """Checkpoints hold tensors and plain values, loaded with weights_only=True; anything else is refused."""
+    model = nn.Linear(3, 2)
+    opt, sched = qatkd.make_optimizer(model, qatkd.TrainConfig(), 10)
+    qatkd.save_checkpoint(tmp_path / "ok.pt", model, opt, sched, {"step": 3, "result": {"best": None}})
+    state = qatkd.load_checkpoint(tmp_path / "ok.pt")
+    assert state["loop"]["step"] == 3 and torch.equal(state["model"]["weight"], model.weight)
+    before = qatkd.rng_state()
+    torch.rand(5), random.random()
+    qatkd.set_rng_state(state["rng"])  # numpy's state, stored as a tensor, comes back exactly
+    import numpy as np
+
+    assert np.array_equal(np.random.get_state()[1], np.asarray(before["numpy"][1]).astype(np.uint32))
+    torch.save({"model": model.state_dict(), "extra": _NotATensor()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="holds more than tensors and plain values .*refusing to unpickle it"):
+        qatkd.load_checkpoint(tmp_path / "evil.pt")
+
+
+tsv_fields = st.text(st.characters(blacklist_characters="\t\n\r"), max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.lists(tsv_fields, min_size=0, max_size=6), max_size=6),
+       labels=st.lists(st.sampled_from(["0", "1", "2", "", "x", "nan", " 1", "1.5"]), max_size=6),
+       encoding=st.sampled_from(["utf-8", "utf-8-sig", "latin-1", "utf-16"]), header=st.booleans())
+def test_tsv_reader_fuzzed(rows, labels, encoding, header, tmp_path_factory):
+    """Random rows, fields, labels and encodings: read_glue_tsv returns examples or raises ValueError naming
+    the file (and the line where there is one); nothing else."""
+    path = tmp_path_factory.mktemp("fuzz") / "train.tsv"
+    lines = (["Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"] if header else []) + [
+        "\t".join([label] + row) for label, row in zip(labels, rows)]
+    try:
+        path.write_bytes("\n".join(lines).encode(encoding))
+    except UnicodeEncodeError:
+        return
+    for task in (qatkd.TASKS["mrpc"], qatkd.TASKS["stsb"], qatkd.TASKS["cola"]):
+        try:
+            examples = qatkd.read_glue_tsv(path, task)
+        except ValueError as e:
+            assert str(e).startswith(str(path)) and "\n" not in str(e), e
+        else:
+            assert examples and all(len(e) == 3 for e in examples)
+            assert all(math.isfinite(e[2]) for e in examples) if task.labels is None else \
+                all(e[2] in range(task.num_labels) for e in examples)
+
+
+@settings(max_examples=25, deadline=None)
+@given(labels=st.lists(st.one_of(st.sampled_from(["a", "b", "", "nan", "1", "2.5"]), st.integers(-2, 2),
+                                  st.floats(allow_nan=True, allow_infinity=True), st.none()), min_size=1, max_size=5),
+       fmt=st.sampled_from(["csv", "jsonl"]), garbage=st.booleans())
+def test_own_data_reader_fuzzed(labels, fmt, garbage, tmp_path_factory):
+    """Random labels (mixed, empty, non-finite) in CSV or JSON Lines, sometimes a broken line: examples, or
+    one ValueError naming the file; nothing else."""
+    import csv
+
+    d = tmp_path_factory.mktemp("own")
+    path = d / f"train.{fmt}"
+    if fmt == "csv":
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([["text", "label"]] + [[f"w{i}", "" if y is None else y] for i, y in enumerate(labels)])
+    else:
+        path.write_text("".join(json.dumps({"text": f"w{i}", "label": y}) + "\n" for i, y in enumerate(labels)))
+    if garbage:
+        with open(path, "ab") as f:
+            f.write(b"\xff\xfe{oops\n")
+    try:
+        _, data = qatkd.load_data_files(path, path)
+    except ValueError as e:
+        assert str(e).startswith(str(path)) or str(e).startswith("the labels are"), e
+        assert "\n" not in str(e)
+    else:
+        assert len(data["train"]) == len(labels)
 
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -1688,17 +1820,17 @@ def test_fast_map_loss_equals_the_plain_formula():
         assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
 
 
-def test_cached_eval_weights_follow_updates(tiny_dir):
-    """Without autograd the quantized weight is reused, and recomputed once the weight changes."""
-    student = qatkd.quantize_student(classifier(tiny_dir), 2, 8)
+def test_eval_forward_follows_every_weight_write(tiny_dir):
+    """A write through .data (which does not bump the tensor's version) still reaches a no-grad forward."""
+    student = qatkd.quantize_student(classifier(tiny_dir), 2, 8).eval()
     lin = next(m for m in student.modules() if isinstance(m, qatkd.QuantLinear))
+    x = torch.randn(3, lin.in_features)
     with torch.no_grad():
-        first = lin.quantized_weight()
-        assert lin.quantized_weight() is first
-        lin.weight.mul_(-1)
-        second = lin.quantized_weight()
-    assert torch.equal(second, qatkd.ternarize(lin.weight.detach())) and torch.equal(second, -first)
-    assert lin.quantized_weight().requires_grad  # in training: a fresh graph every step
+        first = lin(x)
+        lin.weight.data.mul_(-1)
+        second = lin(x)
+    expect = nn.functional.linear(qatkd.quantize_act(x, 8), qatkd.ternarize(lin.weight.detach()), lin.bias)
+    assert torch.equal(second, expect) and not torch.equal(first, second)
 
 
 def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
@@ -1755,3 +1887,49 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert r1.keys() == r2.keys() and all(abs(r1[k] - r2[k]) < 1e-4 * max(1, abs(r1[k])) for k in r1)
     m1, m2 = (json.loads((tmp_path / d / run / "metrics.json").read_text()) for d in ("one", "two"))
     assert m1["last"] == m2["last"]
+    # 33 examples in batches of 8: the last batch holds 1 example, fewer than the 2 processes. It is
+    # dropped (4 steps an epoch, not 5) instead of leaving one process an empty slice
+    # The run folder holds a replaced run's stale checkpoint: --overwrite must keep every process from loading it
+    short = write_tiny_mrpc(tmp_path / "MRPC33", 33, 8, words=(5, 5))
+    stale = tmp_path / "short" / "mrpc-map-w2a8-seed42"
+    stale.mkdir(parents=True)
+    (stale / "args.json").write_text("{}")
+    (stale / "checkpoint.pt").write_bytes(b"a replaced run's checkpoint")
+    three = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(HERE / "run.py"), *map(str, common[:4]), "--data_dir", str(short), "--batch_size", "8",
+                            "--teacher_epochs", "1", "--epochs", "2", "--eval_every", "0", "--save_every", "0",
+                            "--output_dir", str(tmp_path / "short"), "--overwrite"],
+                           capture_output=True, text=True, cwd=HERE, timeout=600, env={**os.environ, **cpu})
+    assert three.returncode == 0, three.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "short" / "mrpc-map-w2a8-seed42" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))
+
+
+def _record_dropout_draws(rank, world, folder):
+    """One torchrun-like process: train() on a tiny linear model, recording a dropout-style draw per step."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    torch.manual_seed(0)  # every process seeded alike, as run.py does
+    model, draws = nn.Linear(3, 1), []
+    feats = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": 0}] * 8
+
+    def loss_fn(net, b):
+        draws.append(torch.rand(()).item())  # what dropout would draw in this process
+        return net(b["input_ids"].float()).pow(2).mean(), {}
+
+    qatkd.train(model, loss_fn, feats, qatkd.TrainConfig(batch_size=4, max_steps=3), log=lambda r: None)
+    (Path(folder) / f"draws{rank}.json").write_text(json.dumps(draws))
+    dist.destroy_process_group()
+
+
+def test_torchrun_processes_draw_their_own_dropout(tmp_path):
+    """Under several processes each draws its own random stream (dropout masks), all seeded from --seed."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_record_dropout_draws, args=(2, str(tmp_path)), nprocs=2, join=True)
+    first, second = (json.loads((tmp_path / f"draws{r}.json").read_text()) for r in (0, 1))
+    assert len(first) == len(second) == 3 and first != second
+    (tmp_path / "again").mkdir()
+    mp.spawn(_record_dropout_draws, args=(2, str(tmp_path / "again")), nprocs=2, join=True)
+    assert json.loads((tmp_path / "again" / "draws0.json").read_text()) == first  # and the same again: seeded
