@@ -147,6 +147,12 @@ def parse_args(argv=None):
     g.add_argument("--bench_steps", type=int, default=10,
                    help="timed rounds (one step of every measurement each). Default: 10")
     g.add_argument("--bench_warmup", type=int, default=2, help="untimed rounds first. Default: 2")
+    g = p.add_argument_group("deployment (no training: evaluates an exported student, student_packed/)")
+    g.add_argument("--eval_export", default=None, metavar="DIR",
+                   help="evaluate the exported student in DIR on the task's dev set: metric, examples per second, "
+                        "memory")
+    g.add_argument("--backend", default="int8", choices=("int8", "fake"),
+                   help="int8: integer inference; fake: fp32 weights, fake-quantized activations. Default: int8")
     args = p.parse_args(argv)
     if not (2 <= args.abits <= 16 or args.abits == 32):
         p.error(f"--abits {args.abits} is out of range; use 2..16, or 32 for full precision")
@@ -712,6 +718,18 @@ def benchmark(args):
     # inference on its own copy in eval mode: the shared student keeps training, with dropout
     phases[f"inference: student {wa}"] = lambda: inference(student(args.wbits, args.abits, training=False))
 
+    def exported(backend):  # the student as it ships: exported, then loaded with one of the backends
+        def build():
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as d:
+                qatkd.export_quantized(student(args.wbits, args.abits, training=False), d)
+                return inference(qatkd.load_quantized(d, backend=backend, device=device))
+        return build
+
+    if args.abits <= 8 and args.wbits < 32:
+        phases[f"inference: exported student {wa}, int8 backend"] = exported("int8")
+
     # Build each phase and run one step of it, recording the memory peak; then run the phases in
     # rounds, one step of each per round, so a drift in the machine's speed hits all alike: `w`
     # untimed rounds (the allocator settles once every model exists), then `n` timed ones.
@@ -761,6 +779,43 @@ def benchmark(args):
         "peak_memory_mb": peak})
     print(f"\n{md}\nmap QAT / FP step: {qat['map'] / fp_seconds:.2f}x; written to {stem}.md and {stem}.json")
     return rows
+
+
+def eval_export(args):
+    """--eval_export DIR: the exported student on the task's dev set, as it would be deployed: dev
+    metrics, examples per second (batches of --batch_size, dynamic padding), the loaded model's
+    weight bytes and the process's peak resident memory."""
+    if not (Path(args.eval_export) / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--eval_export: {args.eval_export} holds no exported student (model.safetensors); "
+                                "run.py writes one to RUN_DIR/student_packed")
+    from transformers import AutoTokenizer
+
+    start = time.time()
+    model = qatkd.load_quantized(args.eval_export, backend=args.backend, device=args.device)
+    load_seconds = time.time() - start
+    task, data = load_data(args)
+    task, data, _ = qatkd.align_labels(task, data, model.config.id2label)
+    tokenizer = AutoTokenizer.from_pretrained(args.eval_export)
+    dev = {k: qatkd.tokenize(v, tokenizer, args.max_len) for k, v in data.items() if k != "train"}
+    start = time.time()
+    metrics = qatkd.evaluate(model, task, dev, args.batch_size, tokenizer.pad_token_id or 0, f"eval {args.backend}")
+    seconds = time.time() - start
+    examples = sum(len(v) for v in dev.values())
+    weight_bytes = model_bytes(model)
+    print(f"{args.eval_export} ({args.backend} backend, W{model.qatkd_bits['wbits']}A{model.qatkd_bits['abits']}) "
+          f"on {task.name} dev: {fmt(metrics)}")
+    print(f"{examples / seconds:.1f} examples per second ({examples} examples, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads); weights {weight_bytes / 1e6:.1f} MB in memory; loaded in "
+          f"{load_seconds:.1f} s; peak resident memory {peak_memory_mb():.0f} MiB")
+    return {"metrics": metrics, "examples_per_second": examples / seconds, "weight_bytes": weight_bytes,
+            "peak_memory_mb": peak_memory_mb()}
+
+
+def model_bytes(model):
+    """Bytes of a model's parameters and buffers, and of the integer backend's prepacked weights."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    packed = [p for m in model.modules() for p, _ in getattr(m, "packed", [])]
+    return sum(t.numel() * t.element_size() for t in tensors) + sum(p.numel() for p in packed)
 
 
 # arguments that may differ between a run and its resumption or its reuse by a sweep: they change no number
@@ -853,6 +908,8 @@ def main(argv=None):
     try:
         if args.benchmark:
             return benchmark(args)
+        if args.eval_export:
+            return eval_export(args)
         run_dir = Path(args.output_dir) / args.run_name
         if not args.sweep:
             check_run_dir(run_dir, args)

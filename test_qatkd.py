@@ -385,6 +385,9 @@ def test_family_internals(arch, tmp_path):
                        s.logits)
     qatkd.export_quantized(student, tmp_path / "packed", tok)
     assert torch.equal(qatkd.load_quantized(tmp_path / "packed")(**qatkd.model_inputs(student, b)).logits, s.logits)
+    with torch.no_grad():  # and the integer backend, to float rounding
+        integer = qatkd.load_quantized(tmp_path / "packed", backend="int8")(**qatkd.model_inputs(student, b)).logits
+    assert torch.allclose(integer, s.logits, atol=0.05), (integer - s.logits).abs().max()
 
     # every KD mode's loss falls over a few QAT steps on this batch
     b["labels"] = torch.tensor([1, 0, 1])
@@ -1091,10 +1094,26 @@ def test_export_reload_gives_identical_logits(tiny_dir, tmp_path, wbits):
                 qatkd.TrainConfig(epochs=1, batch_size=8, lr=1e-3), log=lambda r: None)
     sizes = qatkd.export_quantized(student, tmp_path / "packed", tok)
     loaded = qatkd.load_quantized(tmp_path / "packed")
+    integer = qatkd.load_quantized(tmp_path / "packed", backend="int8")
     student.eval()
-    for b in qatkd.batches(qatkd.tokenize(data["validation"], tok, 32), 8):
+    dev = qatkd.tokenize(data["validation"], tok, 32)
+    for b in qatkd.batches(dev, 8):
         inputs = {k: b[k] for k in qatkd.MODEL_INPUTS if k in b}
         assert torch.equal(loaded(**inputs).logits, student(**inputs).logits)
+    # the integer backend: the same predictions and metrics; logits to float rounding, which can flip the
+    # rounding of a downstream 8-bit activation code (differences of a few 1e-3 at most here)
+    with torch.no_grad():
+        a, b_ = (torch.cat([m(**qatkd.model_inputs(m, b)).logits for b in qatkd.batches(dev, 8)]) for m in (student, integer))
+    assert torch.equal(a.argmax(-1), b_.argmax(-1)) and (a - b_).abs().max() < 0.05
+    assert qatkd.evaluate(integer, task, {"validation": dev}, 8) == qatkd.evaluate(student, task, {"validation": dev}, 8)
+    quantized = {k.removesuffix(".weight") for k in json.loads(__import__("safetensors").safe_open(
+        str(tmp_path / "packed" / "model.safetensors"), "pt").metadata()["qatkd"])["shapes"]}
+    assert {n for n, m in integer.named_modules() if isinstance(m, (qatkd.IntLinear, qatkd.IntEmbedding))} == quantized
+    # nothing in the integer model holds a float copy of a quantized weight
+    for name in quantized:
+        module = integer.get_submodule(name)
+        floats = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()]
+        assert set(floats) <= {"bias", "scale"}, (name, floats)  # the bias and the per-row scales only
     assert sizes["packed_bytes"] > 0 and sizes["fp_bytes"] > 0
     from safetensors import safe_open
 
@@ -1103,6 +1122,41 @@ def test_export_reload_gives_identical_logits(tiny_dir, tmp_path, wbits):
         assert codes and all(f.get_tensor(k).dtype == torch.uint8 for k in codes)
         assert "bert.embeddings.word_embeddings.weight.codes" in codes
         assert "classifier.weight" in f.keys() and "bert.embeddings.position_embeddings.weight" in f.keys()
+
+
+@pytest.mark.parametrize("wbits", [1, 2, 4, 8])
+@given(x=hnp.arrays("float32", st.tuples(st.integers(1, 5), st.integers(1, 3), st.just(24)),
+                    elements=st.floats(-4, 4, width=32)), seed=st.integers(0, 100))
+def test_int_linear_equals_the_fake_quant_linear(wbits, x, seed):
+    """One IntLinear (int8 codes, integer matmul, one rescale) against the fake-quant QuantLinear: the same
+    values to float rounding (the fake path rounds its fp32 sums, the integer path sums exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = qatkd.QuantLinear(24, 40, True, wbits, 8)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 24, generator=g) * 0.3)
+        lin.bias.copy_(torch.randn(40, generator=g))
+    codes, scale = qatkd.weight_codes(lin.weight, wbits)
+    integer = qatkd.IntLinear(*qatkd.signed_codes(codes, scale, wbits), lin.bias, 8)
+    x = torch.from_numpy(x)
+    with torch.no_grad():
+        fake, ours = lin(x), integer(x)
+        exact = (qatkd.quantize_act(x, 8).double() @ qatkd.quantize_weight(lin.weight, wbits).double().t()
+                 + lin.bias.double())  # the same product in float64
+    assert ours.shape == fake.shape == (*x.shape[:-1], 40)
+    assert torch.allclose(ours.double(), exact, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(ours, fake, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_kernels_agree(monkeypatch):
+    """The oneDNN uint8 x int8 kernel (with the 8-bit weight split) and the plain int32 matmul give the same."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (64, 48), generator=g, dtype=torch.int8)
+    x = torch.randn(10, 48, generator=g) * 3
+    results = {}
+    for kernel in ("onednn", "plain"):
+        monkeypatch.setattr(qatkd, "int8_kernel", lambda device, k=kernel: k)
+        results[kernel] = qatkd.IntLinear(q, 0.01, None, 8)(x)
+    assert torch.allclose(results["onednn"], results["plain"], rtol=1e-6, atol=1e-5)
 
 
 def test_ternary_export_is_over_10x_smaller(tmp_path):
@@ -1183,6 +1237,23 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     p = run_py(*common, "--kd", "map", "--epochs", "2")
     assert p.returncode != 0 and "already holds a run; pass --resume to continue it, --overwrite" in p.stderr
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics  # nothing lost
+
+
+def test_eval_export_reports_metric_speed_and_memory(tmp_path, tiny_dir):
+    """run.py --eval_export: an exported student on the dev set, with either backend: the same metrics."""
+    import run
+
+    data = write_tiny_mrpc(tmp_path / "MRPC", 32, 16)
+    common = ["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(data), "--output_dir", str(tmp_path),
+              "--batch_size", "8"]
+    metrics = run.main(common + ["--teacher_epochs", "1", "--max_steps", "3", "--eval_every", "0"])
+    packed = tmp_path / "mrpc-map-w2a8-seed42" / "student_packed"
+    results = {b: run.main(common + ["--eval_export", str(packed), "--backend", b]) for b in ("int8", "fake")}
+    assert results["int8"]["metrics"] == results["fake"]["metrics"] == metrics["last"]
+    assert results["int8"]["weight_bytes"] < 0.5 * results["fake"]["weight_bytes"]
+    assert all(r["examples_per_second"] > 0 and r["peak_memory_mb"] > 0 for r in results.values())
+    p = run_py(*common, "--eval_export", tmp_path)
+    assert p.returncode != 0 and "holds no exported student (model.safetensors)" in p.stderr.strip().splitlines()[-1]
 
 
 def test_run_py_end_to_end_distilbert(tmp_path):
