@@ -44,7 +44,8 @@ def int_list(text):
 PROTOCOLS = ("default", "original")
 
 
-def parse_args(argv=None):
+def build_parser():
+    """run.py's arguments, grouped as the paper's hyperparameter table (README: Flags lists them all)."""
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # error messages on one line, with the fix
@@ -153,6 +154,11 @@ def parse_args(argv=None):
                         "memory")
     g.add_argument("--backend", default="int8", choices=("int8", "fake"),
                    help="int8: integer inference; fake: fp32 weights, fake-quantized activations. Default: int8")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if not (2 <= args.abits <= 16 or args.abits == 32):
         p.error(f"--abits {args.abits} is out of range; use 2..16, or 32 for full precision")
