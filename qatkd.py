@@ -9,14 +9,16 @@ A readable reference implementation of
 Read it top to bottom; the sections follow the data flow:
 
     1. quantizers              ternary / binary / uniform k-bit, straight-through gradients
-    2. quantized modules       QuantLinear, QuantEmbedding, the quantized self-attention function
-    3. student and internals   quantize_student(), forward_internals() -> Internals
+    2. quantized modules       QuantLinear, QuantEmbedding, the quantized self-attention functions
+    3. student and internals   FAMILIES (one row per encoder family), quantize_student(),
+                               forward_internals() -> Internals
     4. KD losses               pred, rep, score (TernaryBERT), map, output, unified (the paper's)
-    5. data and metrics        the eight GLUE tasks, from the hub or from GLUE TSV files
-    6. teacher                 load, or fine-tune once and cache
-    7. training and evaluation one loop for teacher fine-tuning and for QAT
+    5. data and metrics        the eight GLUE tasks, your own files or a hub dataset
+    6. teacher                 load, refuse what is unsupported
+    7. training and evaluation one loop for teacher fine-tuning and for QAT: train()
     8. diagnostics             how far the student's attention is from the teacher's, per layer
-    9. packed export           the student as real low-bit codes and scales, in safetensors
+    9. export and inference    the student as real low-bit codes; integer inference (int8 backend)
+   10. files and processes     atomic writes, checkpoints, RNG state, torchrun
 
 The official code (MarsJacobs/kd-qat-large-enc, derived from TernaryBERT) is the reference for
 what is computed. Where we deviate on purpose, the code says so in a comment starting with
@@ -44,7 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The paper's constants, named once
 CLIP = 2.5  # every quantizer clips its input to [-2.5, 2.5] first (TernaryBERT's clip_val)
+TWN_THRESHOLD = 0.7  # ternary threshold Delta = 0.7 * mean |w| (TWN, Li et al. 2016)
+PROB_FLOOR = 1e-8  # the map loss clamps probabilities to at least this before the logarithm
+ADAM_EPS = 1e-6  # BertAdam's epsilon (and AdamW's, for teacher fine-tuning)
 
 
 # =============================================================================================
@@ -56,11 +62,36 @@ CLIP = 2.5  # every quantizer clips its input to [-2.5, 2.5] first (TernaryBERT'
 # =============================================================================================
 
 
+def ste_reference(x, q, clip=CLIP):
+    """The straight-through estimator with clipping, written plainly: the value of q, the gradient
+    of x where |x| < clip and zero elsewhere (dL/dx = dL/dq * 1[|x| < clip]). x, q: same shape."""
+    inside = (x.abs() < clip).to(x.dtype)
+    return q.detach() + (x - x.detach()) * inside
+
+
+def ternarize_reference(w, clip=CLIP):
+    """ternarize (per tensor) written plainly; ternarize computes the same numbers, faster."""
+    wc = w.detach().clamp(-clip, clip)
+    a = wc.abs()
+    keep = a > TWN_THRESHOLD * a.mean()
+    alpha = (a * keep).sum() / keep.sum().clamp_min(1)
+    return ste_reference(w, torch.where(keep, alpha * wc.sign(), torch.zeros_like(wc)), clip)
+
+
+def quantize_uniform_reference(x, bits, clip=CLIP):
+    """quantize_uniform (per tensor) written plainly; quantize_uniform computes the same numbers, faster."""
+    xc = x.detach().clamp(-clip, clip)
+    n = 2 ** (bits - 1) - 1
+    s = n / xc.abs().amax().clamp_min(n * torch.finfo(x.dtype).tiny)
+    return ste_reference(x, torch.round(xc * s) / s, clip)
+
+
 class ClipSTE(torch.autograd.Function):
     """Straight-through estimator with clipping, as in TernaryBERT (Zhang et al. 2020).
 
     forward:  q = levels(clamp(x, -clip, clip))      any shape
     backward: dL/dx = dL/dq * 1[|x| < clip]           scales and thresholds get no gradient
+    The plain formula is ste_reference above (a test checks that both give the same numbers).
     Fast paths (same numbers): on CPU one read pass finds min and max of x; if every |x| < clip,
     the clamp and the backward mask are identities and are skipped (no copy of x is kept for
     backward). On a GPU that check would stall the device once per quantizer (a host sync), so
@@ -103,12 +134,12 @@ def ternarize(w, per_row=False, clip=CLIP):
         alpha = mean of |w_c| over {|w_c| > Delta}
         q = alpha * sign(w_c) where |w_c| > Delta, else 0          q in {-alpha, 0, +alpha}
     Gradient: straight-through, zero where |w| >= 2.5. An all-zero row stays zero (the original
-    divides 0/0 there).
+    divides 0/0 there). The plain formula: ternarize_reference.
     """
 
-    def levels(wc):
+    def levels(wc):  # fast path: in place on its own temporaries
         a, dims = wc.abs(), _reduce_dims(wc, per_row)
-        delta = 0.7 * a.mean(dim=dims, keepdim=True)
+        delta = TWN_THRESHOLD * a.mean(dim=dims, keepdim=True)
         keep = a > delta
         alpha = a.mul_(keep).sum(dim=dims, keepdim=True) / keep.sum(dim=dims, keepdim=True).clamp_min(1)
         return wc.sign().mul_(keep).mul_(alpha)  # in place on temporaries: no extra full-size copies
@@ -139,6 +170,7 @@ def quantize_uniform(x, bits, per_row=False, clip=CLIP):
         x_c = clamp(x, -2.5, 2.5);   n = 2^(k-1) - 1;   s = n / max|x_c|
         q = round(x_c * s) / s                             2^k - 1 levels, 0 exactly representable
     so |q - x_c| <= 1 / (2 s), half a step. Straight-through gradient, zero where |x| >= 2.5.
+    The plain formula: quantize_uniform_reference.
     """
 
     def levels(xc):
@@ -561,15 +593,27 @@ def score_loss(s_scores, t_scores, mask, include_padding=False):
     return sum((((s - t) ** 2) * pairs).sum() / n for s, t in zip(s_scores, t_scores))
 
 
-def map_loss(s_probs, t_probs, mask, eps=1e-8, chunk=2 ** 20):
+def map_loss_reference(s_probs, t_probs, mask, eps=PROB_FLOOR):
+    """map_loss written plainly (map_loss computes the same numbers with less memory traffic)."""
+    m = mask.to(s_probs[0].dtype)
+    pairs, lengths = m[:, None, :, None] * m[:, None, None, :], m.sum(-1)[:, None]  # [B, 1, S, S], [B, 1]
+    total = 0.0
+    for s, t in zip(s_probs, t_probs):
+        p_t, p_s = t.clamp_min(eps), s.clamp_min(eps)
+        kl = ((p_t.log() - p_s.log()) * p_t * pairs).sum((-1, -2))  # [B, H]
+        total = total + (kl / lengths).mean()
+    return total
+
+
+def map_loss(s_probs, t_probs, mask, eps=PROB_FLOOR, chunk=2 ** 20):
     """Attention-map loss L_map (the paper's proposal): KL(teacher || student) per query row.
 
     s_probs, t_probs: N x [B, H, S, S] softmax probabilities (before dropout); mask: [B, S],
     L_b = number of valid tokens of sample b.
         KL_{b,h} = (1 / L_b) sum_{i < L_b} sum_{j < L_b} p_T log(p_T / p_S),  p = max(P, 1e-8)
         L_map = sum_l mean_{b,h} KL_{b,h}
-    Padded keys and padded query rows are excluded, as in the official code.
-    Speed (same numbers): on CPU, KL_{b,h} is computed for groups of samples of about `chunk`
+    Padded keys and padded query rows are excluded, as in the official code. The plain formula:
+    map_loss_reference. Speed (same numbers): on CPU, KL_{b,h} is computed for groups of samples of about `chunk`
     elements (4 MB), whose temporaries stay in the cache and are recycled by the allocator instead
     of being fresh 25 MB buffers (page faults) in every step; a sample's sum is the same either
     way. On a GPU the whole batch is one group (fewer kernel launches).
@@ -670,23 +714,25 @@ BINARY, NLI2 = ("0", "1"), ("entailment", "not_entailment")
 PAIR_F1 = ("f1", "acc_and_f1")
 TASKS = {
     t.name: t
-    for t in [  # name, labels, metric, max_len, batch, eval every; label names as in the hub's nyu-mll/glue
-        Task("cola", BINARY, "mcc", 64, 16, 50, ("mcc",), ("unacceptable", "acceptable"),
-             hub_keys=("sentence",), tsv_columns=(3, None, 1)),
-        Task("sst2", BINARY, "acc", 64, 32, 100, (), ("negative", "positive"),
+    for t in [  # label names as in the hub's nyu-mll/glue; settings of the original code (main.py:392-401)
+        Task("cola", BINARY, metric="mcc", max_len=64, batch_size=16, eval_every=50, scores=("mcc",),
+             names=("unacceptable", "acceptable"), hub_keys=("sentence",), tsv_columns=(3, None, 1)),
+        Task("sst2", BINARY, metric="acc", max_len=64, batch_size=32, eval_every=100, names=("negative", "positive"),
              hub_keys=("sentence",), tsv_columns=("sentence", None, "label")),
-        Task("mrpc", BINARY, "acc", 128, 32, 50, PAIR_F1, ("not_equivalent", "equivalent"),
-             hub_keys=("sentence1", "sentence2"), tsv_columns=("#1 String", "#2 String", "Quality")),
-        Task("stsb", None, "corr", 128, 32, 100,
+        Task("mrpc", BINARY, metric="acc", max_len=128, batch_size=32, eval_every=50, scores=PAIR_F1,
+             names=("not_equivalent", "equivalent"), hub_keys=("sentence1", "sentence2"),
+             tsv_columns=("#1 String", "#2 String", "Quality")),
+        Task("stsb", None, metric="corr", max_len=128, batch_size=32, eval_every=100,
              hub_keys=("sentence1", "sentence2"), tsv_columns=("sentence1", "sentence2", "score")),
-        Task("qqp", BINARY, "acc", 128, 32, 1000, PAIR_F1, ("not_duplicate", "duplicate"),
-             hub_keys=("question1", "question2"), tsv_columns=("question1", "question2", "is_duplicate")),
-        Task("mnli", ("entailment", "neutral", "contradiction"), "acc", 128, 32, 8000,
-             hub_keys=("premise", "hypothesis"), tsv_columns=("sentence1", "sentence2", "gold_label"),
+        Task("qqp", BINARY, metric="acc", max_len=128, batch_size=32, eval_every=1000, scores=PAIR_F1,
+             names=("not_duplicate", "duplicate"), hub_keys=("question1", "question2"),
+             tsv_columns=("question1", "question2", "is_duplicate")),
+        Task("mnli", ("entailment", "neutral", "contradiction"), metric="acc", max_len=128, batch_size=32,
+             eval_every=8000, hub_keys=("premise", "hypothesis"), tsv_columns=("sentence1", "sentence2", "gold_label"),
              dev_files=(("validation_matched", "dev_matched.tsv"), ("validation_mismatched", "dev_mismatched.tsv"))),
-        Task("qnli", NLI2, "acc", 128, 32, 1000, hub_keys=("question", "sentence"),
+        Task("qnli", NLI2, metric="acc", max_len=128, batch_size=32, eval_every=1000, hub_keys=("question", "sentence"),
              tsv_columns=("question", "sentence", "label")),
-        Task("rte", NLI2, "acc", 128, 32, 20, hub_keys=("sentence1", "sentence2"),
+        Task("rte", NLI2, metric="acc", max_len=128, batch_size=32, eval_every=20, hub_keys=("sentence1", "sentence2"),
              tsv_columns=("sentence1", "sentence2", "label")),
     ]
 }
@@ -1176,40 +1222,6 @@ def set_seed(seed):
         pass
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary sibling of path to write; rename it onto path once written.
-
-    A kill mid-write leaves only the temporary (file or directory), never a half-written path.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.is_dir():  # left behind by an earlier kill
-        shutil.rmtree(tmp)
-    tmp.unlink(missing_ok=True)
-    yield tmp
-    if path.is_dir():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
-def json_ready(obj):
-    """obj with every NaN float as None (JSON's null: NaN is not JSON), recursively."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    return obj
-
-
-def write_json(path, obj):
-    """Write JSON atomically, so a kill leaves no half file; an undefined (NaN) value is written as null."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(json_ready(obj), indent=2) + "\n")
-
-
 @torch.no_grad()
 def evaluate(model, task, dev_sets, batch_size, pad_id=0, desc="eval", pad_to=None):
     """Dev metrics of a model. dev_sets: {split: features}; MNLI's second split gets suffix _mm.
@@ -1246,7 +1258,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # on matrices only, not on biases and LayerNorm
     max_grad_norm: float = 1.0
     optimizer: str = "bertadam"  # "bertadam" (official code) or "adamw" (torch)
-    save_every: int = 0  # checkpoint every N steps (needs train(checkpoint=...)); 0: only on Ctrl-C
+    save_every: int = 100  # checkpoint every N steps (needs train(checkpoint=...)); 0: only on Ctrl-C
     eval_every: int = 0  # 0: evaluate only at the end
     max_steps: int = 0  # 0: epochs decide
     seed: int = 42
@@ -1274,7 +1286,7 @@ class BertAdam(torch.optim.Optimizer):
     by (1 - b1^t) / sqrt(1 - b2^t), e.g. 3.2x at step 100 and 1.9x at step 345.
     """
 
-    def __init__(self, params, lr=2e-5, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, max_grad_norm=1.0):
+    def __init__(self, params, lr=2e-5, betas=(0.9, 0.999), eps=ADAM_EPS, weight_decay=0.0, max_grad_norm=1.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       max_grad_norm=max_grad_norm))
 
@@ -1311,9 +1323,9 @@ def make_optimizer(model, cfg, total_steps):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     if cfg.optimizer == "bertadam":
-        opt = BertAdam(groups, lr=cfg.lr, eps=1e-6, max_grad_norm=cfg.max_grad_norm)
+        opt = BertAdam(groups, lr=cfg.lr, eps=ADAM_EPS, max_grad_norm=cfg.max_grad_norm)
     elif cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, eps=1e-6)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, eps=ADAM_EPS)
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use one of {OPTIMIZERS}")
     warm = int(cfg.warmup * total_steps)
@@ -1324,62 +1336,6 @@ def make_optimizer(model, cfg, total_steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
-def rng_state():
-    """Python, numpy and torch (CPU) random states, to continue a run exactly; as tensors and plain
-    Python values only, so that a checkpoint loads with torch.load(weights_only=True)."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
-    except ImportError:
-        pass
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        name, keys, pos, has_gauss, gauss = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-
-
-def save_checkpoint(path, model, opt, sched, loop):
-    """Everything train() needs to continue: weights, optimizer, schedule, RNG states, loop state.
-
-    Written atomically (temporary file, then rename): a kill never leaves a half-written checkpoint.
-    """
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "rng": rng_state(), "loop": loop}, tmp)
-
-
-def load_checkpoint(path):
-    """A checkpoint of save_checkpoint: tensors and plain values only (weights_only=True: nothing is
-    unpickled that could run code). A file holding anything else is refused."""
-    import pickle
-
-    try:
-        return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = (str(e).strip().splitlines() or [""])[0][:120]
-        raise ValueError(f"{path} holds more than tensors and plain values ({why}); refusing to unpickle it: "
-                         "delete it to start the run again") from None
-
-
-def distributed():
-    """(rank, world size) under torchrun once the process group is initialised; else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=print, desc="train",
           checkpoint=None):
     """One training loop for teacher fine-tuning and QAT.
@@ -1387,8 +1343,9 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
     loss_fn(model, batch) -> (loss, {term: value}); evaluate_fn() -> dev metrics, run every
     cfg.eval_every steps and after the last step; log(record) receives every step's loss terms
     and every evaluation. A non-finite loss stops training with FloatingPointError naming the step
-    and the term. Returns the best (selected on `metric`, first best kept) and the last evaluation,
-    the number of steps, and the seconds spent (in all, in evaluation, per training step).
+    and the term. Returns the best (selected on `metric`, first best kept; an undefined, NaN,
+    metric never) and the last evaluation, the number of steps, and the seconds spent (in all, in
+    evaluation, per training step).
 
     checkpoint: a file path. If it exists, training continues from it; the state is saved there
     every cfg.save_every steps and when Ctrl-C (SIGINT) arrives, after the step in progress,
@@ -1396,100 +1353,95 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
 
     Several processes (torchrun, process group initialised): the model is wrapped in
     DistributedDataParallel; every process draws the same global batch of cfg.batch_size and
-    trains on its own contiguous slice of it, gradients are averaged across processes, and only
-    rank 0 evaluates, logs (losses averaged over processes) and saves checkpoints.
+    trains on its own contiguous slice of it, gradients are averaged across processes, each draws
+    its own dropout, and only rank 0 evaluates, logs (losses averaged over processes) and saves.
     """
-    import signal
-
     from tqdm.auto import tqdm
 
     rank, world = distributed()
     net = model if world == 1 else nn.parallel.DistributedDataParallel(model)
-    device = next(model.parameters()).device
     total = cfg.total_steps(len(train_feats), world)
-    steps_per_epoch = cfg.steps_per_epoch(len(train_feats), world)
     opt, sched = make_optimizer(model, cfg, total)
-    loop = {"step": 0, "seconds": 0.0, "eval_seconds": 0.0,
-            "result": {"best": None, "best_step": None, "last": None, "last_step": None}}
-    if checkpoint is not None and Path(checkpoint).is_file():
-        state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        loop = state["loop"]
-    result, step = loop["result"], loop["step"]
+    loop = restore(checkpoint, model, opt, sched)
     if world > 1:  # each process draws its own dropout masks (the data order comes from its own generator)
-        torch.manual_seed(cfg.seed + 10_000 * rank + step)
-    main = rank == 0
-    interrupted = []
-    try:  # Ctrl-C: finish the step in progress, save, then stop
-        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
-    except ValueError:  # not the main thread
-        previous = None
+        torch.manual_seed(cfg.seed + 10_000 * rank + loop["step"])
+    step, main, start = loop["step"], rank == 0, time.time() - loop["seconds"]
     model.train()
-    start = time.time() - loop["seconds"]
-    bar = tqdm(total=total, initial=step, desc=desc, dynamic_ncols=True, disable=not main)
-    try:
-        while step < total:
-            epoch, skip = divmod(step, steps_per_epoch)
-            for batch in batches(train_feats, cfg.batch_size, cfg.pad_id, shuffle=True, seed=cfg.seed + epoch,
-                                 start=skip, device=device, pad_to=cfg.pad_to or None, drop_below=world):
-                if world > 1:  # this process's slice of the global batch
-                    batch = {k: v.tensor_split(world)[rank] for k, v in batch.items()}
-                loss, terms = loss_fn(net, batch)
-                values = torch.stack([loss.detach(), *(torch.as_tensor(v).detach() for v in terms.values())])
-                if world > 1:  # every process sees the same averaged values, so all stop together on NaN
-                    torch.distributed.all_reduce(values)
-                    values /= world
-                values = values.tolist()
-                if not math.isfinite(values[0]):
-                    bad = [k for k, v in zip(terms, values[1:]) if not math.isfinite(v)] or ["total"]
-                    raise FloatingPointError(f"loss is {values[0]} at step {step + 1} (term: {', '.join(bad)})"
-                                             + (f"; the last good checkpoint is {checkpoint}" if checkpoint else ""))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optimizer == "adamw":  # BertAdam clips each tensor itself
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                step += 1
-                if main:
-                    log({"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], "loss": values[0],
-                         **dict(zip(terms, values[1:]))})
-                bar.update(1)
-                bar.set_postfix(loss=f"{values[0]:.4f}")
-                if main and evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
-                                                         or step == total):
-                    eval_start = time.time()
-                    metrics = evaluate_fn()
-                    loop["eval_seconds"] += time.time() - eval_start
-                    undefined = [k for k, v in metrics.items() if math.isnan(v)]  # e.g. a constant regression
-                    log({"step": step, "eval": metrics, **({"undefined": undefined} if undefined else {})})
-                    result.update(last=metrics, last_step=step)
-                    if undefined:
-                        result.setdefault("undefined_steps", []).append(step)
-                    if not math.isnan(metrics[metric]) and (result["best"] is None or
-                                                             metrics[metric] > result["best"][metric]):
-                        result.update(best=metrics, best_step=step)  # a NaN metric is never the best
-                    bar.write(f"step {step}: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
-                if main and checkpoint is not None and ((cfg.save_every and step % cfg.save_every == 0)
-                                                        or interrupted):
+    with stop_on_ctrl_c() as interrupted, tqdm(total=total, initial=step, desc=desc, dynamic_ncols=True,
+                                              disable=not main) as bar:
+        for epoch, batch in training_batches(train_feats, cfg, step, total, next(model.parameters()).device, rank,
+                                             world):
+            loss, terms = loss_fn(net, batch)  # teacher and student forward, the KD loss
+            values = checked_values(loss, terms, world, step, checkpoint)  # averaged over processes
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optimizer == "adamw":  # BertAdam clips each tensor itself
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if main:
+                log({"step": step, "epoch": epoch, "lr": sched.get_last_lr()[0], **values})
+                if evaluate_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                    evaluate_and_select(evaluate_fn, metric, loop, step, log, bar.write)
+                if checkpoint is not None and ((cfg.save_every and step % cfg.save_every == 0) or interrupted):
                     loop.update(step=step, seconds=time.time() - start)
                     save_checkpoint(checkpoint, model, opt, sched, loop)
-                if interrupted:
-                    raise KeyboardInterrupt(f"interrupted after step {step}"
-                                            + (f"; resume from {checkpoint}" if checkpoint else ""))
-                if step == total:
-                    break
-    finally:
-        bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+            if interrupted:
+                raise KeyboardInterrupt(f"interrupted after step {step}" + (f"; resume from {checkpoint}"
+                                                                            if checkpoint else ""))
     seconds = time.time() - start
-    result.update(steps=step, seconds=seconds, eval_seconds=loop["eval_seconds"],
-                  seconds_per_step=(seconds - loop["eval_seconds"]) / max(1, step))
-    return result
+    return {**loop["result"], "steps": step, "seconds": seconds, "eval_seconds": loop["eval_seconds"],
+            "seconds_per_step": (seconds - loop["eval_seconds"]) / max(1, step)}
+
+
+def training_batches(train_feats, cfg, step, total, device="cpu", rank=0, world=1):
+    """(epoch, batch) from training step `step` to `total`: epochs in a seeded order (cfg.seed +
+    epoch), so a resumed run continues where it stopped; under several processes, this process's
+    slice of every global batch (a last batch smaller than the process count is dropped)."""
+    while step < total:
+        epoch, skip = divmod(step, cfg.steps_per_epoch(len(train_feats), world))
+        for batch in batches(train_feats, cfg.batch_size, cfg.pad_id, shuffle=True, seed=cfg.seed + epoch,
+                             start=skip, device=device, pad_to=cfg.pad_to or None, drop_below=world):
+            if world > 1:
+                batch = {k: v.tensor_split(world)[rank] for k, v in batch.items()}
+            yield epoch, batch
+            step += 1
+            if step == total:
+                return
+
+
+def checked_values(loss, terms, world, step, checkpoint=None):
+    """{"loss": total, term: value} as floats, averaged over processes (so all stop together); a
+    non-finite total raises FloatingPointError naming the step and the term."""
+    values = torch.stack([loss.detach(), *(torch.as_tensor(v).detach() for v in terms.values())])
+    if world > 1:
+        torch.distributed.all_reduce(values)
+        values /= world
+    values = dict(zip(["loss", *terms], values.tolist()))
+    if not math.isfinite(values["loss"]):
+        bad = [k for k in terms if not math.isfinite(values[k])] or ["total"]
+        raise FloatingPointError(f"loss is {values['loss']} at step {step + 1} (term: {', '.join(bad)})"
+                                 + (f"; the last good checkpoint is {checkpoint}" if checkpoint else ""))
+    return values
+
+
+def evaluate_and_select(evaluate_fn, metric, loop, step, log, write=print):
+    """Evaluate, log, and keep the last and the best evaluation (on `metric`; NaN is never best)."""
+    eval_start = time.time()
+    metrics = evaluate_fn()
+    loop["eval_seconds"] += time.time() - eval_start
+    undefined = [k for k, v in metrics.items() if math.isnan(v)]  # e.g. the correlation of constant predictions
+    log({"step": step, "eval": metrics, **({"undefined": undefined} if undefined else {})})
+    result = loop["result"]
+    result.update(last=metrics, last_step=step)
+    if undefined:
+        result.setdefault("undefined_steps", []).append(step)
+    if not math.isnan(metrics[metric]) and (result["best"] is None or metrics[metric] > result["best"][metric]):
+        result.update(best=metrics, best_step=step)
+    write(f"step {step}: " + "  ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()))
 
 
 def finetune_teacher(model, task, train_feats, cfg, evaluate_fn=None, log=print):
@@ -1890,3 +1842,133 @@ class IntEmbedding(nn.Module):
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.bits}-bit codes"
+
+
+# =============================================================================================
+# 10. Files, checkpoints and processes
+#
+# The plumbing that lets a run survive a kill and run on several processes: atomic writes,
+# checkpoints of tensors and plain values (no pickled code), RNG state, the process group.
+# =============================================================================================
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling of path to write; rename it onto path once written.
+
+    A kill mid-write leaves only the temporary (file or directory), never a half-written path.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.is_dir():  # left behind by an earlier kill
+        shutil.rmtree(tmp)
+    tmp.unlink(missing_ok=True)
+    yield tmp
+    if path.is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def json_ready(obj):
+    """obj with every NaN float as None (JSON's null: NaN is not JSON), recursively."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj):
+    """Write JSON atomically, so a kill leaves no half file; an undefined (NaN) value is written as null."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_ready(obj), indent=2) + "\n")
+
+
+def restore(checkpoint, model, opt, sched):
+    """train()'s loop state: from the checkpoint file if one exists (weights, optimizer, schedule and
+    RNG states restored in place), else a fresh start."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return {"step": 0, "seconds": 0.0, "eval_seconds": 0.0,
+                "result": {"best": None, "best_step": None, "last": None, "last_step": None}}
+    state = load_checkpoint(checkpoint)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["loop"]
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """Yield a list that becomes non-empty when Ctrl-C (SIGINT) arrives, so that train() can finish
+    the step in progress, save and stop; the previous handler is restored afterwards."""
+    import signal
+
+    interrupted = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield interrupted
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def rng_state():
+    """Python, numpy and torch (CPU) random states, to continue a run exactly; as tensors and plain
+    Python values only, so that a checkpoint loads with torch.load(weights_only=True)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def save_checkpoint(path, model, opt, sched, loop):
+    """Everything train() needs to continue: weights, optimizer, schedule, RNG states, loop state.
+
+    Written atomically (temporary file, then rename): a kill never leaves a half-written checkpoint.
+    """
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "rng": rng_state(), "loop": loop}, tmp)
+
+
+def load_checkpoint(path):
+    """A checkpoint of save_checkpoint: tensors and plain values only (weights_only=True: nothing is
+    unpickled that could run code). A file holding anything else is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"{path} holds more than tensors and plain values ({why}); refusing to unpickle it: "
+                         "delete it to start the run again") from None
+
+
+def distributed():
+    """(rank, world size) under torchrun once the process group is initialised; else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

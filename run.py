@@ -2,14 +2,25 @@
 
     python run.py --task mrpc --kd map --wbits 2
     python run.py --task mrpc --kd map --wbits 2 --teacher DIR --data_dir ../shared/data/glue/MRPC
+    python run.py --train_file train.csv --validation_file dev.csv --teacher DIR --kd map
 
-Steps: load GLUE data and the teacher; fine-tune the teacher first if its classification head is
-untrained (cached under --output_dir/teachers and reused); evaluate teacher and the quantized
-student before training (PTQ); run QAT with the chosen KD loss; save the student; summarise.
+Steps: refuse an unusable teacher; load the data (a GLUE task, your files or a hub dataset) and the
+teacher; fine-tune the teacher first if its classification head is untrained (cached under
+--output_dir/teachers and reused); evaluate teacher and the quantized student before training
+(PTQ); run QAT with the chosen KD loss; save and export the student; summarise.
+
+Sections, in order:
+    1. arguments     build_parser() mirrors the paper's hyperparameter table
+    2. set-up        data, teacher (fine-tuned once, cached), the checks before any work
+    3. one run       PTQ baseline, QAT, export, attention-recovery diagnostics, summary
+    4. sweep         one results table over KD modes, seeds, teacher seeds and protocols
+    5. benchmark     what a QAT step costs against plain fine-tuning; inference
+    6. deployment    an exported student on the dev set (--eval_export)
+    7. entry point   main(), torchrun set-up, one-line errors
 
 On several processes (CPU: gloo, GPUs: nccl, one process per GPU):
     torchrun --nproc_per_node=N run.py --task mrpc --kd map --wbits 2 ...
---batch_size stays the global batch; rank 0 evaluates, logs and saves. Timing: run.py --benchmark.
+--batch_size stays the global batch; rank 0 evaluates, logs and saves.
 """
 
 import argparse
@@ -32,6 +43,11 @@ try:
     import qatkd
 except ImportError as e:  # run outside the project's environment
     sys.exit(f"run.py: error: {e}; install the requirements first (README: set-up)")
+
+
+# =============================================================================================
+# 1. Arguments
+# =============================================================================================
 
 
 def int_list(text):
@@ -100,26 +116,26 @@ def build_parser():
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint (same arguments); the result is the same "
                         "as an uninterrupted run's")
-    g.add_argument("--save_every", type=int, default=100,
+    g.add_argument("--save_every", type=int, default=qatkd.TrainConfig.save_every,
                    help="write a checkpoint every N steps (and on Ctrl-C); 0: only on Ctrl-C. Default: 100")
     g = p.add_argument_group("training (paper: 3 epochs, lr 2e-5, batch 32 / 16 for CoLA)")
-    g.add_argument("--epochs", type=float, default=3.0, help="QAT epochs. Default: 3")
-    g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate. Default: 2e-5")
+    g.add_argument("--epochs", type=float, default=qatkd.TrainConfig.epochs, help="QAT epochs. Default: 3")
+    g.add_argument("--lr", type=float, default=qatkd.TrainConfig.lr, help="peak learning rate. Default: 2e-5")
     g.add_argument("--batch_size", type=int, default=None, help="default: 32, 16 for CoLA")
     g.add_argument("--max_len", type=int, default=None, help="max tokens per example. Default: 128, 64 for CoLA/SST-2")
-    g.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up. Default: 0.1")
-    g.add_argument("--optimizer", default="bertadam", choices=qatkd.OPTIMIZERS,
+    g.add_argument("--warmup", type=float, default=qatkd.TrainConfig.warmup, help="fraction of steps of linear warm-up. Default: 0.1")
+    g.add_argument("--optimizer", default=qatkd.TrainConfig.optimizer, choices=qatkd.OPTIMIZERS,
                    help="bertadam: the official code's Adam without bias correction, gradients clipped per tensor "
                         "at 1.0; adamw: torch's AdamW with one global clip at 1.0. Default: bertadam")
     g.add_argument("--eval_every", type=int, default=None,
                    help="evaluate on dev every N steps (and at the end). Default: per task, e.g. 50 for MRPC")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after N steps (0: run all epochs)")
-    g.add_argument("--seed", type=int, default=42, help="seed of QAT (data order, dropout). Default: 42")
+    g.add_argument("--max_steps", type=int, default=qatkd.TrainConfig.max_steps, help="stop after N steps (0: run all epochs)")
+    g.add_argument("--seed", type=int, default=qatkd.TrainConfig.seed, help="seed of QAT (data order, dropout). Default: 42")
     g.add_argument("--keep_denormals", action="store_true",
                    help="compute with denormal floats on CPU (slow on x86) instead of flushing them to zero")
     g = p.add_argument_group("teacher fine-tuning (when the teacher's head is untrained)")
-    g.add_argument("--teacher_epochs", type=float, default=3.0, help="Default: 3")
-    g.add_argument("--teacher_lr", type=float, default=2e-5, help="Default: 2e-5")
+    g.add_argument("--teacher_epochs", type=float, default=qatkd.TrainConfig.epochs, help="Default: 3")
+    g.add_argument("--teacher_lr", type=float, default=qatkd.TrainConfig.lr, help="Default: 2e-5")
     g.add_argument("--teacher_seed", type=int, default=42,
                    help="seed of teacher fine-tuning (the new head's initialisation, data order, dropout); one seed, "
                         "one cached teacher. Default: 42")
@@ -226,14 +242,34 @@ def default_run_name(args):
             + ("-original" if args.original_padding else ""))
 
 
-def defined(v):
-    return v is not None and not math.isnan(v)
+# =============================================================================================
+# 2. Set-up: data, teacher, the checks that come before any work
+# =============================================================================================
 
 
-def fmt(metrics):
-    """Dev metrics in %, one line; an undefined value (a correlation of constant predictions) as 'undefined'."""
-    return "  ".join(f"{k} {100 * v:6.2f}" if defined(v) else f"{k} undefined"
-                     for k, v in metrics.items()) if metrics else "-"
+@dataclass
+class Setup:
+    """What every run of a task shares: data, teacher, features, the teacher's dev score."""
+
+    task: qatkd.Task
+    teacher: object
+    tokenizer: object
+    teacher_path: str
+    train: list
+    dev: dict
+    pad_id: int
+    teacher_metrics: dict
+
+
+def load_data(args):
+    """(Task, {split: examples}): a GLUE task, your own files, or a hub dataset."""
+    if args.task:
+        task = qatkd.TASKS[args.task]
+        return task, qatkd.load_glue(task, args.data_dir)
+    if args.train_file:
+        return qatkd.load_data_files(args.train_file, args.validation_file, args.text_columns, args.label_column)
+    return qatkd.load_hub_dataset(args.dataset, args.dataset_config, args.validation_split, args.text_columns,
+                                  args.label_column)
 
 
 def get_teacher(args, task, data):
@@ -280,31 +316,6 @@ def get_teacher(args, task, data):
     return teacher, tokenizer, str(cache), task, data
 
 
-@dataclass
-class Setup:
-    """What every run of a task shares: data, teacher, features, the teacher's dev score."""
-
-    task: qatkd.Task
-    teacher: object
-    tokenizer: object
-    teacher_path: str
-    train: list
-    dev: dict
-    pad_id: int
-    teacher_metrics: dict
-
-
-def load_data(args):
-    """(Task, {split: examples}): a GLUE task, your own files, or a hub dataset."""
-    if args.task:
-        task = qatkd.TASKS[args.task]
-        return task, qatkd.load_glue(task, args.data_dir)
-    if args.train_file:
-        return qatkd.load_data_files(args.train_file, args.validation_file, args.text_columns, args.label_column)
-    return qatkd.load_hub_dataset(args.dataset, args.dataset_config, args.validation_split, args.text_columns,
-                                  args.label_column)
-
-
 def setup(args):
     qatkd.teacher_config(args.teacher)  # an unusable teacher is refused before any data is read
     task, data = load_data(args)
@@ -323,70 +334,64 @@ def setup(args):
     return env
 
 
-def pad_to(args):
-    """Batches padded to --max_len under --original_padding, else to their longest example."""
-    return args.max_len if args.original_padding else None
+NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "teacher_path", "code", "keep_denormals", "sweep",
+                "sweep_kd", "seeds", "sweep_teacher_seeds", "sweep_protocols", "benchmark", "bench_model",
+                "bench_steps", "bench_warmup", "device")
 
 
-def evaluate(env, model, args, desc="eval"):
-    return qatkd.evaluate(model, env.task, env.dev, args.batch_size, env.pad_id, desc, pad_to(args))
+def differing_args(old, args):
+    """'--name stored (now value)' for every argument of args that a run's args.json holds otherwise."""
+    return [f"--{k} {old[k]} (now {v})" for k, v in vars(args).items()
+            if k not in NOT_COMPARED and k in old and old[k] != v]
 
 
-def recovery(env, student, args):
-    """Attention-recovery diagnostics of a student on the (first) dev split."""
-    dev = next(iter(env.dev.values()))
-    return qatkd.attention_recovery(student, env.teacher, dev, args.batch_size, env.pad_id, args.rank_samples,
-                                    pad_to(args))
+def differing_code(old, args):
+    """['code X (now Y)'] when the run's recorded commit is not this code's, unless --mix_commits."""
+    now, then = code_version(), old.get("code", "unrecorded")
+    return [] if then == now or args.mix_commits else [f"code {then} (now {now})"]
 
 
-def ptq_baseline(env, args):
-    """The quantized student before any training: dev score and attention-recovery diagnostics."""
-    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
-    metrics = evaluate(env, student, args, "eval PTQ")
-    print(f"student W{args.wbits}A{args.abits} before QAT    {fmt(metrics)}")
-    return {"metrics": metrics, "recovery": recovery(env, student, args)}
+@functools.lru_cache(maxsize=None)
+def code_version():
+    """The git commit of this code, with "+changes" if qatkd.py or run.py differ from it; "unknown" outside
+    a git checkout. Recorded in every run's args.json and metrics.json. Read once, when main() starts: a
+    long sweep records the code it runs, even if the files change meanwhile."""
+    import subprocess
 
-
-def print_recovery(ptq, qat):
-    """Per-layer table: each measure as PTQ -> QAT."""
-    names = [n for n in qatkd.DIAGNOSTICS if n in ptq]
-    print("\nattention recovery on dev, per layer (PTQ: quantized, before QAT -> after QAT)")
-    print("layer " + "".join(f"{n:>22}" for n in names))
-    for layer in range(len(ptq[names[0]])):
-        print(f"{layer + 1:>5} " + "".join(f"{ptq[n][layer]:>10.4f} -> {qat[n][layer]:<8.4f}" for n in names))
-
-
-def plot_recovery(path, ptq, qat):
-    """One panel per measure, layers on the x-axis, PTQ vs QAT. Needs matplotlib; says so if absent."""
+    here = Path(__file__).resolve().parent
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if not getattr(plot_recovery, "warned", False):  # say it once per process, then go on
-            print("matplotlib is not installed: no attention-recovery plot (pip install matplotlib for one)")
-            plot_recovery.warned = True
-        return
-    names = [n for n in qatkd.DIAGNOSTICS if n in ptq]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3))
-    for ax, n in zip(axes, names):
-        layers = range(1, len(ptq[n]) + 1)
-        ax.plot(layers, ptq[n], "o-", label="PTQ (no training)")
-        ax.plot(layers, qat[n], "s-", label="QAT")
-        ax.set(title=n.replace("_", " "), xlabel="layer", xticks=list(layers))
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)  # noqa
+        commit = git("rev-parse", "--short=12", "HEAD")
+        if commit.returncode:
+            return "unknown"
+        changed = git("status", "--porcelain", "--", "qatkd.py", "run.py").stdout.strip()
+        return commit.stdout.strip() + ("+changes" if changed else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
-def log_step(line):
-    """The step of a log.jsonl line; a line torn by a kill counts as after every checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError):
-        return float("inf")
+def check_run_dir(run_dir, args):
+    """Refuse to overwrite an earlier run by accident, and to resume one with other settings or code."""
+    stored = run_dir / "args.json"
+    if args.resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            done = " (it has finished)" if (run_dir / "metrics.json").is_file() else ""
+            raise FileNotFoundError(f"--resume: {run_dir} holds no checkpoint to resume from{done}")
+        old = json.loads(stored.read_text())
+        changed = differing_args(old, args)
+        if changed:
+            raise ValueError(f"--resume: {run_dir} was started with other arguments: {', '.join(changed)}")
+        if differing_code(old, args):
+            raise ValueError(f"--resume: {run_dir} was started by other code: {differing_code(old, args)[0]}; pass "
+                             "--mix_commits to continue it anyway")
+    elif stored.exists() and not args.overwrite:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
+                              "it, or another --run_name")
+
+
+# =============================================================================================
+# 3. One run: PTQ baseline, QAT, export, diagnostics, summary
+# =============================================================================================
 
 
 def run_qat(env, args, ptq=None):
@@ -463,12 +468,70 @@ def qat_loss(env, args):
                              args.original_padding)
 
 
-def peak_memory_mb():
-    """Peak resident memory of this process so far (Linux and macOS), in MiB."""
-    import resource
+def pad_to(args):
+    """Batches padded to --max_len under --original_padding, else to their longest example."""
+    return args.max_len if args.original_padding else None
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+def evaluate(env, model, args, desc="eval"):
+    return qatkd.evaluate(model, env.task, env.dev, args.batch_size, env.pad_id, desc, pad_to(args))
+
+
+def recovery(env, student, args):
+    """Attention-recovery diagnostics of a student on the (first) dev split."""
+    dev = next(iter(env.dev.values()))
+    return qatkd.attention_recovery(student, env.teacher, dev, args.batch_size, env.pad_id, args.rank_samples,
+                                    pad_to(args))
+
+
+def ptq_baseline(env, args):
+    """The quantized student before any training: dev score and attention-recovery diagnostics."""
+    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
+    metrics = evaluate(env, student, args, "eval PTQ")
+    print(f"student W{args.wbits}A{args.abits} before QAT    {fmt(metrics)}")
+    return {"metrics": metrics, "recovery": recovery(env, student, args)}
+
+
+def print_recovery(ptq, qat):
+    """Per-layer table: each measure as PTQ -> QAT."""
+    names = [n for n in qatkd.DIAGNOSTICS if n in ptq]
+    print("\nattention recovery on dev, per layer (PTQ: quantized, before QAT -> after QAT)")
+    print("layer " + "".join(f"{n:>22}" for n in names))
+    for layer in range(len(ptq[names[0]])):
+        print(f"{layer + 1:>5} " + "".join(f"{ptq[n][layer]:>10.4f} -> {qat[n][layer]:<8.4f}" for n in names))
+
+
+def plot_recovery(path, ptq, qat):
+    """One panel per measure, layers on the x-axis, PTQ vs QAT. Needs matplotlib; says so if absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not getattr(plot_recovery, "warned", False):  # say it once per process, then go on
+            print("matplotlib is not installed: no attention-recovery plot (pip install matplotlib for one)")
+            plot_recovery.warned = True
+        return
+    names = [n for n in qatkd.DIAGNOSTICS if n in ptq]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3))
+    for ax, n in zip(axes, names):
+        layers = range(1, len(ptq[n]) + 1)
+        ax.plot(layers, ptq[n], "o-", label="PTQ (no training)")
+        ax.plot(layers, qat[n], "s-", label="QAT")
+        ax.set(title=n.replace("_", " "), xlabel="layer", xticks=list(layers))
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_step(line):
+    """The step of a log.jsonl line; a line torn by a kill counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return float("inf")
 
 
 def export(env, student, path):
@@ -485,19 +548,27 @@ def export(env, student, path):
     return sizes
 
 
-def mean_std(values):
-    values = [v for v in values if defined(v)]  # an undefined evaluation (null) is left out
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{100 * values[0]:.2f}"
-    m = sum(values) / len(values)
-    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return f"{100 * m:.2f} ± {100 * sd:.2f}"
+def defined(v):
+    return v is not None and not math.isnan(v)
 
 
-def mean(values):
-    return sum(values) / len(values)
+def fmt(metrics):
+    """Dev metrics in %, one line; an undefined value (a correlation of constant predictions) as 'undefined'."""
+    return "  ".join(f"{k} {100 * v:6.2f}" if defined(v) else f"{k} undefined"
+                     for k, v in metrics.items()) if metrics else "-"
+
+
+def peak_memory_mb():
+    """Peak resident memory of this process so far (Linux and macOS), in MiB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+# =============================================================================================
+# 4. Sweep: one results table over KD modes, seeds, teachers and protocols
+# =============================================================================================
 
 
 def sweep(args):
@@ -549,6 +620,21 @@ def sweep_run(env, one, ptq):
     return run_qat(env, one, ptq)
 
 
+def mean(values):
+    return sum(values) / len(values)
+
+
+def mean_std(values):
+    values = [v for v in values if defined(v)]  # an undefined evaluation (null) is left out
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{100 * m:.2f} ± {100 * sd:.2f}"
+
+
 SWEEP_MEASURES = ("map_kl", "output_mse", "output_cos", "rank_loss", "cover_length")
 
 
@@ -583,9 +669,9 @@ def write_sweep_table(args, metric, rows, teachers, seconds):
     return table
 
 
-# ---------------------------------------------------------------------------------------------
-# --benchmark: what a QAT step costs against a plain full-precision fine-tuning step
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# 5. Benchmark: what a QAT step costs against plain fine-tuning, and inference
+# =============================================================================================
 
 
 @contextlib.contextmanager
@@ -624,17 +710,27 @@ def benchmark(args):
     attention, and the eager attention QAT uses), a QAT step per KD mode (teacher forward + student
     forward/backward + loss + optimizer step, exactly train()'s), the same map step with the
     quantizers off (W32A32) to get the quantizers' share, the KD loss alone (forward + backward on
-    stored internals) to get the loss's share, and teacher/student inference. Phases are timed in
-    interleaved rounds, so their ratios are measured side by side. Writes a Markdown table and JSON
-    to OUTPUT_DIR/benchmark-MODEL-bB-sS-DEVICE.{md,json}."""
-    import copy
+    stored internals) to get the loss's share, and inference: teacher, fake-quant student, exported
+    integer student. Phases are timed in interleaved rounds, so their ratios are measured side by
+    side. Writes a Markdown table and JSON to OUTPUT_DIR/benchmark-MODEL-bB-sS-DEVICE.{md,json}."""
+    task = qatkd.TASKS[args.task]
+    teacher, name = bench_teacher(args, task)
+    batch = bench_batch(args, task, teacher)
+    where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    params = sum(p.numel() for p in teacher.parameters())
+    print(f"benchmark: {name} ({params / 1e6:.1f}M parameters), batch {args.batch_size} x length {args.max_len} "
+          f"(no padding), W{args.wbits}A{args.abits}, {where}; median of {args.bench_steps} rounds after "
+          f"{args.bench_warmup} warm-up rounds")
+    rows, steps = build_phases(bench_phases(args, task, teacher, batch), args.device)
+    timed_rounds(rows, steps, args.bench_steps, args.bench_warmup, args.device)
+    return bench_report(args, name, params, where, rows)
 
-    from tqdm.auto import tqdm
 
-    import torch.nn.functional as F
+def bench_teacher(args, task):
+    """The benchmarked model: the --teacher's architecture and weights, or a random BERT-base."""
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    device, task = args.device, qatkd.TASKS[args.task]
     if args.bench_model == "bert-base":
         teacher = AutoModelForSequenceClassification.from_config(
             BertConfig(num_labels=task.num_labels), attn_implementation="qatkd")
@@ -643,103 +739,104 @@ def benchmark(args):
         teacher = qatkd.load_teacher(args.teacher, task)[0]
         path = Path(args.teacher).resolve()  # a directory is named with its parent: ".../minilm/model"
         name = f"{path.parent.name}-{path.name}" if path.is_dir() else args.teacher
-    teacher.to(device).eval()
+    return teacher.to(args.device).eval(), name
+
+
+def bench_batch(args, task, teacher):
+    """One random batch of --batch_size x --max_len tokens, no padding, with labels."""
     B, S, vocab = args.batch_size, args.max_len, teacher.config.vocab_size
     gen = torch.Generator().manual_seed(args.seed)
     batch = {"input_ids": torch.randint(vocab // 10, vocab, (B, S), generator=gen),
              "attention_mask": torch.ones(B, S, dtype=torch.long), "token_type_ids": torch.zeros(B, S, dtype=torch.long),
              "labels": torch.randint(0, task.num_labels, (B,), generator=gen)}
-    batch = {k: v.to(device) for k, v in batch.items()}
-    inputs = {k: batch[k] for k in qatkd.MODEL_INPUTS}
-    params = sum(p.numel() for p in teacher.parameters())
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"benchmark: {name} ({params / 1e6:.1f}M parameters), batch {B} x length {S} (no padding), "
-          f"W{args.wbits}A{args.abits}, {where}; median of {args.bench_steps} rounds after {args.bench_warmup} "
-          "warm-up rounds")
-    n, w = args.bench_steps, args.bench_warmup
+    return {k: v.to(args.device) for k, v in batch.items()}
 
-    def train_step(model, loss_fn, opt=None):
-        if opt is None:
-            opt = qatkd.make_optimizer(model, qatkd.TrainConfig(), total_steps=1000)[0]
 
-        def step():
-            loss, _ = loss_fn(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+def train_step(model, loss_fn, batch, opt=None):
+    """One optimizer step of loss_fn(model, batch), as train() takes it (a function to time)."""
+    opt = opt or qatkd.make_optimizer(model, qatkd.TrainConfig(), total_steps=1000)[0]
 
-        return step
+    def step():
+        loss, _ = loss_fn(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
-    def ce(model, b):
-        return F.cross_entropy(model(**inputs).logits, b["labels"]), {}
+    return step
 
-    def fp_model(attn):
-        fp = copy.deepcopy(teacher).train()
-        fp.set_attn_implementation(attn)
-        return fp
 
-    def student(wbits, abits, training=True):
+def inference_step(model, batch):
+    """A forward pass without autograd (a function to time)."""
+    inputs = qatkd.model_inputs(model, batch)
+    return torch.no_grad()(lambda: model(**inputs))
+
+
+def cross_entropy(model, b):
+    """Plain fine-tuning's loss."""
+    return torch.nn.functional.cross_entropy(model(**qatkd.model_inputs(model, b)).logits, b["labels"]), {}
+
+
+def kd_loss_step(teacher, student, batch, kd):
+    """kd_loss forward + backward on stored internals of teacher and student (a function to time)."""
+    with torch.no_grad():
+        t = qatkd.forward_internals(teacher, batch)
+    s = qatkd.forward_internals(student, batch)
+    s = qatkd.Internals(*[[x.detach().requires_grad_() for x in v] if isinstance(v, list) else
+                          v.detach().requires_grad_() for v in vars(s).values()])
+    return lambda: qatkd.kd_loss(s, t, batch["attention_mask"], kd)[0].backward()
+
+
+def exported_step(student, backend, batch, device):
+    """Inference of the student as it ships: exported, then loaded with a backend (a function to time)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        qatkd.export_quantized(student, d)
+        return inference_step(qatkd.load_quantized(d, backend=backend, device=device), batch)
+
+
+def bench_phases(args, task, teacher, batch):
+    """{label: build}, each build() returning the function that one round times."""
+    import copy
+
+    def fp(attn):
+        model = copy.deepcopy(teacher).train()
+        model.set_attn_implementation(attn)
+        return model
+
+    def quantized(wbits, abits, training=True):
         return qatkd.quantize_student(teacher, wbits, abits).train(training)
 
-    wa = f"W{args.wbits}A{args.abits}"
-    phases = {"FP fine-tuning (sdpa attention)": lambda: train_step(fp_model("sdpa"), ce),
-              "FP fine-tuning (eager attention)": lambda: train_step(fp_model("eager"), ce)}
-    shared = {}  # one W2A8 student (and optimizer) for the four KD modes: memory for one, not four
+    wa, kds = f"W{args.wbits}A{args.abits}", ("map", "score", "output", "unified")
+    shared = {}  # one student and optimizer for the four KD modes: memory for one, not four
 
-    def qat_step(kd):
-        if "student" not in shared:
-            shared["student"] = student(args.wbits, args.abits)
+    def student():
+        if not shared:
+            shared["student"] = quantized(args.wbits, args.abits)
             shared["opt"] = qatkd.make_optimizer(shared["student"], qatkd.TrainConfig(), total_steps=1000)[0]
-        return train_step(shared["student"], qatkd.qat_loss_fn(teacher, task, kd), shared["opt"])
+        return shared["student"]
 
-    for kd in ("map", "score", "output", "unified"):
-        phases[f"QAT {kd} {wa}"] = lambda kd=kd: qat_step(kd)
-    phases["QAT map, quantizers off (W32A32)"] = lambda: train_step(student(32, 32), qatkd.qat_loss_fn(teacher, task))
-
-    def loss_alone(kd):  # kd_loss forward + backward on stored internals of the student
-        def build():
-            if "internals" not in shared:
-                with torch.no_grad():
-                    t = qatkd.forward_internals(teacher, batch)
-                s = qatkd.forward_internals(shared["student"], batch)
-                shared["internals"] = t, qatkd.Internals(*[
-                    [x.detach().requires_grad_() for x in v] if isinstance(v, list) else v.detach().requires_grad_()
-                    for v in vars(s).values()])
-            t, s = shared["internals"]
-            return lambda: qatkd.kd_loss(s, t, batch["attention_mask"], kd)[0].backward()
-
-        return build
-
-    for kd in ("map", "score", "output", "unified"):
-        phases[f"KD loss {kd} alone (forward + backward)"] = loss_alone(kd)
-
-    def inference(model):
-        @torch.no_grad()
-        def step():
-            model(**inputs)
-
-        return step
-
-    phases["inference: teacher"] = lambda: inference(teacher)
+    phases = {"FP fine-tuning (sdpa attention)": lambda: train_step(fp("sdpa"), cross_entropy, batch),
+              "FP fine-tuning (eager attention)": lambda: train_step(fp("eager"), cross_entropy, batch)}
+    for kd in kds:
+        phases[f"QAT {kd} {wa}"] = lambda kd=kd: train_step(student(), qatkd.qat_loss_fn(teacher, task, kd), batch,
+                                                           shared["opt"])
+    phases["QAT map, quantizers off (W32A32)"] = lambda: train_step(quantized(32, 32), qatkd.qat_loss_fn(teacher, task),
+                                                                  batch)
+    for kd in kds:
+        phases[f"KD loss {kd} alone (forward + backward)"] = lambda kd=kd: kd_loss_step(teacher, student(), batch, kd)
+    phases["inference: teacher"] = lambda: inference_step(teacher, batch)
     # inference on its own copy in eval mode: the shared student keeps training, with dropout
-    phases[f"inference: student {wa}"] = lambda: inference(student(args.wbits, args.abits, training=False))
-
-    def exported(backend):  # the student as it ships: exported, then loaded with one of the backends
-        def build():
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as d:
-                qatkd.export_quantized(student(args.wbits, args.abits, training=False), d)
-                return inference(qatkd.load_quantized(d, backend=backend, device=device))
-        return build
-
+    phases[f"inference: student {wa}"] = lambda: inference_step(quantized(args.wbits, args.abits, False), batch)
     if args.abits <= 8 and args.wbits < 32:
-        phases[f"inference: exported student {wa}, int8 backend"] = exported("int8")
+        phases[f"inference: exported student {wa}, int8 backend"] = lambda: exported_step(
+            quantized(args.wbits, args.abits, False), "int8", batch, args.device)
+    return phases
 
-    # Build each phase and run one step of it, recording the memory peak; then run the phases in
-    # rounds, one step of each per round, so a drift in the machine's speed hits all alike: `w`
-    # untimed rounds (the allocator settles once every model exists), then `n` timed ones.
-    steps, rows, sync = {}, [], torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+def build_phases(phases, device):
+    """Build each phase and run one step of it, recording its memory peak -> (rows, {label: step})."""
+    rows, steps = [], {}
     for label, build in phases.items():
         mem = []
         with peak_memory(device, mem):
@@ -747,36 +844,52 @@ def benchmark(args):
             steps[label]()
         rows.append({"step": label, "peak_memory_mb": mem[0], "times": []})
         print(f"  built {label:<44} peak memory {mem[0]:8.0f} MiB", flush=True)
-    for i in tqdm(range(w + n), desc="benchmark rounds", dynamic_ncols=True):
+    return rows, steps
+
+
+def timed_rounds(rows, steps, n, warmup, device):
+    """Run the phases in rounds, one step of each per round, so a drift in the machine's speed hits all
+    alike: `warmup` untimed rounds (the allocator settles once every model exists), then `n` timed ones."""
+    from tqdm.auto import tqdm
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in tqdm(range(warmup + n), desc="benchmark rounds", dynamic_ncols=True):
         for r in rows:
             sync()
             t0 = time.perf_counter()
             steps[r["step"]]()
             sync()
-            if i >= w:
+            if i >= warmup:
                 r["times"].append(time.perf_counter() - t0)
+
+
+def bench_report(args, name, params, where, rows):
+    """Medians, ratios to the FP step, the quantizers' and the loss's shares; Markdown and JSON."""
+    device, wa, n, w = args.device, f"W{args.wbits}A{args.abits}", args.bench_steps, args.bench_warmup
     # the rounds hold every phase's model at once: their peak is above each build's
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else peak_memory_mb()
     seconds = {r["step"]: statistics.median(r["times"]) for r in rows}
     fp_seconds = seconds["FP fine-tuning (sdpa attention)"]
     for r in rows:
-        r.update(seconds=seconds[r["step"]], vs_fp=seconds[r["step"]] / fp_seconds)
+        r.update(seconds=seconds[r["step"]], vs_fp=seconds[r["step"]] / fp_seconds,
+                 range=[min(r["times"]), max(r["times"])])
     qat = {kd: seconds[f"QAT {kd} {wa}"] for kd in ("map", "score", "output", "unified")}
     loss_seconds = {kd: seconds[f"KD loss {kd} alone (forward + backward)"] for kd in qat}
     off = seconds["QAT map, quantizers off (W32A32)"]
     shares = {"quantizers_in_map_step": 1 - off / qat["map"],
               **{f"loss_in_{kd}_step": loss_seconds[kd] / qat[kd] for kd in qat}}
-    md = "\n".join(["| step | median s | vs FP (sdpa) | peak memory MiB (earlier rows' models resident) |",
-                    "|---|---|---|---|"]
-                   + [f"| {r['step']} | {r['seconds']:.3f} | {r['vs_fp']:.2f}x | {r['peak_memory_mb']:.0f} |"
-                      for r in rows])
+    md = "\n".join(["| step | median s | vs FP (sdpa) | range s | peak memory MiB (earlier rows' models resident) |",
+                    "|---|---|---|---|---|"]
+                   + [f"| {r['step']} | {r['seconds']:.3f} | {r['vs_fp']:.2f}x | {r['range'][0]:.3f} to "
+                      f"{r['range'][1]:.3f} | {r['peak_memory_mb']:.0f} |" for r in rows])
     md += (f"\n\nShare of the map QAT step spent in quantizers: {100 * shares['quantizers_in_map_step']:.0f}% "
-           f"(map step with W32A32 vs W{args.wbits}A{args.abits}); in the KD loss: "
+           f"(map step with W32A32 vs {wa}); in the KD loss: "
            + ", ".join(f"{kd} {100 * loss_seconds[kd] / qat[kd]:.0f}%" for kd in qat) + "."
            f"\nPeak memory of the whole benchmark (the rounds, every phase's model resident): {peak:.0f} MiB.")
+    B, S = args.batch_size, args.max_len
     stem = Path(args.output_dir) / f"benchmark-{name.replace(' ', '-').replace('/', '--')}-b{B}-s{S}-{device.type}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"{name} ({params / 1e6:.1f}M parameters), batch {B} x length {S}, W{args.wbits}A{args.abits}, {where}, "
+    header = (f"{name} ({params / 1e6:.1f}M parameters), batch {B} x length {S}, {wa}, {where}, "
               f"torch {torch.__version__}; median of {n} rounds after {w} warm-up rounds\n\n")
     stem.with_suffix(".md").write_text(header + md + "\n")
     qatkd.write_json(stem.with_suffix(".json"), {
@@ -785,6 +898,11 @@ def benchmark(args):
         "peak_memory_mb": peak})
     print(f"\n{md}\nmap QAT / FP step: {qat['map'] / fp_seconds:.2f}x; written to {stem}.md and {stem}.json")
     return rows
+
+
+# =============================================================================================
+# 6. Deployment: an exported student on the dev set
+# =============================================================================================
 
 
 def eval_export(args):
@@ -825,59 +943,11 @@ def model_bytes(model):
 
 
 # arguments that may differ between a run and its resumption or its reuse by a sweep: they change no number
-NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "teacher_path", "code", "keep_denormals", "sweep",
-                "sweep_kd", "seeds", "sweep_teacher_seeds", "sweep_protocols", "benchmark", "bench_model",
-                "bench_steps", "bench_warmup", "device")
 
 
-def differing_args(old, args):
-    """'--name stored (now value)' for every argument of args that a run's args.json holds otherwise."""
-    return [f"--{k} {old[k]} (now {v})" for k, v in vars(args).items()
-            if k not in NOT_COMPARED and k in old and old[k] != v]
-
-
-def differing_code(old, args):
-    """['code X (now Y)'] when the run's recorded commit is not this code's, unless --mix_commits."""
-    now, then = code_version(), old.get("code", "unrecorded")
-    return [] if then == now or args.mix_commits else [f"code {then} (now {now})"]
-
-
-@functools.lru_cache(maxsize=None)
-def code_version():
-    """The git commit of this code, with "+changes" if qatkd.py or run.py differ from it; "unknown" outside
-    a git checkout. Recorded in every run's args.json and metrics.json. Read once, when main() starts: a
-    long sweep records the code it runs, even if the files change meanwhile."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    try:
-        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)  # noqa
-        commit = git("rev-parse", "--short=12", "HEAD")
-        if commit.returncode:
-            return "unknown"
-        changed = git("status", "--porcelain", "--", "qatkd.py", "run.py").stdout.strip()
-        return commit.stdout.strip() + ("+changes" if changed else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def check_run_dir(run_dir, args):
-    """Refuse to overwrite an earlier run by accident, and to resume one with other settings or code."""
-    stored = run_dir / "args.json"
-    if args.resume:
-        if not (run_dir / "checkpoint.pt").is_file():
-            done = " (it has finished)" if (run_dir / "metrics.json").is_file() else ""
-            raise FileNotFoundError(f"--resume: {run_dir} holds no checkpoint to resume from{done}")
-        old = json.loads(stored.read_text())
-        changed = differing_args(old, args)
-        if changed:
-            raise ValueError(f"--resume: {run_dir} was started with other arguments: {', '.join(changed)}")
-        if differing_code(old, args):
-            raise ValueError(f"--resume: {run_dir} was started by other code: {differing_code(old, args)[0]}; pass "
-                             "--mix_commits to continue it anyway")
-    elif stored.exists() and not args.overwrite:
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
-                              "it, or another --run_name")
+# =============================================================================================
+# 7. Entry point
+# =============================================================================================
 
 
 def is_main():

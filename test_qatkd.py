@@ -1692,6 +1692,18 @@ def test_own_data_reader_fuzzed(labels, fmt, garbage, tmp_path_factory):
         assert len(data["train"]) == len(labels)
 
 
+def test_readme_flag_table_matches_help():
+    """README's Flags table lists exactly the flags of run.py --help."""
+    import run
+
+    flags = {o for a in run.build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    readme = (HERE / "README.md").read_text()
+    table = readme[readme.index("### Flags"):]
+    table = table[:table.index("\n\n", table.index("|---|"))]
+    documented = set(re.findall(r"`(--[a-z_]+)`", table))
+    assert documented == flags, (sorted(flags - documented), sorted(documented - flags))
+
+
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -1803,42 +1815,7 @@ def test_real_minilm_mrpc(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def plain_quantize(x, bits):
-    """quantize_uniform as first written: clamp, |x| max, round(x_c * s) / s, backward masked_fill."""
-    class Plain(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.save_for_backward(x)
-            xc = x.clamp(-2.5, 2.5)
-            n = 2 ** (bits - 1) - 1
-            s = n / xc.abs().amax().clamp_min(n * torch.finfo(x.dtype).tiny)
-            return torch.round(xc * s) / s
-
-        @staticmethod
-        def backward(ctx, g):
-            (x,) = ctx.saved_tensors
-            return g.masked_fill(x.abs() >= 2.5, 0.0)
-
-    return Plain.apply(x)
-
-
-def plain_ternarize(w):
-    class Plain(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, w):
-            ctx.save_for_backward(w)
-            wc = w.clamp(-2.5, 2.5)
-            a = wc.abs()
-            keep = a > 0.7 * a.mean()
-            alpha = (a * keep).sum() / keep.sum().clamp_min(1)
-            return torch.where(keep, alpha * wc.sign(), torch.zeros_like(wc))
-
-        @staticmethod
-        def backward(ctx, g):
-            (w,) = ctx.saved_tensors
-            return g.masked_fill(w.abs() >= 2.5, 0.0)
-
-    return Plain.apply(w)
+plain_quantize, plain_ternarize = qatkd.quantize_uniform_reference, qatkd.ternarize_reference  # the plain formulas
 
 
 @given(hnp.arrays("float32", st.tuples(st.integers(1, 6), st.integers(1, 40)),
@@ -1874,16 +1851,7 @@ def test_fast_map_loss_equals_the_plain_formula():
     scores = [torch.randn(4, 3, 9, 9, requires_grad=True) for _ in range(2)]
     t_probs = [torch.softmax(torch.randn(4, 3, 9, 9) * 3 + add, -1) for _ in range(2)]
 
-    def plain(s_probs):
-        m = mask.float()
-        pairs, lengths = m[:, None, :, None] * m[:, None, None, :], m.sum(-1)[:, None]
-        total = 0.0
-        for s, t in zip(s_probs, t_probs):
-            t, s = t.clamp_min(1e-8), s.clamp_min(1e-8)
-            total = total + ((t * (t.log() - s.log()) * pairs).sum((-1, -2)) / lengths).mean()
-        return total
-
-    a = plain([torch.softmax(x * 4 + add, -1) for x in scores])
+    a = qatkd.map_loss_reference([torch.softmax(x * 4 + add, -1) for x in scores], t_probs, mask)
     ga = torch.autograd.grad(a, scores)
     for chunk in (2 ** 20, 3 * 9 * 9, 2 * 3 * 9 * 9 + 1):  # all samples at once, one by one, in pairs + 1
         b = qatkd.map_loss([torch.softmax(x * 4 + add, -1) for x in scores], t_probs, mask, chunk=chunk)
