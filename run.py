@@ -164,6 +164,9 @@ def build_parser():
     g.add_argument("--bench_steps", type=int, default=10,
                    help="timed rounds (one step of every measurement each). Default: 10")
     g.add_argument("--bench_warmup", type=int, default=2, help="untimed rounds first. Default: 2")
+    g.add_argument("--bench_inference", action="store_true",
+                   help="time inference only: teacher, fake-quant student, exported integer student (ratios to the "
+                        "teacher)")
     g = p.add_argument_group("deployment (no training: evaluates an exported student, student_packed/)")
     g.add_argument("--eval_export", default=None, metavar="DIR",
                    help="evaluate the exported student in DIR on the task's dev set: metric, examples per second, "
@@ -818,12 +821,15 @@ def bench_phases(args, task, teacher, batch):
 
     phases = {"FP fine-tuning (sdpa attention)": lambda: train_step(fp("sdpa"), cross_entropy, batch),
               "FP fine-tuning (eager attention)": lambda: train_step(fp("eager"), cross_entropy, batch)}
-    for kd in kds:
+    if args.bench_inference:
+        phases = {}
+    for kd in () if args.bench_inference else kds:
         phases[f"QAT {kd} {wa}"] = lambda kd=kd: train_step(student(), qatkd.qat_loss_fn(teacher, task, kd), batch,
                                                            shared["opt"])
-    phases["QAT map, quantizers off (W32A32)"] = lambda: train_step(quantized(32, 32), qatkd.qat_loss_fn(teacher, task),
-                                                                  batch)
-    for kd in kds:
+    if not args.bench_inference:
+        phases["QAT map, quantizers off (W32A32)"] = lambda: train_step(quantized(32, 32),
+                                                                      qatkd.qat_loss_fn(teacher, task), batch)
+    for kd in () if args.bench_inference else kds:
         phases[f"KD loss {kd} alone (forward + backward)"] = lambda kd=kd: kd_loss_step(teacher, student(), batch, kd)
     phases["inference: teacher"] = lambda: inference_step(teacher, batch)
     # inference on its own copy in eval mode: the shared student keeps training, with dropout
@@ -869,25 +875,28 @@ def bench_report(args, name, params, where, rows):
     # the rounds hold every phase's model at once: their peak is above each build's
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else peak_memory_mb()
     seconds = {r["step"]: statistics.median(r["times"]) for r in rows}
-    fp_seconds = seconds["FP fine-tuning (sdpa attention)"]
+    reference = "inference: teacher" if args.bench_inference else "FP fine-tuning (sdpa attention)"
     for r in rows:
-        r.update(seconds=seconds[r["step"]], vs_fp=seconds[r["step"]] / fp_seconds,
+        r.update(seconds=seconds[r["step"]], vs_fp=seconds[r["step"]] / seconds[reference],
                  range=[min(r["times"]), max(r["times"])])
-    qat = {kd: seconds[f"QAT {kd} {wa}"] for kd in ("map", "score", "output", "unified")}
-    loss_seconds = {kd: seconds[f"KD loss {kd} alone (forward + backward)"] for kd in qat}
-    off = seconds["QAT map, quantizers off (W32A32)"]
-    shares = {"quantizers_in_map_step": 1 - off / qat["map"],
-              **{f"loss_in_{kd}_step": loss_seconds[kd] / qat[kd] for kd in qat}}
-    md = "\n".join(["| step | median s | vs FP (sdpa) | range s | peak memory MiB (earlier rows' models resident) |",
+    md = "\n".join([f"| step | median s | vs {reference} | range s | peak memory MiB (earlier rows' models resident) |",
                     "|---|---|---|---|---|"]
                    + [f"| {r['step']} | {r['seconds']:.3f} | {r['vs_fp']:.2f}x | {r['range'][0]:.3f} to "
                       f"{r['range'][1]:.3f} | {r['peak_memory_mb']:.0f} |" for r in rows])
-    md += (f"\n\nShare of the map QAT step spent in quantizers: {100 * shares['quantizers_in_map_step']:.0f}% "
-           f"(map step with W32A32 vs {wa}); in the KD loss: "
-           + ", ".join(f"{kd} {100 * loss_seconds[kd] / qat[kd]:.0f}%" for kd in qat) + "."
-           f"\nPeak memory of the whole benchmark (the rounds, every phase's model resident): {peak:.0f} MiB.")
+    shares = {}
+    if not args.bench_inference:
+        qat = {kd: seconds[f"QAT {kd} {wa}"] for kd in ("map", "score", "output", "unified")}
+        loss_seconds = {kd: seconds[f"KD loss {kd} alone (forward + backward)"] for kd in qat}
+        off = seconds["QAT map, quantizers off (W32A32)"]
+        shares = {"quantizers_in_map_step": 1 - off / qat["map"],
+                  **{f"loss_in_{kd}_step": loss_seconds[kd] / qat[kd] for kd in qat}}
+        md += (f"\n\nShare of the map QAT step spent in quantizers: {100 * shares['quantizers_in_map_step']:.0f}% "
+               f"(map step with W32A32 vs {wa}); in the KD loss: "
+               + ", ".join(f"{kd} {100 * loss_seconds[kd] / qat[kd]:.0f}%" for kd in qat) + ".")
+    md += f"\nPeak memory of the whole benchmark (the rounds, every phase's model resident): {peak:.0f} MiB."
     B, S = args.batch_size, args.max_len
-    stem = Path(args.output_dir) / f"benchmark-{name.replace(' ', '-').replace('/', '--')}-b{B}-s{S}-{device.type}"
+    stem = Path(args.output_dir) / (f"benchmark-{name.replace(' ', '-').replace('/', '--')}-b{B}-s{S}-{device.type}"
+                                    + ("-inference" if args.bench_inference else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
     header = (f"{name} ({params / 1e6:.1f}M parameters), batch {B} x length {S}, {wa}, {where}, "
               f"torch {torch.__version__}; median of {n} rounds after {w} warm-up rounds\n\n")
@@ -896,7 +905,8 @@ def bench_report(args, name, params, where, rows):
         "model": name, "parameters": params, "batch_size": B, "seq_len": S, "wbits": args.wbits, "abits": args.abits,
         "device": where, "torch": torch.__version__, "steps": n, "warmup": w, "rows": rows, "shares": shares,
         "peak_memory_mb": peak})
-    print(f"\n{md}\nmap QAT / FP step: {qat['map'] / fp_seconds:.2f}x; written to {stem}.md and {stem}.json")
+    summary = "" if args.bench_inference else f"map QAT / FP step: {seconds[f'QAT map {wa}'] / seconds[reference]:.2f}x; "
+    print(f"\n{md}\n{summary}written to {stem}.md and {stem}.json")
     return rows
 
 
