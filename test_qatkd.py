@@ -1489,7 +1489,7 @@ def snapshot(folder):
     (["--task", "stsb", "--run_name", "x", "--data_dir", "{stsb_nan}"], "train.tsv:3: label 'nan' is not a finite number"),
     (["--task", "stsb", "--run_name", "x", "--data_dir", "{stsb_inf}"], "dev.tsv:2: label 'inf' is not a finite number"),
 ])
-def test_run_py_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_run, tmp_path, tiny_dir):
+def test_run_py_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_run, tmp_path, tiny_dir, capsys):
     good = write_tiny_mrpc(tmp_path / "good", 8, 4)
     malformed = write_tiny_mrpc(tmp_path / "malformed", 8, 4)
     lines = (malformed / "train.tsv").read_text().splitlines()
@@ -1529,11 +1529,24 @@ def test_run_py_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_r
     if "--data_dir" not in argv:
         argv += ["--data_dir", str(good)]
     before = snapshot(earlier_run)
-    p = run_py(*argv, "--output_dir", earlier_run)
-    assert p.returncode != 0
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in p.stderr, p.stderr
+    lines = run_main_error([*argv, "--output_dir", str(earlier_run)], capsys)
+    assert len(lines) == 1 and message in lines[0], lines
     assert snapshot(earlier_run) == before
+
+
+def run_main_error(argv, capsys):
+    """run.main in this process (a subprocess per case would cost seconds of imports): the lines run.py's
+    entry point would print for this error. test_run_py_missing_teacher_is_one_line and
+    test_own_data_bad_input_through_the_command_line check that entry point itself."""
+    import run
+
+    capsys.readouterr()  # what was printed before
+    with pytest.raises((ValueError, OSError, ImportError, SystemExit)) as e:
+        run.main(argv)
+    if isinstance(e.value, SystemExit):  # the parser's error: sys.exit(message), which Python prints
+        assert isinstance(e.value.code, str), e.value.code
+        return (capsys.readouterr().err + e.value.code).strip().splitlines()
+    return f"run.py: error: {e.value}".strip().splitlines()
 
 
 def own_data_files(d):
