@@ -819,18 +819,18 @@ def bench_phases(args, task, teacher, batch):
             shared["opt"] = qatkd.make_optimizer(shared["student"], qatkd.TrainConfig(), total_steps=1000)[0]
         return shared["student"]
 
-    phases = {"FP fine-tuning (sdpa attention)": lambda: train_step(fp("sdpa"), cross_entropy, batch),
-              "FP fine-tuning (eager attention)": lambda: train_step(fp("eager"), cross_entropy, batch)}
-    if args.bench_inference:
-        phases = {}
-    for kd in () if args.bench_inference else kds:
-        phases[f"QAT {kd} {wa}"] = lambda kd=kd: train_step(student(), qatkd.qat_loss_fn(teacher, task, kd), batch,
-                                                           shared["opt"])
-    if not args.bench_inference:
+    phases = {}
+    if not args.bench_inference:  # the training phases
+        phases["FP fine-tuning (sdpa attention)"] = lambda: train_step(fp("sdpa"), cross_entropy, batch)
+        phases["FP fine-tuning (eager attention)"] = lambda: train_step(fp("eager"), cross_entropy, batch)
+        for kd in kds:
+            phases[f"QAT {kd} {wa}"] = lambda kd=kd: train_step(student(), qatkd.qat_loss_fn(teacher, task, kd), batch,
+                                                               shared["opt"])
         phases["QAT map, quantizers off (W32A32)"] = lambda: train_step(quantized(32, 32),
                                                                       qatkd.qat_loss_fn(teacher, task), batch)
-    for kd in () if args.bench_inference else kds:
-        phases[f"KD loss {kd} alone (forward + backward)"] = lambda kd=kd: kd_loss_step(teacher, student(), batch, kd)
+        for kd in kds:
+            phases[f"KD loss {kd} alone (forward + backward)"] = lambda kd=kd: kd_loss_step(teacher, student(), batch,
+                                                                                             kd)
     phases["inference: teacher"] = lambda: inference_step(teacher, batch)
     # inference on its own copy in eval mode: the shared student keeps training, with dropout
     phases[f"inference: student {wa}"] = lambda: inference_step(quantized(args.wbits, args.abits, False), batch)
@@ -877,11 +877,11 @@ def bench_report(args, name, params, where, rows):
     seconds = {r["step"]: statistics.median(r["times"]) for r in rows}
     reference = "inference: teacher" if args.bench_inference else "FP fine-tuning (sdpa attention)"
     for r in rows:
-        r.update(seconds=seconds[r["step"]], vs_fp=seconds[r["step"]] / seconds[reference],
+        r.update(seconds=seconds[r["step"]], vs_reference=seconds[r["step"]] / seconds[reference],
                  range=[min(r["times"]), max(r["times"])])
     md = "\n".join([f"| step | median s | vs {reference} | range s | peak memory MiB (earlier rows' models resident) |",
                     "|---|---|---|---|---|"]
-                   + [f"| {r['step']} | {r['seconds']:.3f} | {r['vs_fp']:.2f}x | {r['range'][0]:.3f} to "
+                   + [f"| {r['step']} | {r['seconds']:.3f} | {r['vs_reference']:.2f}x | {r['range'][0]:.3f} to "
                       f"{r['range'][1]:.3f} | {r['peak_memory_mb']:.0f} |" for r in rows])
     shares = {}
     if not args.bench_inference:
@@ -903,8 +903,8 @@ def bench_report(args, name, params, where, rows):
     stem.with_suffix(".md").write_text(header + md + "\n")
     qatkd.write_json(stem.with_suffix(".json"), {
         "model": name, "parameters": params, "batch_size": B, "seq_len": S, "wbits": args.wbits, "abits": args.abits,
-        "device": where, "torch": torch.__version__, "steps": n, "warmup": w, "rows": rows, "shares": shares,
-        "peak_memory_mb": peak})
+        "device": where, "torch": torch.__version__, "steps": n, "warmup": w, "reference": reference, "rows": rows,
+        "shares": shares, "peak_memory_mb": peak})
     summary = "" if args.bench_inference else f"map QAT / FP step: {seconds[f'QAT map {wa}'] / seconds[reference]:.2f}x; "
     print(f"\n{md}\n{summary}written to {stem}.md and {stem}.json")
     return rows
