@@ -207,8 +207,92 @@ def quantize_weight(w, bits, per_row=False):
 
 
 def quantize_act(x, bits):
-    """Activation quantizer: per-tensor dynamic symmetric uniform (8-bit in the paper); 32 = off."""
-    return x if bits >= 32 else quantize_uniform(x, bits)
+    """Activation quantizer: per-tensor dynamic symmetric uniform (8-bit in the paper); 32 = off.
+
+    The numbers of quantize_uniform(x, bits), computed by ActQuant (the hot path: activations are
+    over 90 % of the elements a QAT step quantizes). x: any shape -> the same shape.
+    """
+    return x if bits >= 32 else quantize_act_codes(x, bits)[0]
+
+
+def quantize_act_codes(x, bits):
+    """quantize_act, also returning the integer codes: (q, codes, s) with q = codes / s exactly.
+
+    codes: int8 (int16 above 8 bits), x's shape; s: the 0-d scale. saved_as_codes uses them.
+    """
+    return ActQuant.apply(x, bits, CLIP)
+
+
+class ActQuant(torch.autograd.Function):
+    """quantize_uniform per tensor, for activations, in two passes over x instead of five.
+
+    forward:  one aminmax pass: s = n / min(max|x|, clip) (= uniform_scale(clamp(x)) exactly, as
+              clamping commutes with the max) and whether every |x| < clip (CPU only: a host sync);
+              one elementwise pass (fused_levels): c = round(clamp(x) * s), q = c / s, codes = c.
+    backward: dL/dx = dL/dq * 1[|x| < clip] in one pass (hardtanh's backward kernel, as ClipSTE), and
+              nothing at all is kept or computed when every |x| < clip. (A bool mask would keep 1 byte
+              per element instead of x's 4, but building it costs more than the whole fused forward.)
+    The plain formula: quantize_uniform_reference (a test checks values and gradients bit for bit).
+    """
+
+    @staticmethod
+    def forward(ctx, x, bits, clip):
+        n = 2 ** (bits - 1) - 1
+        lo, hi = torch.aminmax(x)
+        m = torch.maximum(-lo, hi)  # max |x|
+        s = n / m.clamp(max=clip).clamp_min(n * torch.finfo(x.dtype).tiny)  # finite even for all zeros
+        inside = x.device.type in ClipSTE.check_devices and bool(m < clip)
+        q, codes = fused_levels(x, s, None if inside else clip, torch.int8 if bits <= 8 else torch.int16)
+        ctx.save_for_backward(None if inside else x)
+        ctx.clip = clip
+        ctx.mark_non_differentiable(codes, s)
+        return q, codes, s
+
+    @staticmethod
+    def backward(ctx, grad, _codes, _s):
+        (x,) = ctx.saved_tensors
+        if x is None:
+            return grad, None, None
+        return torch.ops.aten.hardtanh_backward(grad, x, -ctx.clip, ctx.clip), None, None
+
+
+def plain_levels(x, s, clip, dtype):
+    """c = round(clamp(x, -clip, clip) * s) -> (c / s, c as dtype); clip=None: no clamp. Three
+    passes over x (four with the clamp), in place on one temporary."""
+    c = (x if clip is None else x.clamp(-clip, clip)).mul(s).round_()
+    return c.to(dtype), c.div_(s)
+
+
+FUSED = True  # run plain_levels as one compiled kernel (torch.compile) where it pays; False: always plain
+FUSE_MIN_NUMEL = 2 ** 16  # smaller tensors stay plain: no compile for tiny models, nothing to gain
+_compiled = {}  # "fn": the compiled plain_levels, or None once compiling has failed (warned once)
+
+
+def fused_levels(x, s, clip, dtype):
+    """plain_levels' numbers in one pass: inductor (torch.compile, dynamic shapes) generates one
+    vectorised C++ loop on CPU, one Triton kernel on a GPU. The same operations in the same
+    order, each exactly rounded, so the same bits (tested). Compiled once per process on first use
+    (a few seconds; inductor caches the kernels on disk); where compiling fails (no C++ compiler,
+    no Triton) a warning says so once and plain_levels runs. Returns (q, codes)."""
+    if not FUSED or x.numel() < FUSE_MIN_NUMEL or _compiled.get("fn", 0) is None:
+        codes, q = plain_levels(x, s, clip, dtype)
+        return q, codes
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(_levels_for_compile, dynamic=True)
+    try:
+        return _compiled["fn"](x, s, clip, dtype)
+    except Exception as e:  # noqa: BLE001 -- any compiler failure: fall back, say so once
+        import warnings
+
+        warnings.warn(f"qatkd: torch.compile is unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      f"the quantizers run unfused (same numbers, slower)", stacklevel=2)
+        _compiled["fn"] = None
+        return fused_levels(x, s, clip, dtype)
+
+
+def _levels_for_compile(x, s, clip, dtype):
+    c = (x if clip is None else x.clamp(-clip, clip)).mul(s).round()  # not in place: inductor fuses it
+    return c.div(s), c.to(dtype)
 
 
 # =============================================================================================
@@ -232,10 +316,50 @@ class QuantLinear(nn.Linear):
     def forward(self, x):
         # Q_w(W) in every forward pass, evaluation included: no cache that a write through .data could
         # leave stale (caching it saved 2 to 6 % of an evaluation's time)
-        return F.linear(quantize_act(x, self.abits), quantize_weight(self.weight, self.wbits), self.bias)
+        w = quantize_weight(self.weight, self.wbits)
+        if self.abits >= 32:
+            return F.linear(x, w, self.bias)
+        q, codes, s = quantize_act_codes(x, self.abits)
+        with saved_as_codes(q, codes, s):  # F.linear keeps Q_a(x) for dL/dW: as int8 codes
+            return F.linear(q, w, self.bias)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, wbits={self.wbits}, abits={self.abits}"
+
+
+@contextlib.contextmanager
+def saved_as_codes(q, codes, s):
+    """While open, autograd keeps q (a quantized activation, q = codes / s exactly) as its integer
+    codes wherever an operation saves it for backward, and rebuilds codes / s when backward needs it:
+    the same bits, 4x less memory for an 8-bit activation (a matrix product saves its inputs).
+    Other saved tensors are kept as they are. q, codes: same shape; s: 0-d scale."""
+    if codes.dtype == torch.int16 or not torch.is_grad_enabled():  # above 8 bits, or nothing is saved
+        yield
+        return
+    storage = q.untyped_storage().data_ptr()
+
+    def pack(t):  # t: q or a view of it (a matrix product saves a reshaped view)
+        if t.untyped_storage().data_ptr() != storage or codes.stride() != q.stride():
+            return t
+        return codes, s, t.shape, t.stride(), t.storage_offset() - q.storage_offset()
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        c, scale, shape, stride, offset = packed
+        return c.to(scale.dtype).div_(scale).as_strided(shape, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def quantized_matmul(a, b, abits):
+    """Q_a(a) @ b, autograd keeping Q_a(a) as codes (saved_as_codes). a: [..., S, K], b: [..., K, N]."""
+    if abits >= 32:
+        return torch.matmul(a, b)
+    q, codes, s = quantize_act_codes(a, abits)
+    with saved_as_codes(q, codes, s):
+        return torch.matmul(q, b)
 
 
 class QuantEmbedding(nn.Embedding):
@@ -267,7 +391,7 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
         ctx = Q_a(dropout(P)) V                    P is quantized after dropout
     While forward_internals() runs, module.qatkd_record is a list and (A, P) is appended to it:
     the scores without the additive mask, the map before dropout and quantization, as the KD
-    losses use them. Returns ctx as [B, S, H, d_h] and P.
+    losses use them (None for the one module.qatkd_keep leaves out). Returns ctx as [B, S, H, d_h] and P.
     """
     abits = getattr(module, "qatkd_abits", 32)
     q, k, v = quantize_act(query, abits), quantize_act(key, abits), quantize_act(value, abits)
@@ -276,9 +400,10 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
     record = getattr(module, "qatkd_record", None)
     if record is not None:
-        record.append((scores, probs))
+        keep = module.qatkd_keep
+        record.append((scores if "scores" in keep else None, probs if "probs" in keep else None))
     dropped = F.dropout(probs, p=dropout, training=module.training)
-    ctx = torch.matmul(quantize_act(dropped, abits), v)
+    ctx = quantized_matmul(dropped, v, abits)
     return ctx.transpose(1, 2).contiguous(), probs
 
 
@@ -331,9 +456,10 @@ def deberta_attention(module, hidden_states, attention_mask, output_attentions=F
     probs = torch.softmax(scores.masked_fill(~attention_mask.bool(), torch.finfo(q.dtype).min), dim=-1)
     record = getattr(module, "qatkd_record", None)
     if record is not None:
-        record.append((scores, probs))
-    dropped = quantize_act(module.dropout(probs), abits)
-    ctx = torch.bmm(dropped.view(-1, probs.size(-2), probs.size(-1)), v)  # [B*H, S, d_h]
+        keep = module.qatkd_keep
+        record.append((scores if "scores" in keep else None, probs if "probs" in keep else None))
+    dropped = module.dropout(probs)
+    ctx = quantized_matmul(dropped.view(-1, probs.size(-2), probs.size(-1)), v, abits)  # [B*H, S, d_h]
     ctx = ctx.view(-1, heads, ctx.size(-2), ctx.size(-1)).permute(0, 2, 1, 3).contiguous()
     return ctx.view(*ctx.shape[:-2], -1), (probs if output_attentions else None)
 
@@ -466,6 +592,7 @@ class Internals:
     attn_scores    N   x [B, H, S, S]   pre-softmax scores Q K^T / sqrt(d_h), without the mask
                                         (DeBERTa: content and relative-position terms together)
     attn_probs     N   x [B, H, S, S]   softmax probabilities, before dropout and quantization
+                                        (either is None if forward_internals did not keep it)
     attn_outputs   N   x [B, S, d]      attention sub-layer output Y, the FFN's input:
                                         post-LN families LN(MHA(X) + X); pre-LN (ModernBERT)
                                         X + MHA(LN(X)), the residual stream after attention
@@ -487,8 +614,11 @@ def model_inputs(model, batch):
     return {k: batch[k] for k in MODEL_INPUTS if k in batch and k in accepted}
 
 
-def forward_internals(model, batch):
+def forward_internals(model, batch, keep=("scores", "probs")):
     """Run the model on batch (a dict with input_ids, attention_mask [, token_type_ids]).
+
+    keep: the attention internals to record; the other is left out (None in Internals): a
+    [B, H, S, S] tensor per layer that the KD loss does not read need not stay in memory.
 
     Works for teacher and student alike, bare or wrapped in DistributedDataParallel. The model's
     attention is switched to qatkd's (use_qatkd_attention) if it is not yet. How the internals
@@ -509,18 +639,18 @@ def forward_internals(model, batch):
                 out[0] if isinstance(out, tuple) else out)))
     try:
         for m in attention:
-            m.qatkd_record = record
+            m.qatkd_record, m.qatkd_keep = record, keep
         out = net(**model_inputs(model, batch), output_hidden_states=True)
     finally:
         for m in attention:
-            del m.qatkd_record
+            del m.qatkd_record, m.qatkd_keep
         for h in hooks:
             h.remove()
     return Internals(
         logits=out.logits,
         hidden_states=list(out.hidden_states),
-        attn_scores=[s for s, _ in record],
-        attn_probs=[p for _, p in record],
+        attn_scores=[s for s, _ in record] if "scores" in keep else None,
+        attn_probs=[p for _, p in record] if "probs" in keep else None,
         attn_outputs=outputs,
     )
 
@@ -647,6 +777,8 @@ def output_loss(s_outputs, t_outputs, mask, include_padding=False):
 
 
 KD_MODES = ("pred", "score", "map", "output", "unified")
+# the attention internals each mode's loss reads (forward_internals records only these in QAT)
+KD_ATTENTION = {"pred": (), "score": ("scores",), "map": ("probs",), "output": (), "unified": ("probs",)}
 
 
 def kd_loss(student, teacher, mask, kd="map", map_coeff=1.0, output_coeff=1.0, regression=False,
@@ -663,6 +795,10 @@ def kd_loss(student, teacher, mask, kd="map", map_coeff=1.0, output_coeff=1.0, r
     """
     if kd not in KD_MODES:
         raise ValueError(f"unknown KD mode {kd!r}; use one of {KD_MODES}")
+    for name in KD_ATTENTION[kd]:
+        if getattr(student, f"attn_{name}") is None or getattr(teacher, f"attn_{name}") is None:
+            raise ValueError(f"kd={kd!r} needs the attention {name}: call forward_internals with "
+                             f"keep={KD_ATTENTION[kd]}")
     terms = {
         "pred": pred_loss(student.logits, teacher.logits, regression),
         "rep": rep_loss(student.hidden_states, teacher.hidden_states, mask, include_padding),
@@ -1463,13 +1599,15 @@ def qat_loss_fn(teacher, task, kd="map", map_coeff=1.0, output_coeff=1.0, gt_coe
 
     gt_coeff > 0 adds gt_coeff * cross-entropy with the labels (off in the paper: KD only).
     """
+    if kd not in KD_MODES:
+        raise ValueError(f"unknown KD mode {kd!r}; use one of {KD_MODES}")
     regression = task.labels is None
     teacher.eval()
 
     def loss_fn(student, b):
         with torch.no_grad():  # the teacher is fixed: no graph, no saved activations
-            t = forward_internals(teacher, b)
-        s = forward_internals(student, b)
+            t = forward_internals(teacher, b, KD_ATTENTION[kd])
+        s = forward_internals(student, b, KD_ATTENTION[kd])
         loss, terms = kd_loss(s, t, b["attention_mask"], kd, map_coeff, output_coeff, regression, include_padding)
         if gt_coeff:
             logits = s.logits.squeeze(-1) if regression else s.logits
