@@ -8,8 +8,10 @@ A readable reference implementation of
 
 Read it top to bottom; the sections follow the data flow:
 
-    1. quantizers              ternary / binary / uniform k-bit, straight-through gradients
-    2. quantized modules       QuantLinear, QuantEmbedding, the quantized self-attention functions
+    1. quantizers              ternary / binary / uniform k-bit, straight-through gradients;
+                               the activation quantizer fused into one compiled pass (CPU)
+    2. quantized modules       QuantLinear, QuantEmbedding, the quantized self-attention functions;
+                               quantized activations kept for backward as int8 codes
     3. student and internals   FAMILIES (one row per encoder family), quantize_student(),
                                forward_internals() -> Internals
     4. KD losses               pred, rep, score (TernaryBERT), map, output, unified (the paper's)
@@ -264,17 +266,23 @@ def plain_levels(x, s, clip, dtype):
 
 
 FUSED = True  # run plain_levels as one compiled kernel (torch.compile) where it pays; False: always plain
+FUSED_DEVICES = ("cpu",)  # where it pays and is bit-exact: see fused_levels
 FUSE_MIN_NUMEL = 2 ** 16  # smaller tensors stay plain: no compile for tiny models, nothing to gain
 _compiled = {}  # "fn": the compiled plain_levels, or None once compiling has failed (warned once)
 
 
 def fused_levels(x, s, clip, dtype):
-    """plain_levels' numbers in one pass: inductor (torch.compile, dynamic shapes) generates one
-    vectorised C++ loop on CPU, one Triton kernel on a GPU. The same operations in the same
-    order, each exactly rounded, so the same bits (tested). Compiled once per process on first use
-    (a few seconds; inductor caches the kernels on disk); where compiling fails (no C++ compiler,
-    no Triton) a warning says so once and plain_levels runs. Returns (q, codes)."""
-    if not FUSED or x.numel() < FUSE_MIN_NUMEL or _compiled.get("fn", 0) is None:
+    """plain_levels' numbers in one pass on CPU: inductor (torch.compile, dynamic shapes) generates
+    one vectorised C++ loop; the same operations in the same order, each exactly rounded, so the
+    same bits (tested). Compiled once per process on first use (a few seconds; inductor caches the
+    kernels on disk); where compiling fails (no C++ compiler) a warning says so once and
+    plain_levels runs. Returns (q, codes).
+    Not on a GPU (FUSED_DEVICES): measured on an H200 the compiled kernel made the MiniLM map step
+    slower (0.100 s against 0.080 s: a step of ~100 tiny kernels is bound by launch and dispatch
+    overhead, which a compiled call adds to), and Triton's division differs from torch's by one
+    unit in the last place on a quarter of the elements."""
+    if (not FUSED or x.device.type not in FUSED_DEVICES or x.numel() < FUSE_MIN_NUMEL
+            or _compiled.get("fn", 0) is None):
         codes, q = plain_levels(x, s, clip, dtype)
         return q, codes
     if "fn" not in _compiled:
@@ -327,13 +335,16 @@ class QuantLinear(nn.Linear):
         return f"{super().extra_repr()}, wbits={self.wbits}, abits={self.abits}"
 
 
+SAVE_CODES = True  # False: autograd keeps quantized activations in fp32, as a plain matrix product does
+
+
 @contextlib.contextmanager
 def saved_as_codes(q, codes, s):
     """While open, autograd keeps q (a quantized activation, q = codes / s exactly) as its integer
     codes wherever an operation saves it for backward, and rebuilds codes / s when backward needs it:
     the same bits, 4x less memory for an 8-bit activation (a matrix product saves its inputs).
     Other saved tensors are kept as they are. q, codes: same shape; s: 0-d scale."""
-    if codes.dtype == torch.int16 or not torch.is_grad_enabled():  # above 8 bits, or nothing is saved
+    if not SAVE_CODES or codes.dtype == torch.int16 or not torch.is_grad_enabled():  # or nothing is saved
         yield
         return
     storage = q.untyped_storage().data_ptr()
@@ -1756,13 +1767,13 @@ def pack_bits(codes, bits):
     per = 8 // bits
     flat = codes.reshape(-1).to(torch.uint8)
     flat = torch.cat([flat, flat.new_zeros(-flat.numel() % per)]).reshape(-1, per)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
     return (flat << shifts).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed, bits, numel):
     """Inverse of pack_bits: [ceil(numel * bits / 8)] uint8 -> [numel] uint8 codes."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     return ((packed[:, None] >> shifts) & (2 ** bits - 1)).reshape(-1)[:numel]
 
 

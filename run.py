@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import threading
@@ -164,6 +165,10 @@ def build_parser():
     g.add_argument("--bench_steps", type=int, default=10,
                    help="timed rounds (one step of every measurement each). Default: 10")
     g.add_argument("--bench_warmup", type=int, default=2, help="untimed rounds first. Default: 2")
+    g.add_argument("--bench_memory", action="store_true",
+                   help="also measure each phase's peak memory in a fresh process of its own (build, then 3 steps), "
+                        "so that no phase hides another's: resident set size on CPU, allocator peak on a GPU")
+    g.add_argument("--bench_phase", default=None, help=argparse.SUPPRESS)  # internal: the child of --bench_memory
     g.add_argument("--bench_inference", action="store_true",
                    help="time inference only: teacher, fake-quant student, exported integer student (ratios to the "
                         "teacher)")
@@ -339,7 +344,7 @@ def setup(args):
 
 NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "teacher_path", "code", "keep_denormals", "sweep",
                 "sweep_kd", "seeds", "sweep_teacher_seeds", "sweep_protocols", "benchmark", "bench_model",
-                "bench_steps", "bench_warmup", "device")
+                "bench_steps", "bench_warmup", "bench_memory", "bench_phase", "device")
 
 
 def differing_args(old, args):
@@ -708,7 +713,7 @@ def peak_memory(device, out):
         out.append(peak[0] / 2 ** 20)
 
 
-def benchmark(args):
+def benchmark(args, argv=()):
     """Time, in one process on one random batch: a plain FP fine-tuning step (the HF default sdpa
     attention, and the eager attention QAT uses), a QAT step per KD mode (teacher forward + student
     forward/backward + loss + optimizer step, exactly train()'s), the same map step with the
@@ -725,9 +730,44 @@ def benchmark(args):
     print(f"benchmark: {name} ({params / 1e6:.1f}M parameters), batch {args.batch_size} x length {args.max_len} "
           f"(no padding), W{args.wbits}A{args.abits}, {where}; median of {args.bench_steps} rounds after "
           f"{args.bench_warmup} warm-up rounds")
-    rows, steps = build_phases(bench_phases(args, task, teacher, batch), args.device)
+    phases = bench_phases(args, task, teacher, batch)
+    if args.bench_phase is not None:  # a child of --bench_memory: this one phase alone
+        return phase_memory(phases[args.bench_phase], args.device)
+    rows, steps = build_phases(phases, args.device)
     timed_rounds(rows, steps, args.bench_steps, args.bench_warmup, args.device)
+    if args.bench_memory:
+        fresh_process_memory(rows, args, argv)
     return bench_report(args, name, params, where, rows)
+
+
+def phase_memory(build, device):
+    """Build one phase and run 4 steps of it in this (fresh) process; print its peak memory in MiB
+    as the last line: the process's peak resident set (VmHWM) on CPU, the allocator's peak on a GPU."""
+    step = build()
+    for _ in range(4):
+        step()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:
+        status = Path("/proc/self/status")
+        peak = (int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024 if status.exists()
+                else peak_memory_mb())
+    print(json.dumps({"peak_memory_mb": peak}))
+
+
+def fresh_process_memory(rows, args, argv):
+    """--bench_memory: each phase once more, alone in a fresh process (same arguments), for its peak memory."""
+    import subprocess
+
+    from tqdm.auto import tqdm
+
+    argv = [a for a in argv if a != "--bench_memory"]
+    for r in tqdm(rows, desc="memory, a process per phase", dynamic_ncols=True):
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--bench_phase", r["step"]],
+                           capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"--bench_memory: the process for phase {r['step']!r} failed: {p.stderr[-2000:]}")
+        r["fresh_peak_memory_mb"] = json.loads(p.stdout.strip().splitlines()[-1])["peak_memory_mb"]
 
 
 def bench_teacher(args, task):
@@ -798,6 +838,32 @@ def exported_step(student, backend, batch, device):
         return inference_step(qatkd.load_quantized(d, backend=backend, device=device), batch)
 
 
+UNFUSED = "QAT map {wa}, unfused (plain quantizers, fp32 saved activations, every internal kept)"
+
+
+def unfused(step):
+    """step, run with qatkd's fused quantizers and int8-coded saved activations switched off: the
+    QAT step as it was before they came (the same numbers; a function to time)."""
+    def run():
+        qatkd.FUSED = qatkd.SAVE_CODES = False
+        try:
+            step()
+        finally:
+            qatkd.FUSED = qatkd.SAVE_CODES = True
+
+    return run
+
+
+def unfused_map_loss(teacher):
+    """qat_loss_fn(kd="map") keeping every attention internal, scores too, as before (a loss_fn)."""
+    def loss_fn(student, b):
+        with torch.no_grad():
+            t = qatkd.forward_internals(teacher, b)
+        return qatkd.kd_loss(qatkd.forward_internals(student, b), t, b["attention_mask"], "map")
+
+    return loss_fn
+
+
 def bench_phases(args, task, teacher, batch):
     """{label: build}, each build() returning the function that one round times."""
     import copy
@@ -826,6 +892,8 @@ def bench_phases(args, task, teacher, batch):
         for kd in kds:
             phases[f"QAT {kd} {wa}"] = lambda kd=kd: train_step(student(), qatkd.qat_loss_fn(teacher, task, kd), batch,
                                                                shared["opt"])
+        phases[UNFUSED.format(wa=wa)] = lambda: unfused(train_step(student(), unfused_map_loss(teacher), batch,
+                                                                   shared["opt"]))
         phases["QAT map, quantizers off (W32A32)"] = lambda: train_step(quantized(32, 32),
                                                                       qatkd.qat_loss_fn(teacher, task), batch)
         for kd in kds:
@@ -879,19 +947,23 @@ def bench_report(args, name, params, where, rows):
     for r in rows:
         r.update(seconds=seconds[r["step"]], vs_reference=seconds[r["step"]] / seconds[reference],
                  range=[min(r["times"]), max(r["times"])])
-    md = "\n".join([f"| step | median s | vs {reference} | range s | peak memory MiB (earlier rows' models resident) |",
-                    "|---|---|---|---|---|"]
+    fresh = "fresh_peak_memory_mb" in rows[0]
+    md = "\n".join([f"| step | median s | vs {reference} | range s | peak memory MiB (earlier rows' models resident) |"
+                    + (" peak memory MiB, alone in a fresh process |" if fresh else ""),
+                    "|---|---|---|---|---|" + ("---|" if fresh else "")]
                    + [f"| {r['step']} | {r['seconds']:.3f} | {r['vs_reference']:.2f}x | {r['range'][0]:.3f} to "
-                      f"{r['range'][1]:.3f} | {r['peak_memory_mb']:.0f} |" for r in rows])
+                      f"{r['range'][1]:.3f} | {r['peak_memory_mb']:.0f} |"
+                      + (f" {r['fresh_peak_memory_mb']:.0f} |" if fresh else "") for r in rows])
     shares = {}
     if not args.bench_inference:
         qat = {kd: seconds[f"QAT {kd} {wa}"] for kd in ("map", "score", "output", "unified")}
         loss_seconds = {kd: seconds[f"KD loss {kd} alone (forward + backward)"] for kd in qat}
-        off = seconds["QAT map, quantizers off (W32A32)"]
-        shares = {"quantizers_in_map_step": 1 - off / qat["map"],
+        off, plain = seconds["QAT map, quantizers off (W32A32)"], seconds[UNFUSED.format(wa=wa)]
+        shares = {"quantizers_in_map_step": 1 - off / qat["map"], "quantizers_in_unfused_map_step": 1 - off / plain,
                   **{f"loss_in_{kd}_step": loss_seconds[kd] / qat[kd] for kd in qat}}
         md += (f"\n\nShare of the map QAT step spent in quantizers: {100 * shares['quantizers_in_map_step']:.0f}% "
-               f"(map step with W32A32 vs {wa}); in the KD loss: "
+               f"fused, {100 * shares['quantizers_in_unfused_map_step']:.0f}% unfused (map step with W32A32 vs {wa}); "
+               f"unfused map step / FP step: {plain / seconds[reference]:.2f}x; in the KD loss: "
                + ", ".join(f"{kd} {100 * loss_seconds[kd] / qat[kd]:.0f}%" for kd in qat) + ".")
     md += f"\nPeak memory of the whole benchmark (the rounds, every phase's model resident): {peak:.0f} MiB."
     B, S = args.batch_size, args.max_len
@@ -993,7 +1065,7 @@ def main(argv=None):
     args.device = init_device()
     try:
         if args.benchmark:
-            return benchmark(args)
+            return benchmark(args, sys.argv[1:] if argv is None else [str(a) for a in argv])
         if args.eval_export:
             return eval_export(args)
         run_dir = Path(args.output_dir) / args.run_name

@@ -12,6 +12,7 @@ import random
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1864,6 +1865,96 @@ def test_fast_quantizers_equal_the_plain_formulas(x, bits):
         qatkd.ClipSTE.check_devices = ("cpu",)
 
 
+@pytest.fixture
+def fused_everywhere(monkeypatch):
+    """The compiled quantizer on every tensor size (normally only from FUSE_MIN_NUMEL elements)."""
+    monkeypatch.setattr(qatkd, "FUSE_MIN_NUMEL", 0)
+    monkeypatch.setattr(qatkd, "FUSED", True)
+    yield
+    assert qatkd._compiled.get("fn") is not None, "torch.compile fell back: the fused path was not tested"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hnp.arrays("float32", st.tuples(st.integers(1, 5), st.integers(1, 7), st.integers(1, 40)),
+                  elements=st.floats(-4, 4, allow_nan=False, width=32)).map(torch.from_numpy),
+       st.sampled_from([2, 4, 8, 12]), st.booleans())
+def test_fused_activation_quantizer_equals_the_plain_formula(fused_everywhere, x, bits, transposed):
+    """The fused quantizer (one aminmax pass, one compiled pass) and its plain twin give the plain
+    formula's values and gradients bit for bit, clipped or not, on strided inputs, on the CPU path
+    and on the GPU's (always clamping); q = codes / s exactly, codes in the integer range."""
+    x = x.transpose(0, 1) if transposed else x  # Q, K and V reach the quantizer as strided views
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    n = 2 ** (bits - 1) - 1
+    for inp, check in itertools.product((x, x * 0.5), (("cpu",), ())):
+        ref = inp.clone().requires_grad_()
+        expect = plain_quantize(ref, bits)
+        expect.backward(g)
+        for fused in (True, False):
+            qatkd.FUSED = fused
+            try:
+                qatkd.ClipSTE.check_devices = check
+                a = inp.clone().requires_grad_()
+                q, codes, s = qatkd.quantize_act_codes(a, bits)
+                q.backward(g)
+            finally:
+                qatkd.ClipSTE.check_devices, qatkd.FUSED = ("cpu",), True
+            assert torch.equal(q, expect) and torch.equal(a.grad, ref.grad)
+            assert torch.equal(codes.to(s.dtype) / s, q) and codes.abs().max() <= n
+            assert codes.dtype == (torch.int8 if bits <= 8 else torch.int16)
+
+
+def test_fused_quantizer_falls_back_once_when_compiling_fails(monkeypatch):
+    """No compiler: one warning, then the plain path, the same numbers."""
+    def broken(fn, **_):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(qatkd, "_compiled", {})
+    monkeypatch.setattr(qatkd, "FUSE_MIN_NUMEL", 0)
+    x = torch.randn(4, 9) * 2
+    with pytest.warns(UserWarning, match="torch.compile is unavailable .*no C\\+\\+ compiler.*unfused"):
+        q = qatkd.quantize_act(x, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert torch.equal(qatkd.quantize_act(x, 8), q)
+    assert torch.equal(q, plain_quantize(x, 8)) and qatkd._compiled["fn"] is None
+
+
+def test_saved_codes_and_lean_recording_change_no_number(fused_everywhere, tiny_dir):
+    """A QAT step keeping quantized activations as int8 codes, with fused quantizers and only the
+    internals its loss reads, gives the same loss and gradients, bit for bit, as the plain step;
+    and the codes are what autograd keeps (each read of the saved input rebuilds it)."""
+    teacher = classifier(tiny_dir)
+    batch = make_batch([9, 6, 2])
+    for kd in ("map", "score"):
+        grads = []
+        for lean in (True, False):
+            qatkd.FUSED = qatkd.SAVE_CODES = lean
+            try:
+                student = qatkd.quantize_student(teacher, 2, 8).train()
+                torch.manual_seed(0)
+                if lean:
+                    loss, _ = qatkd.qat_loss_fn(teacher, qatkd.TASKS["mrpc"], kd)(student, batch)
+                else:
+                    with torch.no_grad():
+                        t = qatkd.forward_internals(teacher, batch)
+                    loss, _ = qatkd.kd_loss(qatkd.forward_internals(student, batch), t, batch["attention_mask"], kd)
+                loss.backward()
+            finally:
+                qatkd.FUSED = qatkd.SAVE_CODES = True
+            grads.append([loss.detach()] + [p.grad for p in student.parameters() if p.grad is not None])
+        assert len(grads[0]) == len(grads[1]) and all(torch.equal(a, b) for a, b in zip(*grads))
+    lin = qatkd.QuantLinear(8, 4)
+    addmm = lin(torch.randn(3, 5, 8, requires_grad=True)).grad_fn.next_functions[0][0]
+    assert addmm._saved_mat1.data_ptr() != addmm._saved_mat1.data_ptr()  # rebuilt from codes at each read
+    s = qatkd.forward_internals(qatkd.quantize_student(teacher, 2, 8), batch, keep=("probs",))
+    assert s.attn_scores is None and len(s.attn_probs) == teacher.config.num_hidden_layers
+    with pytest.raises(ValueError, match="kd='score' needs the attention scores"):
+        qatkd.kd_loss(s, s, batch["attention_mask"], "score")
+
+
 def test_fast_map_loss_equals_the_plain_formula():
     """map_loss works in place on one temporary; values and gradients equal the plain expression's."""
     torch.manual_seed(0)
@@ -1904,18 +1995,23 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
         assert f"QAT {kd} W2A8" in steps and f"KD loss {kd} alone (forward + backward)" in steps
     assert {"FP fine-tuning (sdpa attention)", "inference: teacher", "inference: student W2A8"} <= set(steps)
     assert all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in result["rows"])
-    assert 0 < result["shares"]["loss_in_map_step"] < 1
+    assert 0 < result["shares"]["loss_in_map_step"] < 1 and "quantizers_in_unfused_map_step" in result["shares"]
+    assert "QAT map W2A8, unfused (plain quantizers, fp32 saved activations, every internal kept)" in steps
     assert result["peak_memory_mb"] >= max(r["peak_memory_mb"] for r in result["rows"])  # the rounds' peak
     assert "map QAT / FP step:" in p.stdout and table.with_suffix(".md").is_file()
     assert "inference: exported student W2A8, int8 backend" in steps
     p = run_py("--task", "mrpc", "--benchmark", "--bench_inference", "--teacher", tiny_dir, "--batch_size", "4",
-               "--max_len", "16", "--bench_steps", "2", "--bench_warmup", "1", "--output_dir", tmp_path)
+               "--max_len", "16", "--bench_steps", "2", "--bench_warmup", "1", "--output_dir", tmp_path,
+               "--bench_memory")
     assert p.returncode == 0, p.stderr[-3000:]
     (table,) = tmp_path.glob("benchmark-*-bert-b4-s16-*-inference.json")
     rows = json.loads(table.read_text())["rows"]
     assert [r["step"] for r in rows] == ["inference: teacher", "inference: student W2A8",
                                          "inference: exported student W2A8, int8 backend"]
     assert rows[0]["vs_reference"] == 1.0  # inference only: ratios to the teacher's
+    # --bench_memory: each phase's peak from a process of its own: Python, torch and the teacher at least
+    assert all(100 < r["fresh_peak_memory_mb"] < 4000 for r in rows)
+    assert "alone in a fresh process" in table.with_suffix(".md").read_text()
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
