@@ -307,32 +307,9 @@ def _levels_for_compile(x, s, clip, dtype):
 # 2. Quantized modules
 #
 # The student keeps the teacher's parameter names (QuantLinear is an nn.Linear, QuantEmbedding an
-# nn.Embedding), so a student checkpoint loads into the plain architecture and back.
+# nn.Embedding), so a student checkpoint loads into the plain architecture and back. Memory: a
+# matrix product keeps its inputs for backward; a quantized input is kept as its int8 codes.
 # =============================================================================================
-
-
-class QuantLinear(nn.Linear):
-    """y = Q_a(x) Q_w(W)^T + b: quantized weight and input, full-precision bias (TernaryBERT / the paper).
-
-    x: [..., in_features] -> y: [..., out_features]. W is the latent full-precision weight.
-    """
-
-    def __init__(self, in_features, out_features, bias=True, wbits=2, abits=8, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self.wbits, self.abits = wbits, abits
-
-    def forward(self, x):
-        # Q_w(W) in every forward pass, evaluation included: no cache that a write through .data could
-        # leave stale (caching it saved 2 to 6 % of an evaluation's time)
-        w = quantize_weight(self.weight, self.wbits)
-        if self.abits >= 32:
-            return F.linear(x, w, self.bias)
-        q, codes, s = quantize_act_codes(x, self.abits)
-        with saved_as_codes(q, codes, s):  # F.linear keeps Q_a(x) for dL/dW: as int8 codes
-            return F.linear(q, w, self.bias)
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, wbits={self.wbits}, abits={self.abits}"
 
 
 SAVE_CODES = True  # False: autograd keeps quantized activations in fp32, as a plain matrix product does
@@ -371,6 +348,30 @@ def quantized_matmul(a, b, abits):
     q, codes, s = quantize_act_codes(a, abits)
     with saved_as_codes(q, codes, s):
         return torch.matmul(q, b)
+
+
+class QuantLinear(nn.Linear):
+    """y = Q_a(x) Q_w(W)^T + b: quantized weight and input, full-precision bias (TernaryBERT / the paper).
+
+    x: [..., in_features] -> y: [..., out_features]. W is the latent full-precision weight.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, wbits=2, abits=8, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.wbits, self.abits = wbits, abits
+
+    def forward(self, x):
+        # Q_w(W) in every forward pass, evaluation included: no cache that a write through .data could
+        # leave stale (caching it saved 2 to 6 % of an evaluation's time)
+        w = quantize_weight(self.weight, self.wbits)
+        if self.abits >= 32:
+            return F.linear(x, w, self.bias)
+        q, codes, s = quantize_act_codes(x, self.abits)
+        with saved_as_codes(q, codes, s):  # F.linear keeps Q_a(x) for dL/dW: as int8 codes
+            return F.linear(q, w, self.bias)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, wbits={self.wbits}, abits={self.abits}"
 
 
 class QuantEmbedding(nn.Embedding):
