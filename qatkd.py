@@ -281,14 +281,17 @@ def fused_levels(x, s, clip, dtype):
     slower (0.100 s against 0.080 s: a step of ~100 tiny kernels is bound by launch and dispatch
     overhead, which a compiled call adds to), and Triton's division differs from torch's by one
     unit in the last place on a quarter of the elements."""
-    if (not FUSED or x.device.type not in FUSED_DEVICES or x.numel() < FUSE_MIN_NUMEL
+    flat = _memory_order(x)
+    if (not FUSED or x.device.type not in FUSED_DEVICES or x.numel() < FUSE_MIN_NUMEL or flat is None
             or _compiled.get("fn", 0) is None):
         codes, q = plain_levels(x, s, clip, dtype)
         return q, codes
     if "fn" not in _compiled:
         _compiled["fn"] = torch.compile(_levels_for_compile, dynamic=True)
     try:
-        return _compiled["fn"](x, s, clip, dtype)
+        # one compiled graph for every shape: the elements in memory order, clamped always (free here)
+        q, codes = _compiled["fn"](flat, s, CLIP if clip is None else clip, dtype)
+        return q.as_strided(x.shape, x.stride()), codes.as_strided(x.shape, x.stride())  # x's layout, as plain
     except Exception as e:  # noqa: BLE001 -- any compiler failure: fall back, say so once
         import warnings
 
@@ -296,6 +299,18 @@ def fused_levels(x, s, clip, dtype):
                       f"the quantizers run unfused (same numbers, slower)", stacklevel=2)
         _compiled["fn"] = None
         return fused_levels(x, s, clip, dtype)
+
+
+def _memory_order(x):
+    """x's elements as a 1-d view in memory order (x: any shape and strides without gaps or
+    overlaps, e.g. a transposed view), or None."""
+    expect = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
+        if stride != expect:
+            return None
+        expect *= size
+    # a new tensor on x's memory, not a view of it: the compiled graph is guarded on a view's base
+    return x.new_empty(0).set_(x.untyped_storage(), x.storage_offset(), (x.numel(),), (1,))
 
 
 def _levels_for_compile(x, s, clip, dtype):

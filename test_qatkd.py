@@ -1903,6 +1903,25 @@ def test_fused_activation_quantizer_equals_the_plain_formula(fused_everywhere, x
             assert codes.dtype == (torch.int8 if bits <= 8 else torch.int16)
 
 
+def test_fused_quantizer_compiles_once_for_every_shape(monkeypatch):
+    """One compiled graph serves every rank, length, layout (transposed views) and grad mode: a
+    recompile per shape would cost seconds each and stop at dynamo's limit of 8."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(qatkd, "_compiled", {})
+    qatkd.quantize_act(torch.randn(8, 128, 96), 8)  # the one compile
+    shapes = [(4, 128, 384), (5, 37, 12, 64), (3, 1000), (2, 9, 70, 70)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for shape, scale, transposed, grad in itertools.product(shapes, (0.5, 3.0), (False, True), (False, True)):
+            x = torch.randn(shape) * scale
+            x = x.transpose(0, 1) if transposed else x
+            with torch.set_grad_enabled(grad):
+                q = qatkd.quantize_act(x, 8)
+            assert torch.equal(q, plain_quantize(x, 8)) and q.stride() == x.stride()
+    assert qatkd._compiled["fn"] is not None
+
+
 def test_fused_quantizer_falls_back_once_when_compiling_fails(monkeypatch):
     """No compiler: one warning, then the plain path, the same numbers."""
     def broken(fn, **_):
