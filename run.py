@@ -961,8 +961,9 @@ def bench_report(args, name, params, where, rows):
         off, plain = seconds["QAT map, quantizers off (W32A32)"], seconds[UNFUSED.format(wa=wa)]
         shares = {"quantizers_in_map_step": 1 - off / qat["map"], "quantizers_in_unfused_map_step": 1 - off / plain,
                   **{f"loss_in_{kd}_step": loss_seconds[kd] / qat[kd] for kd in qat}}
+        fused = "fused" if device.type in qatkd.FUSED_DEVICES else f"as run (no fusion on {device.type})"
         md += (f"\n\nShare of the map QAT step spent in quantizers: {100 * shares['quantizers_in_map_step']:.0f}% "
-               f"fused, {100 * shares['quantizers_in_unfused_map_step']:.0f}% unfused (map step with W32A32 vs {wa}); "
+               f"{fused}, {100 * shares['quantizers_in_unfused_map_step']:.0f}% unfused (map step with W32A32 vs {wa}); "
                f"unfused map step / FP step: {plain / seconds[reference]:.2f}x; in the KD loss: "
                + ", ".join(f"{kd} {100 * loss_seconds[kd] / qat[kd]:.0f}%" for kd in qat) + ".")
     md += f"\nPeak memory of the whole benchmark (the rounds, every phase's model resident): {peak:.0f} MiB."
