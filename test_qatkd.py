@@ -1715,10 +1715,13 @@ def test_own_data_reader_fuzzed(labels, fmt, garbage, tmp_path_factory):
 
 
 def test_readme_flag_table_matches_help():
-    """README's Flags table lists exactly the flags of run.py --help."""
+    """README's Flags table lists exactly the flags of run.py --help (not the hidden internal ones)."""
+    import argparse
+
     import run
 
-    flags = {o for a in run.build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+    flags = {o for a in run.build_parser()._actions for o in a.option_strings
+             if o.startswith("--") and o != "--help" and a.help != argparse.SUPPRESS}
     readme = (HERE / "README.md").read_text()
     table = readme[readme.index("### Flags"):]
     table = table[:table.index("\n\n", table.index("|---|"))]
