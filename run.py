@@ -166,7 +166,7 @@ def build_parser():
                    help="timed rounds (one step of every measurement each). Default: 10")
     g.add_argument("--bench_warmup", type=int, default=2, help="untimed rounds first. Default: 2")
     g.add_argument("--bench_memory", action="store_true",
-                   help="also measure each phase's peak memory in a fresh process of its own (build, then 3 steps), "
+                   help="also measure each phase's peak memory in a fresh process of its own (build, then 4 steps), "
                         "so that no phase hides another's: resident set size on CPU, allocator peak on a GPU")
     g.add_argument("--bench_phase", default=None, help=argparse.SUPPRESS)  # internal: the child of --bench_memory
     g.add_argument("--bench_inference", action="store_true",
