@@ -114,7 +114,7 @@ class ClipSTE(torch.autograd.Function):
         return levels(x if inside else x.clamp(-clip, clip))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_no_grad_outputs):
         (x,) = ctx.saved_tensors
         if x is None:
             return grad, None, None
@@ -184,10 +184,14 @@ def quantize_uniform(x, bits, per_row=False, clip=CLIP):
 
 def uniform_scale(xc, bits, per_row=False):
     """s = (2^(k-1) - 1) / max|x_c| of quantize_uniform: per tensor, or per row (keepdim)."""
-    n = 2 ** (bits - 1) - 1
     lo, hi = torch.aminmax(xc, dim=-1, keepdim=True) if per_row else torch.aminmax(xc)
-    m = torch.maximum(-lo, hi)  # max |x_c| in one read pass, without an |x_c| temporary
-    return n / m.clamp_min(n * torch.finfo(xc.dtype).tiny)  # finite even for an all-zero tensor
+    return scale_for_max(torch.maximum(-lo, hi), bits)  # max |x_c| in one read pass, no |x_c| temporary
+
+
+def scale_for_max(m, bits):
+    """s = (2^(k-1) - 1) / m for m = max |x_c| (any shape), finite even for an all-zero tensor."""
+    n = 2 ** (bits - 1) - 1
+    return n / m.clamp_min(n * torch.finfo(m.dtype).tiny)
 
 
 WEIGHT_BITS = (1, 2, 4, 8, 32)
@@ -212,7 +216,8 @@ def quantize_act(x, bits):
     """Activation quantizer: per-tensor dynamic symmetric uniform (8-bit in the paper); 32 = off.
 
     The numbers of quantize_uniform(x, bits), computed by ActQuant (the hot path: activations are
-    over 90 % of the elements a QAT step quantizes). x: any shape -> the same shape.
+    over 90 % of the elements a QAT step quantizes). x: any shape -> the same shape. To copy the
+    quantizer into another project, quantize_uniform (with ClipSTE) is the self-contained one.
     """
     return x if bits >= 32 else quantize_act_codes(x, bits)[0]
 
@@ -239,10 +244,9 @@ class ActQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bits, clip):
-        n = 2 ** (bits - 1) - 1
         lo, hi = torch.aminmax(x)
         m = torch.maximum(-lo, hi)  # max |x|
-        s = n / m.clamp(max=clip).clamp_min(n * torch.finfo(x.dtype).tiny)  # finite even for all zeros
+        s = scale_for_max(m.clamp(max=clip), bits)  # max |clamp(x)| = min(max |x|, clip)
         inside = x.device.type in ClipSTE.check_devices and bool(m < clip)
         q, codes = fused_levels(x, s, None if inside else clip, torch.int8 if bits <= 8 else torch.int16)
         ctx.save_for_backward(None if inside else x)
@@ -250,19 +254,15 @@ class ActQuant(torch.autograd.Function):
         ctx.mark_non_differentiable(codes, s)
         return q, codes, s
 
-    @staticmethod
-    def backward(ctx, grad, _codes, _s):
-        (x,) = ctx.saved_tensors
-        if x is None:
-            return grad, None, None
-        return torch.ops.aten.hardtanh_backward(grad, x, -ctx.clip, ctx.clip), None, None
+    backward = staticmethod(ClipSTE.backward)  # the same mask, from the same saved x (or None)
 
 
 def plain_levels(x, s, clip, dtype):
-    """c = round(clamp(x, -clip, clip) * s) -> (c / s, c as dtype); clip=None: no clamp. Three
+    """c = round(clamp(x, -clip, clip) * s) -> (q = c / s, codes = c as dtype); clip=None: no clamp. Three
     passes over x (four with the clamp), in place on one temporary."""
     c = (x if clip is None else x.clamp(-clip, clip)).mul(s).round_()
-    return c.to(dtype), c.div_(s)
+    codes = c.to(dtype)  # before the division, which works in place on c
+    return c.div_(s), codes
 
 
 FUSED = True  # run plain_levels as one compiled kernel (torch.compile) where it pays; False: always plain
@@ -281,11 +281,11 @@ def fused_levels(x, s, clip, dtype):
     slower (0.100 s against 0.080 s: a step of ~100 tiny kernels is bound by launch and dispatch
     overhead, which a compiled call adds to), and Triton's division differs from torch's by one
     unit in the last place on a quarter of the elements."""
-    flat = _memory_order(x)
-    if (not FUSED or x.device.type not in FUSED_DEVICES or x.numel() < FUSE_MIN_NUMEL or flat is None
-            or _compiled.get("fn", 0) is None):
-        codes, q = plain_levels(x, s, clip, dtype)
-        return q, codes
+    failed = "fn" in _compiled and _compiled["fn"] is None
+    fuse = FUSED and not failed and x.device.type in FUSED_DEVICES and x.numel() >= FUSE_MIN_NUMEL
+    flat = _memory_order(x) if fuse else None  # None also for a layout with gaps: plain
+    if flat is None:
+        return plain_levels(x, s, clip, dtype)
     if "fn" not in _compiled:
         _compiled["fn"] = torch.compile(_levels_for_compile, dynamic=True)
     try:
@@ -336,13 +336,14 @@ def saved_as_codes(q, codes, s):
     codes wherever an operation saves it for backward, and rebuilds codes / s when backward needs it:
     the same bits, 4x less memory for an 8-bit activation (a matrix product saves its inputs).
     Other saved tensors are kept as they are. q, codes: same shape; s: 0-d scale."""
-    if not SAVE_CODES or codes.dtype == torch.int16 or not torch.is_grad_enabled():  # or nothing is saved
+    if (not SAVE_CODES or codes.dtype == torch.int16 or codes.stride() != q.stride()
+            or not torch.is_grad_enabled()):  # above 8 bits, another layout, or nothing is saved
         yield
         return
     storage = q.untyped_storage().data_ptr()
 
     def pack(t):  # t: q or a view of it (a matrix product saves a reshaped view)
-        if t.untyped_storage().data_ptr() != storage or codes.stride() != q.stride():
+        if t.untyped_storage().data_ptr() != storage:
             return t
         return codes, s, t.shape, t.stride(), t.storage_offset() - q.storage_offset()
 
@@ -425,13 +426,19 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     scaling = q.size(-1) ** -0.5 if scaling is None else scaling
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
+    record_attention(module, scores, probs)
+    dropped = F.dropout(probs, p=dropout, training=module.training)
+    ctx = quantized_matmul(dropped, v, abits)
+    return ctx.transpose(1, 2).contiguous(), probs
+
+
+def record_attention(module, scores, probs):
+    """While forward_internals() runs: append (A, P) to module.qatkd_record, each None unless in
+    module.qatkd_keep. A, P: [B, H, S, S]."""
     record = getattr(module, "qatkd_record", None)
     if record is not None:
         keep = module.qatkd_keep
         record.append((scores if "scores" in keep else None, probs if "probs" in keep else None))
-    dropped = F.dropout(probs, p=dropout, training=module.training)
-    ctx = quantized_matmul(dropped, v, abits)
-    return ctx.transpose(1, 2).contiguous(), probs
 
 
 def _register_attention():
@@ -481,10 +488,7 @@ def deberta_attention(module, hidden_states, attention_mask, output_attentions=F
         scores = scores + module.disentangled_attention_bias(q, k, relative_pos, rel, scale_factor)
     scores = scores.view(-1, heads, scores.size(-2), scores.size(-1))  # [B, H, S, S]
     probs = torch.softmax(scores.masked_fill(~attention_mask.bool(), torch.finfo(q.dtype).min), dim=-1)
-    record = getattr(module, "qatkd_record", None)
-    if record is not None:
-        keep = module.qatkd_keep
-        record.append((scores if "scores" in keep else None, probs if "probs" in keep else None))
+    record_attention(module, scores, probs)
     dropped = module.dropout(probs)
     ctx = quantized_matmul(dropped.view(-1, probs.size(-2), probs.size(-1)), v, abits)  # [B*H, S, d_h]
     ctx = ctx.view(-1, heads, ctx.size(-2), ctx.size(-1)).permute(0, 2, 1, 3).contiguous()
@@ -808,6 +812,12 @@ KD_MODES = ("pred", "score", "map", "output", "unified")
 KD_ATTENTION = {"pred": (), "score": ("scores",), "map": ("probs",), "output": (), "unified": ("probs",)}
 
 
+def check_kd_mode(kd):
+    """Refuse an unknown KD mode in one line."""
+    if kd not in KD_MODES:
+        raise ValueError(f"unknown KD mode {kd!r}; use one of {KD_MODES}")
+
+
 def kd_loss(student, teacher, mask, kd="map", map_coeff=1.0, output_coeff=1.0, regression=False,
             include_padding=False):
     """The total QAT objective (official main.py:769): prediction + hidden states + one attention term.
@@ -820,8 +830,7 @@ def kd_loss(student, teacher, mask, kd="map", map_coeff=1.0, output_coeff=1.0, r
         unified  L_pred + L_rep + map_coeff * L_map + output_coeff * L_out
     Returns (total, {term name: value}).
     """
-    if kd not in KD_MODES:
-        raise ValueError(f"unknown KD mode {kd!r}; use one of {KD_MODES}")
+    check_kd_mode(kd)
     for name in KD_ATTENTION[kd]:
         if getattr(student, f"attn_{name}") is None or getattr(teacher, f"attn_{name}") is None:
             raise ValueError(f"kd={kd!r} needs the attention {name}: call forward_internals with "
@@ -1626,8 +1635,7 @@ def qat_loss_fn(teacher, task, kd="map", map_coeff=1.0, output_coeff=1.0, gt_coe
 
     gt_coeff > 0 adds gt_coeff * cross-entropy with the labels (off in the paper: KD only).
     """
-    if kd not in KD_MODES:
-        raise ValueError(f"unknown KD mode {kd!r}; use one of {KD_MODES}")
+    check_kd_mode(kd)
     regression = task.labels is None
     teacher.eval()
 

@@ -845,11 +845,12 @@ def unfused(step):
     """step, run with qatkd's fused quantizers and int8-coded saved activations switched off: the
     QAT step as it was before they came (the same numbers; a function to time)."""
     def run():
+        before = qatkd.FUSED, qatkd.SAVE_CODES
         qatkd.FUSED = qatkd.SAVE_CODES = False
         try:
             step()
         finally:
-            qatkd.FUSED = qatkd.SAVE_CODES = True
+            qatkd.FUSED, qatkd.SAVE_CODES = before
 
     return run
 
