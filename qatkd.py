@@ -118,6 +118,8 @@ class ClipSTE(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         if x is None:
             return grad, None, None
+        if x.dtype == torch.bool:  # ActQuant keeps the mask 1[|x| >= clip] where it comes for free
+            return grad.masked_fill(x, 0), None, None  # = hardtanh's backward, bit for bit
         return torch.ops.aten.hardtanh_backward(grad, x, -ctx.clip, ctx.clip), None, None
 
 
@@ -235,10 +237,12 @@ class ActQuant(torch.autograd.Function):
 
     forward:  one aminmax pass: s = n / min(max|x|, clip) (= uniform_scale(clamp(x)) exactly, as
               clamping commutes with the max) and whether every |x| < clip (CPU only: a host sync);
-              one elementwise pass (fused_levels): c = round(clamp(x) * s), q = c / s, codes = c.
-    backward: dL/dx = dL/dq * 1[|x| < clip] in one pass (hardtanh's backward kernel, as ClipSTE), and
-              nothing at all is kept or computed when every |x| < clip. (A bool mask would keep 1 byte
-              per element instead of x's 4, but building it costs more than the whole fused forward.)
+              one elementwise pass (fused_levels): c = round(clamp(x) * s), q = c / s, codes = c,
+              and (compiled path) the mask 1[|x| >= clip].
+    backward: dL/dx = dL/dq * 1[|x| < clip] in one pass, as ClipSTE, and nothing at all is kept or
+              computed when every |x| < clip. For the mask, backward keeps the compiled pass's bool
+              mask (1 byte per element) where it has one (LEAN_SAVES), else x (4 bytes; building a
+              mask in a separate pass costs more than the whole fused forward).
     The plain formula: quantize_uniform_reference (a test checks values and gradients bit for bit).
     """
 
@@ -248,8 +252,8 @@ class ActQuant(torch.autograd.Function):
         m = torch.maximum(-lo, hi)  # max |x|
         s = scale_for_max(m.clamp(max=clip), bits)  # max |clamp(x)| = min(max |x|, clip)
         inside = x.device.type in ClipSTE.check_devices and bool(m < clip)
-        q, codes = fused_levels(x, s, None if inside else clip, torch.int8 if bits <= 8 else torch.int16)
-        ctx.save_for_backward(None if inside else x)
+        q, codes, outside = fused_levels(x, s, None if inside else clip, torch.int8 if bits <= 8 else torch.int16)
+        ctx.save_for_backward(None if inside else outside if LEAN_SAVES and outside is not None else x)
         ctx.clip = clip
         ctx.mark_non_differentiable(codes, s)
         return q, codes, s
@@ -258,11 +262,11 @@ class ActQuant(torch.autograd.Function):
 
 
 def plain_levels(x, s, clip, dtype):
-    """c = round(clamp(x, -clip, clip) * s) -> (q = c / s, codes = c as dtype); clip=None: no clamp. Three
-    passes over x (four with the clamp), in place on one temporary."""
+    """c = round(clamp(x, -clip, clip) * s) -> (q = c / s, codes = c as dtype, None); clip=None: no
+    clamp. Three passes over x (four with the clamp), in place on one temporary."""
     c = (x if clip is None else x.clamp(-clip, clip)).mul(s).round_()
     codes = c.to(dtype)  # before the division, which works in place on c
-    return c.div_(s), codes
+    return c.div_(s), codes, None
 
 
 FUSED = True  # run plain_levels as one compiled kernel (torch.compile) where it pays; False: always plain
@@ -280,7 +284,8 @@ def fused_levels(x, s, clip, dtype):
     Not on a GPU (FUSED_DEVICES): measured on an H200 the compiled kernel made the MiniLM map step
     slower (0.100 s against 0.080 s: a step of ~100 tiny kernels is bound by launch and dispatch
     overhead, which a compiled call adds to), and Triton's division differs from torch's by one
-    unit in the last place on a quarter of the elements."""
+    unit in the last place on a quarter of the elements.
+    Returns (q, codes, outside): outside = 1[|x| >= clip] (bool) from the compiled pass, None from plain_levels."""
     failed = "fn" in _compiled and _compiled["fn"] is None
     fuse = FUSED and not failed and x.device.type in FUSED_DEVICES and x.numel() >= FUSE_MIN_NUMEL
     flat = _memory_order(x) if fuse else None  # None also for a layout with gaps: plain
@@ -290,8 +295,8 @@ def fused_levels(x, s, clip, dtype):
         _compiled["fn"] = torch.compile(_levels_for_compile, dynamic=True)
     try:
         # one compiled graph for every shape: the elements in memory order, clamped always (free here)
-        q, codes = _compiled["fn"](flat, s, CLIP if clip is None else clip, dtype)
-        return q.as_strided(x.shape, x.stride()), codes.as_strided(x.shape, x.stride())  # x's layout, as plain
+        q, codes, outside = _compiled["fn"](flat, s, CLIP if clip is None else clip, dtype)
+        return tuple(t.as_strided(x.shape, x.stride()) for t in (q, codes, outside))  # x's layout, as plain
     except Exception as e:  # noqa: BLE001 -- any compiler failure: fall back, say so once
         import warnings
 
@@ -314,20 +319,23 @@ def _memory_order(x):
 
 
 def _levels_for_compile(x, s, clip, dtype):
-    c = (x if clip is None else x.clamp(-clip, clip)).mul(s).round()  # not in place: inductor fuses it
-    return c.div(s), c.to(dtype)
+    c = x.clamp(-clip, clip).mul(s).round()  # not in place: inductor fuses it
+    return c.div(s), c.to(dtype), (x <= -clip) | (x >= clip)  # the mask: where hardtanh's backward is 0
 
 
 # =============================================================================================
 # 2. Quantized modules
 #
 # The student keeps the teacher's parameter names (QuantLinear is an nn.Linear, QuantEmbedding an
-# nn.Embedding), so a student checkpoint loads into the plain architecture and back. Memory: a
-# matrix product keeps its inputs for backward; a quantized input is kept as its int8 codes.
+# nn.Embedding), so a student checkpoint loads into the plain architecture and back. Memory: what
+# autograd keeps for backward is kept lean, with the same numbers: a quantized matrix-product input
+# as its int8 codes, a dropout mask and the STE's clip mask as bools, no copies in the map loss.
 # =============================================================================================
 
 
-SAVE_CODES = True  # False: autograd keeps quantized activations in fp32, as a plain matrix product does
+# False: autograd keeps what the plain operations keep (quantized activations and dropout noise in
+# fp32, x for the STE's mask, the map loss's clamped copies): the step as before, for the benchmark
+LEAN_SAVES = True
 
 
 @contextlib.contextmanager
@@ -336,7 +344,7 @@ def saved_as_codes(q, codes, s):
     codes wherever an operation saves it for backward, and rebuilds codes / s when backward needs it:
     the same bits, 4x less memory for an 8-bit activation (a matrix product saves its inputs).
     Other saved tensors are kept as they are. q, codes: same shape; s: 0-d scale."""
-    if (not SAVE_CODES or codes.dtype == torch.int16 or codes.stride() != q.stride()
+    if (not LEAN_SAVES or codes.dtype == torch.int16 or codes.stride() != q.stride()
             or not torch.is_grad_enabled()):  # above 8 bits, another layout, or nothing is saved
         yield
         return
@@ -408,6 +416,42 @@ class QuantEmbedding(nn.Embedding):
         return f"{super().extra_repr()}, wbits={self.wbits}"
 
 
+def lean_dropout(x, p, training):
+    """F.dropout(x, p, training): the same random draws and the same bits. On CPU (LEAN_SAVES) through
+    BoolDropout, which keeps a bool mask for backward where F.dropout keeps an fp32 noise tensor:
+    1 byte instead of 4 per element (a [B, H, S, S] attention map, a [B, S, d] hidden state)."""
+    if LEAN_SAVES and training and 0 < p < 1 and x.device.type == "cpu":
+        return BoolDropout.apply(x, p)
+    return F.dropout(x, p=p, training=training)  # on a GPU, F.dropout keeps a bool mask itself
+
+
+class BoolDropout(torch.autograd.Function):
+    """CPU dropout as ATen computes it (noise = bernoulli(1 - p) / (1 - p); y = x * noise), drawing
+    the Bernoulli samples into a bool tensor: the same draws from the generator, in the same order,
+    for any dtype. Backward rebuilds the noise from the mask: dL/dx = dL/dy * noise."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+        ctx.save_for_backward(keep)
+        ctx.p = p
+        return x * keep.to(x.dtype).div_(1 - p)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep.to(grad.dtype).div_(1 - ctx.p), None
+
+
+class LeanDropout(nn.Dropout):
+    """nn.Dropout through lean_dropout: quantize_student puts one in place of each of the student's."""
+
+    def forward(self, x):
+        if self.inplace:
+            return F.dropout(x, self.p, self.training, inplace=True)
+        return lean_dropout(x, self.p, self.training)
+
+
 def qat_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
     """Eager self-attention with the student's activation quantizers (official modeling_quant.py).
 
@@ -416,7 +460,7 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
         Q, K, V <- Q_a(Q), Q_a(K), Q_a(V)          (abits = module.qatkd_abits, 32 = off)
         A = Q K^T / sqrt(d_h)                      pre-softmax scores        [B, H, S, S]
         P = softmax(A + mask)                      attention map             [B, H, S, S]
-        ctx = Q_a(dropout(P)) V                    P is quantized after dropout
+        ctx = Q_a(dropout(P)) V                    P is quantized after dropout (lean_dropout)
     While forward_internals() runs, module.qatkd_record is a list and (A, P) is appended to it:
     the scores without the additive mask, the map before dropout and quantization, as the KD
     losses use them (None for the one module.qatkd_keep leaves out). Returns ctx as [B, S, H, d_h] and P.
@@ -427,9 +471,10 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
     record_attention(module, scores, probs)
-    dropped = F.dropout(probs, p=dropout, training=module.training)
+    dropped = lean_dropout(probs, dropout, module.training)
     ctx = quantized_matmul(dropped, v, abits)
     return ctx.transpose(1, 2).contiguous(), probs
+
 
 
 def record_attention(module, scores, probs):
@@ -489,7 +534,7 @@ def deberta_attention(module, hidden_states, attention_mask, output_attentions=F
     scores = scores.view(-1, heads, scores.size(-2), scores.size(-1))  # [B, H, S, S]
     probs = torch.softmax(scores.masked_fill(~attention_mask.bool(), torch.finfo(q.dtype).min), dim=-1)
     record_attention(module, scores, probs)
-    dropped = module.dropout(probs)
+    dropped = lean_dropout(probs, module.dropout.p, module.training)
     ctx = quantized_matmul(dropped.view(-1, probs.size(-2), probs.size(-1)), v, abits)  # [B*H, S, d_h]
     ctx = ctx.view(-1, heads, ctx.size(-2), ctx.size(-1)).permute(0, 2, 1, 3).contiguous()
     return ctx.view(*ctx.shape[:-2], -1), (probs if output_attentions else None)
@@ -587,7 +632,8 @@ def quantize_student(teacher, wbits=2, abits=8):
     - the word embedding -> row-wise quantized QuantEmbedding(wbits);
     - inside self-attention Q, K, V and the post-dropout attention probabilities -> abits;
     - full precision: the task head's final projection (Family.classifier), LayerNorms, biases,
-      position/token-type/relative-position embeddings.
+      position/token-type/relative-position embeddings;
+    - every nn.Dropout -> LeanDropout (the same numbers, less memory kept for backward).
     The latent weights start as the teacher's. With wbits=abits=32 the student computes exactly
     what the teacher does.
     """
@@ -604,6 +650,8 @@ def quantize_student(teacher, wbits=2, abits=8):
                 q = QuantLinear(child.in_features, child.out_features, child.bias is not None, wbits, abits, "meta")
                 q.weight, q.bias = child.weight, child.bias
                 setattr(parent, name, q)
+            elif type(child) is nn.Dropout:  # the same draws, a bool mask kept for backward
+                setattr(parent, name, LeanDropout(child.p, child.inplace))
     emb = student.get_input_embeddings()
     qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, wbits, "meta")
     qemb.weight = emb.weight
@@ -777,7 +825,8 @@ def map_loss(s_probs, t_probs, mask, eps=PROB_FLOOR, chunk=2 ** 20):
     map_loss_reference. Speed (same numbers): on CPU, KL_{b,h} is computed for groups of samples of about `chunk`
     elements (4 MB), whose temporaries stay in the cache and are recycled by the allocator instead
     of being fresh 25 MB buffers (page faults) in every step; a sample's sum is the same either
-    way. On a GPU the whole batch is one group (fewer kernel launches).
+    way. On a GPU the whole batch is one group (fewer kernel launches). Memory (same numbers):
+    MapKL's backward keeps no clamped copies of the maps (LEAN_SAVES).
     """
     m = mask.to(s_probs[0].dtype)
     pairs = m[:, None, :, None] * m[:, None, None, :]  # [B, 1, S, S]
@@ -785,14 +834,46 @@ def map_loss(s_probs, t_probs, mask, eps=PROB_FLOOR, chunk=2 ** 20):
     b = max(1, chunk // s_probs[0][0].numel()) if mask.device.type == "cpu" else len(mask)  # samples per group
     total = 0.0
     for s, t in zip(s_probs, t_probs):
-        kl = []
-        for s_, t_, pairs_ in zip(s.split(b), t.split(b), pairs.split(b)):
-            t_ = t_.clamp_min(eps)
-            # (log p_T - log p_S) * p_T * pairs, in place on one temporary: the same operations in
-            # the same order as the plain expression, so the same numbers, with 3 fewer copies
-            kl.append(t_.log().sub_(s_.clamp_min(eps).log()).mul_(t_).mul_(pairs_).sum((-1, -2)))  # [b, H]
-        total = total + (torch.cat(kl) / lengths).mean()
+        lean = LEAN_SAVES and not t.requires_grad  # MapKL gives no gradient to a teacher's map
+        kl = MapKL.apply(s, t, pairs, eps, b) if lean else _map_kl(s, t, pairs, eps, b)  # [B, H]
+        total = total + (kl / lengths).mean()
     return total
+
+
+def _map_kl(s, t, pairs, eps, b):
+    """sum_{i, j} p_T log(p_T / p_S) * pairs, per sample and head -> [B, H], for groups of b samples.
+    s, t: [B, H, S, S]; pairs: [B, 1, S, S]."""
+    kl = []
+    for s_, t_, pairs_ in zip(s.split(b), t.split(b), pairs.split(b)):
+        t_ = t_.clamp_min(eps)
+        # (log p_T - log p_S) * p_T * pairs, in place on one temporary: the same operations in
+        # the same order as the plain expression, so the same numbers, with 3 fewer copies
+        kl.append(t_.log().sub_(s_.clamp_min(eps).log()).mul_(t_).mul_(pairs_).sum((-1, -2)))  # [b, H]
+    return torch.cat(kl)
+
+
+class MapKL(torch.autograd.Function):
+    """_map_kl with a hand-written backward: autograd would keep max(p_S, eps) and max(p_T, eps), two
+    [B, H, S, S] copies per layer, for the whole backward pass; MapKL keeps only s and t, which are
+    alive anyway (softmax keeps p_S, the teacher's record p_T), and recomputes the rest per group:
+        dKL_{b,h} / dp_S = -p_T * pairs / max(p_S, eps)   where p_S >= eps, else 0
+    in autograd's order of operations for the plain expression, so the same bits (tested)."""
+
+    @staticmethod
+    def forward(ctx, s, t, pairs, eps, b):
+        ctx.save_for_backward(s, t, pairs)
+        ctx.eps, ctx.b = eps, b
+        return _map_kl(s, t, pairs, eps, b)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: [B, H]
+        s, t, pairs = ctx.saved_tensors
+        eps, b, out = ctx.eps, ctx.b, []
+        for s_, t_, pairs_, g in zip(s.split(b), t.split(b), pairs.split(b), grad.split(b)):
+            # sum -> * pairs -> * p_T -> (log p_T) - (.) -> log -> clamp_min, as autograd chains them
+            d = g[..., None, None].mul(pairs_).mul_(t_.clamp_min(eps)).neg_().div_(s_.clamp_min(eps))
+            out.append(torch.where(s_ >= eps, d, 0.0))
+        return torch.cat(out), None, None, None, None
 
 
 def output_loss(s_outputs, t_outputs, mask, include_padding=False):

@@ -742,7 +742,9 @@ def benchmark(args, argv=()):
 
 def phase_memory(build, device):
     """Build one phase and run 4 steps of it in this (fresh) process; print its peak memory in MiB
-    as the last line: the process's peak resident set (VmHWM) on CPU, the allocator's peak on a GPU."""
+    as the last line: the process's peak resident set (VmHWM) on CPU, the allocator's peak on a GPU;
+    on CPU with glibc also malloc's peaks (heap_peaks)."""
+    heap = heap_peaks() if device.type == "cpu" else None
     step = build()
     for _ in range(4):
         step()
@@ -752,7 +754,36 @@ def phase_memory(build, device):
         status = Path("/proc/self/status")
         peak = (int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024 if status.exists()
                 else peak_memory_mb())
-    print(json.dumps({"peak_memory_mb": peak}))
+    print(json.dumps({"peak_memory_mb": peak, **(heap() if heap else {})}))
+
+
+def heap_peaks():
+    """Sample glibc's malloc statistics (mallinfo2) every 2 ms from now on; returns a function giving
+    the peaks so far in MiB: "malloc_in_use_mb", the bytes handed out (live tensors and everything
+    else malloc'd), and "malloc_footprint_mb", the heap and mmapped blocks it holds. The footprint
+    above the bytes in use is freed memory glibc keeps. None where there is no glibc."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    peak = {"malloc_in_use_mb": 0.0, "malloc_footprint_mb": 0.0}
+
+    def sample():
+        while True:
+            m = mallinfo2()
+            peak["malloc_in_use_mb"] = max(peak["malloc_in_use_mb"], (m.uordblks + m.hblkhd) / 2 ** 20)
+            peak["malloc_footprint_mb"] = max(peak["malloc_footprint_mb"], (m.arena + m.hblkhd) / 2 ** 20)
+            time.sleep(0.002)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return lambda: dict(peak)
 
 
 def fresh_process_memory(rows, args, argv):
@@ -767,7 +798,9 @@ def fresh_process_memory(rows, args, argv):
                            capture_output=True, text=True)
         if p.returncode:
             raise RuntimeError(f"--bench_memory: the process for phase {r['step']!r} failed: {p.stderr[-2000:]}")
-        r["fresh_peak_memory_mb"] = json.loads(p.stdout.strip().splitlines()[-1])["peak_memory_mb"]
+        peaks = json.loads(p.stdout.strip().splitlines()[-1])
+        r["fresh_peak_memory_mb"] = peaks.pop("peak_memory_mb")
+        r.update({f"fresh_{k}": v for k, v in peaks.items()})
 
 
 def bench_teacher(args, task):
@@ -838,19 +871,19 @@ def exported_step(student, backend, batch, device):
         return inference_step(qatkd.load_quantized(d, backend=backend, device=device), batch)
 
 
-UNFUSED = "QAT map {wa}, unfused (plain quantizers, fp32 saved activations, every internal kept)"
+UNFUSED = "QAT map {wa}, unfused (plain quantizers and saved tensors, every internal kept)"
 
 
 def unfused(step):
-    """step, run with qatkd's fused quantizers and int8-coded saved activations switched off: the
+    """step, run with qatkd's fused quantizers and lean saved tensors (LEAN_SAVES) switched off: the
     QAT step as it was before they came (the same numbers; a function to time)."""
     def run():
-        before = qatkd.FUSED, qatkd.SAVE_CODES
-        qatkd.FUSED = qatkd.SAVE_CODES = False
+        before = qatkd.FUSED, qatkd.LEAN_SAVES
+        qatkd.FUSED = qatkd.LEAN_SAVES = False
         try:
             step()
         finally:
-            qatkd.FUSED, qatkd.SAVE_CODES = before
+            qatkd.FUSED, qatkd.LEAN_SAVES = before
 
     return run
 
@@ -948,13 +981,16 @@ def bench_report(args, name, params, where, rows):
     for r in rows:
         r.update(seconds=seconds[r["step"]], vs_reference=seconds[r["step"]] / seconds[reference],
                  range=[min(r["times"]), max(r["times"])])
-    fresh = "fresh_peak_memory_mb" in rows[0]
+    fresh, heap = "fresh_peak_memory_mb" in rows[0], "fresh_malloc_in_use_mb" in rows[0]
     md = "\n".join([f"| step | median s | vs {reference} | range s | peak memory MiB (earlier rows' models resident) |"
-                    + (" peak memory MiB, alone in a fresh process |" if fresh else ""),
-                    "|---|---|---|---|---|" + ("---|" if fresh else "")]
+                    + (" peak memory MiB, alone in a fresh process |" if fresh else "")
+                    + (" of which malloc: peak in use / peak footprint MiB |" if heap else ""),
+                    "|---|---|---|---|---|" + ("---|" if fresh else "") + ("---|" if heap else "")]
                    + [f"| {r['step']} | {r['seconds']:.3f} | {r['vs_reference']:.2f}x | {r['range'][0]:.3f} to "
                       f"{r['range'][1]:.3f} | {r['peak_memory_mb']:.0f} |"
-                      + (f" {r['fresh_peak_memory_mb']:.0f} |" if fresh else "") for r in rows])
+                      + (f" {r['fresh_peak_memory_mb']:.0f} |" if fresh else "")
+                      + (f" {r['fresh_malloc_in_use_mb']:.0f} / {r['fresh_malloc_footprint_mb']:.0f} |" if heap else "")
+                      for r in rows])
     shares = {}
     if not args.bench_inference:
         qat = {kd: seconds[f"QAT {kd} {wa}"] for kd in ("map", "score", "output", "unified")}

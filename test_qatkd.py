@@ -1898,11 +1898,14 @@ def test_fused_activation_quantizer_equals_the_plain_formula(fused_everywhere, x
                 qatkd.ClipSTE.check_devices = check
                 a = inp.clone().requires_grad_()
                 q, codes, s = qatkd.quantize_act_codes(a, bits)
-                q.backward(g)
+                q.backward(g, retain_graph=True)  # the saved mask is read below
             finally:
                 qatkd.ClipSTE.check_devices, qatkd.FUSED = ("cpu",), True
             assert torch.equal(q, expect) and torch.equal(a.grad, ref.grad)
             assert torch.equal(codes.to(s.dtype) / s, q) and codes.abs().max() <= n
+            if fused and check and inp.abs().max() >= qatkd.CLIP:  # the compiled pass's mask, not x, is kept
+                (kept,) = q.grad_fn.saved_tensors
+                assert kept.dtype == torch.bool and torch.equal(kept, inp.abs() >= qatkd.CLIP)
             assert codes.dtype == (torch.int8 if bits <= 8 else torch.int16)
 
 
@@ -1953,7 +1956,7 @@ def test_saved_codes_and_lean_recording_change_no_number(fused_everywhere, tiny_
     for kd in ("map", "score"):
         grads = []
         for lean in (True, False):
-            qatkd.FUSED = qatkd.SAVE_CODES = lean
+            qatkd.FUSED = qatkd.LEAN_SAVES = lean
             try:
                 student = qatkd.quantize_student(teacher, 2, 8).train()
                 torch.manual_seed(0)
@@ -1965,7 +1968,7 @@ def test_saved_codes_and_lean_recording_change_no_number(fused_everywhere, tiny_
                     loss, _ = qatkd.kd_loss(qatkd.forward_internals(student, batch), t, batch["attention_mask"], kd)
                 loss.backward()
             finally:
-                qatkd.FUSED = qatkd.SAVE_CODES = True
+                qatkd.FUSED = qatkd.LEAN_SAVES = True
             grads.append([loss.detach()] + [p.grad for p in student.parameters() if p.grad is not None])
         assert len(grads[0]) == len(grads[1]) and all(torch.equal(a, b) for a, b in zip(*grads))
     lin = qatkd.QuantLinear(8, 4)
@@ -1993,6 +1996,48 @@ def test_fast_map_loss_equals_the_plain_formula():
         assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
 
 
+def test_map_loss_keeps_no_clamped_copies_for_backward():
+    """MapKL keeps for backward only the maps it is given (alive anyway), not max(p, eps) copies; a
+    teacher map that needs a gradient takes the plain autograd path and gets one."""
+    torch.manual_seed(0)
+    mask = make_batch([9, 6, 2, 9])["attention_mask"]
+    s = torch.softmax(torch.randn(4, 3, 9, 9) * 4, -1).requires_grad_()
+    t = torch.softmax(torch.randn(4, 3, 9, 9) * 3, -1)
+    loss = qatkd.map_loss([s], [t], mask)
+    node = loss.grad_fn
+    while type(node).__name__ != "MapKLBackward":
+        node = node.next_functions[0][0]
+    kept = [x for x in node.saved_tensors if x.numel() == s.numel()]
+    assert len(kept) == 2 and {x.data_ptr() for x in kept} == {s.data_ptr(), t.data_ptr()}
+    t2 = t.clone().requires_grad_()
+    (g_t,) = torch.autograd.grad(qatkd.map_loss([s], [t2], mask), [t2])
+    (g_ref,) = torch.autograd.grad(qatkd.map_loss_reference([s], [t2], mask), [t2])
+    assert g_t.abs().sum() > 0 and torch.equal(g_t, g_ref)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 9, 9), (2, 7, 16)])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_bool_dropout_equals_torch_dropout(shape, p):
+    """lean_dropout draws what F.dropout draws (same mask, same generator state after), gives the
+    same values and gradients bit for bit, on a strided input too, and keeps a bool mask."""
+    x = torch.randn(shape).transpose(0, 1)
+    g = torch.randn(x.shape)
+    out = []
+    for lean in (True, False):
+        a = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        if lean:
+            y = qatkd.lean_dropout(a, p, True)
+            (keep,) = y.grad_fn.saved_tensors
+            assert keep.dtype == torch.bool and keep.shape == x.shape
+        else:
+            y = torch.nn.functional.dropout(a, p, True)
+        y.backward(g)
+        out.append((y, a.grad, torch.rand(4)))
+    assert all(torch.equal(u, v) for u, v in zip(*out))
+    assert torch.equal(qatkd.lean_dropout(x, p, False), x)
+
+
 def test_eval_forward_follows_every_weight_write(tiny_dir):
     """A write through .data (which does not bump the tensor's version) still reaches a no-grad forward."""
     student = qatkd.quantize_student(classifier(tiny_dir), 2, 8).eval()
@@ -2018,7 +2063,7 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
     assert {"FP fine-tuning (sdpa attention)", "inference: teacher", "inference: student W2A8"} <= set(steps)
     assert all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in result["rows"])
     assert 0 < result["shares"]["loss_in_map_step"] < 1 and "quantizers_in_unfused_map_step" in result["shares"]
-    assert "QAT map W2A8, unfused (plain quantizers, fp32 saved activations, every internal kept)" in steps
+    assert "QAT map W2A8, unfused (plain quantizers and saved tensors, every internal kept)" in steps
     assert result["peak_memory_mb"] >= max(r["peak_memory_mb"] for r in result["rows"])  # the rounds' peak
     assert "map QAT / FP step:" in p.stdout and table.with_suffix(".md").is_file()
     assert "inference: exported student W2A8, int8 backend" in steps
@@ -2034,6 +2079,9 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
     # --bench_memory: each phase's peak from a process of its own: Python, torch and the teacher at least
     assert all(100 < r["fresh_peak_memory_mb"] < 4000 for r in rows)
     assert "alone in a fresh process" in table.with_suffix(".md").read_text()
+    if sys.platform == "linux":  # glibc's own peaks: the bytes malloc handed out fit in what it holds, and in the process
+        assert all(0 < r["fresh_malloc_in_use_mb"] <= r["fresh_malloc_footprint_mb"] < r["fresh_peak_memory_mb"]
+                   for r in rows)
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
