@@ -298,12 +298,17 @@ def fused_levels(x, s, clip, dtype):
         q, codes, outside = _compiled["fn"](flat, s, CLIP if clip is None else clip, dtype)
         return tuple(t.as_strided(x.shape, x.stride()) for t in (q, codes, outside))  # x's layout, as plain
     except Exception as e:  # noqa: BLE001 -- any compiler failure: fall back, say so once
-        import warnings
-
-        warnings.warn(f"qatkd: torch.compile is unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                      f"the quantizers run unfused (same numbers, slower)", stacklevel=2)
-        _compiled["fn"] = None
+        _compile_failed(e)
         return fused_levels(x, s, clip, dtype)
+
+
+def _compile_failed(e):
+    """Warn once that torch.compile failed; from then on every quantizer runs plain."""
+    import warnings
+
+    warnings.warn(f"qatkd: torch.compile is unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  f"the quantizers run unfused (same numbers, slower)", stacklevel=3)
+    _compiled["fn"] = None
 
 
 def _memory_order(x):
@@ -2020,6 +2025,26 @@ def int8_kernel(device):
     return "plain"
 
 
+def int_codes(x, s, n, shift, dtype):
+    """IntLinear's activation codes: round(clamp(x * s, -n, n)) + shift, as dtype (int8 with shift 0,
+    or uint8 with shift 128 for oneDNN). Clamping x * s to [-n, n] gives the codes of
+    round(clamp(x, -2.5, 2.5) * s), the training-time quantizer's. x: any shape; s: a float.
+    One compiled pass on CPU (FUSED, as fused_levels), else four plain ones; the same bits."""
+    fuse = FUSED and _compiled.get("fn", True) is not None and x.device.type in FUSED_DEVICES
+    if fuse and x.numel() >= FUSE_MIN_NUMEL and x.is_contiguous():
+        if "int" not in _compiled:
+            _compiled["int"] = torch.compile(_int_codes_for_compile, dynamic=True)
+        try:
+            return _compiled["int"](x.view(-1), torch.tensor(s, dtype=x.dtype), n, shift, dtype).view(x.shape)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure: fall back, say so once
+            _compile_failed(e)
+    return (x * s).clamp_(-n, n).round_().add_(shift).to(dtype)
+
+
+def _int_codes_for_compile(x, s, n, shift, dtype):
+    return (x * s).clamp(-n, n).round().add(shift).to(dtype)
+
+
 class IntLinear(nn.Module):
     """A QuantLinear computed in integers: y = (X_q W_q^T) * (c / s_x) + b.
 
@@ -2051,12 +2076,11 @@ class IntLinear(nn.Module):
         m = float(torch.maximum(-lo, hi))
         s = n / max(min(m, CLIP), n * torch.finfo(x.dtype).tiny)  # the activation quantizer's scale, per tensor
         s = float(torch.tensor(s, dtype=x.dtype))  # in x's precision, as uniform_scale computes it
-        # X_q = round(clamp(x, -2.5, 2.5) * s): clamping x * s to [-n, n] instead gives the same codes
-        codes = (x * s).clamp_(-n, n).round_() if m > CLIP else (x * s).round_()
+        onednn = self.kernel == "onednn"
+        codes = int_codes(x, s, n, 128 if onednn else 0, torch.uint8 if onednn else torch.int8)
         factor = self.step / s  # y = (X_q W_q^T) * c / s_x + b
-        if self.kernel == "onednn":
-            qx = codes.add_(128).to(torch.uint8)
-            ones, zeros = torch.ones(1), torch.zeros(1, dtype=torch.long)
+        if onednn:
+            qx, ones, zeros = codes, torch.ones(1), torch.zeros(1, dtype=torch.long)
             y = None
             for packed, f in self.packed:
                 part = torch.ops.onednn.qlinear_pointwise(qx, factor * f, 128, packed, ones, zeros,
@@ -2064,7 +2088,7 @@ class IntLinear(nn.Module):
                                                           "none", [], "")
                 y = part if y is None else y + part
             return y
-        flat = codes.to(torch.int8).reshape(-1, self.in_features)
+        flat = codes.reshape(-1, self.in_features)
         acc = torch._int_mm(flat, self.q.t()) if self.kernel == "int_mm" else flat.int() @ self.q.int().t()
         y = (acc.float() * factor).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias

@@ -1909,6 +1909,27 @@ def test_fused_activation_quantizer_equals_the_plain_formula(fused_everywhere, x
             assert codes.dtype == (torch.int8 if bits <= 8 else torch.int16)
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(hnp.arrays("float32", st.tuples(st.integers(1, 5), st.integers(1, 40)),
+                  elements=st.floats(-4, 4, allow_nan=False, width=32)).map(torch.from_numpy),
+       st.sampled_from([(128, torch.uint8), (0, torch.int8)]))
+def test_fused_integer_codes_equal_the_plain_ones(fused_everywhere, x, shift_dtype):
+    """The int8 backend's activation codes from the compiled pass equal the plain ones bit for bit,
+    and equal the training-time quantizer's codes (shifted by 128 for oneDNN)."""
+    shift, dtype = shift_dtype
+    _, expect, s = qatkd.quantize_act_codes(x, 8)
+    out = []
+    for fused in (True, False):
+        qatkd.FUSED = fused
+        try:
+            out.append(qatkd.int_codes(x, s.item(), 127, shift, dtype))
+        finally:
+            qatkd.FUSED = True
+    assert torch.equal(out[0], out[1]) and out[0].dtype == dtype
+    assert torch.equal(out[0].to(torch.int16) - shift, expect.to(torch.int16))
+    assert qatkd._compiled.get("int") is not None
+
+
 def test_fused_quantizer_compiles_once_for_every_shape(monkeypatch):
     """One compiled graph serves every rank, length, layout (transposed views) and grad mode: a
     recompile per shape would cost seconds each and stop at dynamo's limit of 8."""
