@@ -119,7 +119,7 @@ class ClipSTE(torch.autograd.Function):
         if x is None:
             return grad, None, None
         if x.dtype == torch.bool:  # ActQuant keeps the mask 1[|x| >= clip] where it comes for free
-            return grad.masked_fill(x, 0), None, None  # = hardtanh's backward, bit for bit
+            return torch.where(x, 0.0, grad), None, None  # = hardtanh's backward, bit for bit
         return torch.ops.aten.hardtanh_backward(grad, x, -ctx.clip, ctx.clip), None, None
 
 
@@ -296,7 +296,7 @@ def fused_levels(x, s, clip, dtype):
     try:
         # one compiled graph for every shape: the elements in memory order, clamped always (free here)
         q, codes, outside = _compiled["fn"](flat, s, CLIP if clip is None else clip, dtype)
-        return tuple(t.as_strided(x.shape, x.stride()) for t in (q, codes, outside))  # x's layout, as plain
+        return tuple(t.as_strided(x.shape, x.stride()) for t in (q, codes, outside.view(torch.bool)))  # x's layout
     except Exception as e:  # noqa: BLE001 -- any compiler failure: fall back, say so once
         _compile_failed(e)
         return fused_levels(x, s, clip, dtype)
@@ -325,7 +325,8 @@ def _memory_order(x):
 
 def _levels_for_compile(x, s, clip, dtype):
     c = x.clamp(-clip, clip).mul(s).round()  # not in place: inductor fuses it
-    return c.div(s), c.to(dtype), (x <= -clip) | (x >= clip)  # the mask: where hardtanh's backward is 0
+    # the mask (where hardtanh's backward is 0) as int8 0/1: a bool output would not be vectorised (10x slower)
+    return c.div(s), c.to(dtype), torch.where((x <= -clip) | (x >= clip), 1.0, 0.0).to(torch.int8)
 
 
 # =============================================================================================
@@ -431,16 +432,16 @@ def lean_dropout(x, p, training):
 
 
 class BoolDropout(torch.autograd.Function):
-    """CPU dropout as ATen computes it (noise = bernoulli(1 - p) / (1 - p); y = x * noise), drawing
-    the Bernoulli samples into a bool tensor: the same draws from the generator, in the same order,
-    for any dtype. Backward rebuilds the noise from the mask: dL/dx = dL/dy * noise."""
+    """CPU dropout as ATen computes it (noise = bernoulli(1 - p) / (1 - p); y = x * noise), keeping
+    for backward the noise as a bool mask (one pass: its nonzeros), not the fp32 noise itself.
+    Backward rebuilds the noise from the mask: dL/dx = dL/dy * noise."""
 
     @staticmethod
     def forward(ctx, x, p):
-        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
-        ctx.save_for_backward(keep)
+        noise = torch.empty_like(x).bernoulli_(1 - p)  # the same draws as F.dropout's
+        ctx.save_for_backward(noise.bool())
         ctx.p = p
-        return x * keep.to(x.dtype).div_(1 - p)
+        return x * noise.div_(1 - p)
 
     @staticmethod
     def backward(ctx, grad):
