@@ -287,9 +287,7 @@ def fused_levels(x, s, clip, dtype):
     overhead, which a compiled call adds to), and Triton's division differs from torch's by one
     unit in the last place on a quarter of the elements.
     Returns (q, codes, outside): outside = 1[|x| >= clip] (bool) from the compiled pass, None from plain_levels."""
-    failed = "fn" in _compiled and _compiled["fn"] is None
-    fuse = FUSED and not failed and x.device.type in FUSED_DEVICES and x.numel() >= FUSE_MIN_NUMEL
-    flat = _memory_order(x) if fuse else None  # None also for a layout with gaps: plain
+    flat = _memory_order(x) if may_fuse(x) else None  # None also for a layout with gaps: plain
     if flat is None:
         return plain_levels(x, s, clip, dtype)
     if "fn" not in _compiled:
@@ -301,6 +299,13 @@ def fused_levels(x, s, clip, dtype):
     except Exception as e:  # noqa: BLE001 -- any compiler failure: fall back, say so once
         _compile_failed(e)
         return fused_levels(x, s, clip, dtype)
+
+
+def may_fuse(x):
+    """Whether x may go through a compiled pass: FUSED, compiling has not failed, a device of
+    FUSED_DEVICES and at least FUSE_MIN_NUMEL elements (fused_levels, int_codes)."""
+    failed = "fn" in _compiled and _compiled["fn"] is None
+    return FUSED and not failed and x.device.type in FUSED_DEVICES and x.numel() >= FUSE_MIN_NUMEL
 
 
 def _compile_failed(e):
@@ -2032,8 +2037,7 @@ def int_codes(x, s, n, shift, dtype):
     or uint8 with shift 128 for oneDNN). Clamping x * s to [-n, n] gives the codes of
     round(clamp(x, -2.5, 2.5) * s), the training-time quantizer's. x: any shape; s: a float.
     One compiled pass on CPU (FUSED, as fused_levels), else four plain ones; the same bits."""
-    fuse = FUSED and _compiled.get("fn", True) is not None and x.device.type in FUSED_DEVICES
-    if fuse and x.numel() >= FUSE_MIN_NUMEL and x.is_contiguous():
+    if may_fuse(x) and x.is_contiguous():
         if "int" not in _compiled:
             _compiled["int"] = torch.compile(_int_codes_for_compile, dynamic=True)
         try:
