@@ -281,12 +281,13 @@ def fused_levels(x, s, clip, dtype):
     one vectorised C++ loop; the same operations in the same order, each exactly rounded, so the
     same bits (tested). Compiled once per process on first use (a few seconds; inductor caches the
     kernels on disk); where compiling fails (no C++ compiler) a warning says so once and
-    plain_levels runs. Returns (q, codes).
+    plain_levels runs. x: any shape; s: 0-d scale; clip: a float or None (no clamp).
     Not on a GPU (FUSED_DEVICES): measured on an H200 the compiled kernel made the MiniLM map step
     slower (0.100 s against 0.080 s: a step of ~100 tiny kernels is bound by launch and dispatch
     overhead, which a compiled call adds to), and Triton's division differs from torch's by one
     unit in the last place on a quarter of the elements.
-    Returns (q, codes, outside): outside = 1[|x| >= clip] (bool) from the compiled pass, None from plain_levels."""
+    Returns (q, codes, outside), each x's shape and strides: outside = 1[|x| >= clip] (bool) from the
+    compiled pass, None from plain_levels."""
     flat = _memory_order(x) if may_fuse(x) else None  # None also for a layout with gaps: plain
     if flat is None:
         return plain_levels(x, s, clip, dtype)
@@ -440,7 +441,7 @@ def lean_dropout(x, p, training):
 class BoolDropout(torch.autograd.Function):
     """CPU dropout as ATen computes it (noise = bernoulli(1 - p) / (1 - p); y = x * noise), keeping
     for backward the noise as a bool mask (one pass: its nonzeros), not the fp32 noise itself.
-    Backward rebuilds the noise from the mask: dL/dx = dL/dy * noise."""
+    Backward rebuilds the noise from the mask: dL/dx = dL/dy * noise. x: any shape -> the same shape."""
 
     @staticmethod
     def forward(ctx, x, p):
