@@ -132,6 +132,9 @@ def build_parser():
                    help="evaluate on dev every N steps (and at the end). Default: per task, e.g. 50 for MRPC")
     g.add_argument("--max_steps", type=int, default=qatkd.TrainConfig.max_steps, help="stop after N steps (0: run all epochs)")
     g.add_argument("--seed", type=int, default=qatkd.TrainConfig.seed, help="seed of QAT (data order, dropout). Default: 42")
+    g.add_argument("--recompute", action="store_true",
+                   help="recompute each student layer's forward in backward (activation checkpointing): the same "
+                        "numbers in less memory, one more student forward per step")
     g.add_argument("--keep_denormals", action="store_true",
                    help="compute with denormal floats on CPU (slow on x86) instead of flushing them to zero")
     g = p.add_argument_group("teacher fine-tuning (when the teacher's head is untrained)")
@@ -342,9 +345,10 @@ def setup(args):
     return env
 
 
-NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "teacher_path", "code", "keep_denormals", "sweep",
-                "sweep_kd", "seeds", "sweep_teacher_seeds", "sweep_protocols", "benchmark", "bench_model",
-                "bench_steps", "bench_warmup", "bench_memory", "bench_phase", "device")
+# arguments not compared when a run is resumed or reused by a sweep (--recompute changes no number)
+NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "teacher_path", "code", "keep_denormals",
+                "recompute", "sweep", "sweep_kd", "seeds", "sweep_teacher_seeds", "sweep_protocols", "benchmark",
+                "bench_model", "bench_steps", "bench_warmup", "bench_memory", "bench_phase", "device")
 
 
 def differing_args(old, args):
@@ -408,7 +412,7 @@ def run_qat(env, args, ptq=None):
     run_dir = Path(args.output_dir) / args.run_name
     checkpoint, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
     if not is_main():  # another torchrun process: train on its shard; rank 0 does the rest
-        student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
+        student = qatkd.recompute_layers(qatkd.quantize_student(env.teacher, args.wbits, args.abits), args.recompute)
         qatkd.set_seed(args.seed)
         torch.distributed.barrier()  # rank 0 has removed a replaced run's checkpoint: never load a stale one
         qatkd.train(student, qat_loss(env, args), env.train, train_config(env, args),
@@ -428,7 +432,7 @@ def run_qat(env, args, ptq=None):
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # the other processes start training only now
     ptq = ptq or ptq_baseline(env, args)
-    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
+    student = qatkd.recompute_layers(qatkd.quantize_student(env.teacher, args.wbits, args.abits), args.recompute)
     qatkd.set_seed(args.seed)  # after the PTQ evaluation, so every torchrun process starts QAT in one RNG state
     with open(log_path, "a" if args.resume else "w") as log_file:
 
@@ -871,6 +875,7 @@ def exported_step(student, backend, batch, device):
         return inference_step(qatkd.load_quantized(d, backend=backend, device=device), batch)
 
 
+RECOMPUTED = "QAT map {wa}, layers recomputed in backward (--recompute)"
 UNFUSED = "QAT map {wa}, unfused (plain quantizers and saved tensors, every internal kept)"
 
 
@@ -928,6 +933,8 @@ def bench_phases(args, task, teacher, batch):
                                                                shared["opt"])
         phases[UNFUSED.format(wa=wa)] = lambda: unfused(train_step(student(), unfused_map_loss(teacher), batch,
                                                                    shared["opt"]))
+        phases[RECOMPUTED.format(wa=wa)] = lambda: train_step(qatkd.recompute_layers(quantized(args.wbits, args.abits)),
+                                                              qatkd.qat_loss_fn(teacher, task), batch)
         phases["QAT map, quantizers off (W32A32)"] = lambda: train_step(quantized(32, 32),
                                                                       qatkd.qat_loss_fn(teacher, task), batch)
         for kd in kds:

@@ -1386,7 +1386,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
     assert not (run_dir / "metrics.json").exists(), "the run ended before it could be killed"
     steps_logged = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert 5 <= max(steps_logged) < 100
-    p = run_py(*common, "--output_dir", tmp_path / "b", "--resume", env=CPU)
+    # resumed with the student's layers recomputed in backward: the same numbers, so the same run
+    p = run_py(*common, "--output_dir", tmp_path / "b", "--resume", "--recompute", env=CPU)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resuming" in p.stdout
     a = json.loads((whole / "metrics.json").read_text())
@@ -1996,9 +1997,44 @@ def test_saved_codes_and_lean_recording_change_no_number(fused_everywhere, tiny_
     addmm = lin(torch.randn(3, 5, 8, requires_grad=True)).grad_fn.next_functions[0][0]
     assert addmm._saved_mat1.data_ptr() != addmm._saved_mat1.data_ptr()  # rebuilt from codes at each read
     s = qatkd.forward_internals(qatkd.quantize_student(teacher, 2, 8), batch, keep=("probs",))
-    assert s.attn_scores is None and len(s.attn_probs) == teacher.config.num_hidden_layers
+    assert s.attn_scores is None and s.attn_outputs is None and len(s.attn_probs) == teacher.config.num_hidden_layers
     with pytest.raises(ValueError, match="kd='score' needs the attention scores"):
         qatkd.kd_loss(s, s, batch["attention_mask"], "score")
+    with pytest.raises(ValueError, match="kd='output' needs the attention outputs"):
+        qatkd.kd_loss(s, s, batch["attention_mask"], "output")
+
+
+@pytest.mark.parametrize("arch", list(FAMILY_CONFIGS))
+def test_recomputed_layers_change_no_number(arch, tmp_path):
+    """Every family: a QAT step (map, score, output KD; dropout on) with each student layer
+    recomputed in backward gives the same loss, gradients and RNG state after, bit for bit, as the
+    plain step; autograd keeps for backward much less outside the layers (inside, checkpoint keeps
+    only the inputs); on=False, evaluation and no_grad run the plain forward."""
+    task = qatkd.TASKS["mrpc"]
+    torch.manual_seed(0)
+    teacher, tok, _ = qatkd.load_teacher(str(write_tiny_model(tmp_path / arch, arch, dropout=0.1)), task)
+    b = family_batch(tok)
+    layers = lambda m: qatkd._modules_of(m, qatkd.FAMILIES[arch].layer)  # noqa: E731
+    for kd in ("map", "score", "output"):
+        out, kept = [], []
+        for recompute in (False, True):
+            student = qatkd.recompute_layers(qatkd.quantize_student(teacher, 2, 8).train(), recompute)
+            assert len(layers(student)) == teacher.config.num_hidden_layers or arch == "albert"
+            assert all(("forward" in vars(m)) == recompute for m in layers(student))
+            saved = []
+            torch.manual_seed(0)
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+                loss, _ = qatkd.qat_loss_fn(teacher, task, kd)(student, b)
+            loss.backward()
+            out.append([loss.detach()] + [p.grad for p in student.parameters() if p.grad is not None]
+                       + [torch.rand(3)])
+            kept.append(sum(saved))
+        assert len(out[0]) == len(out[1]) and all(torch.equal(x, y) for x, y in zip(*out)), kd
+        assert kept[1] < kept[0] / 2, (kd, kept)
+    student = qatkd.recompute_layers(qatkd.quantize_student(teacher, 2, 8))
+    with torch.no_grad():
+        assert torch.equal(student.eval()(**b).logits, qatkd.recompute_layers(student, False)(**b).logits)
+    assert not any("forward" in vars(m) for m in layers(student))
 
 
 def test_fast_map_loss_equals_the_plain_formula():
