@@ -2142,8 +2142,8 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
-    """torchrun, 2 CPU processes (gloo), same global batch: teacher fine-tuning and QAT end where
-    one process ends, within float tolerance (dropout off, activations in full precision, and
+    """torchrun, 2 CPU processes (gloo), same global batch, student layers recomputed in backward:
+    teacher fine-tuning and QAT end where one process ends, within float tolerance (dropout off, activations in full precision, and
     sentences of one length, so both shards hold as many tokens as each other)."""
     from safetensors.torch import load_file
 
@@ -2155,8 +2155,10 @@ def test_torchrun_two_processes_match_one(tmp_path):
     cpu = {"OMP_NUM_THREADS": "1", **CPU}  # gloo on CPU, also on a machine with a GPU
     one = run_py(*common, "--output_dir", tmp_path / "one", env=cpu)
     assert one.returncode == 0, one.stderr[-3000:]
+    # the two processes recompute their student's layers in backward (checkpointing under DDP): the same numbers
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(HERE / "run.py"), *map(str, common), "--output_dir", str(tmp_path / "two")],
+                          str(HERE / "run.py"), *map(str, common), "--output_dir", str(tmp_path / "two"),
+                          "--recompute"],
                          capture_output=True, text=True, cwd=HERE, timeout=600,
                          env={**os.environ, **cpu})
     assert two.returncode == 0, two.stderr[-3000:]
