@@ -13,7 +13,7 @@ Read it top to bottom; the sections follow the data flow:
     2. quantized modules       QuantLinear, QuantEmbedding, the quantized self-attention functions;
                                quantized activations kept for backward as int8 codes
     3. student and internals   FAMILIES (one row per encoder family), quantize_student(),
-                               forward_internals() -> Internals
+                               recompute_layers() (less memory), forward_internals() -> Internals
     4. KD losses               pred, rep, score (TernaryBERT), map, output, unified (the paper's)
     5. data and metrics        the eight GLUE tasks, your own files or a hub dataset
     6. teacher                 load, refuse what is unsupported
