@@ -729,7 +729,7 @@ def benchmark(args, argv=()):
     teacher, name = bench_teacher(args, task)
     batch = bench_batch(args, task, teacher)
     where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
-             else f"CPU, {torch.get_num_threads()} threads")
+             else f"CPU, {torch.get_num_threads()} threads, malloc: {malloc_settings()}")
     params = sum(p.numel() for p in teacher.parameters())
     print(f"benchmark: {name} ({params / 1e6:.1f}M parameters), batch {args.batch_size} x length {args.max_len} "
           f"(no padding), W{args.wbits}A{args.abits}, {where}; median of {args.bench_steps} rounds after "
@@ -742,6 +742,13 @@ def benchmark(args, argv=()):
     if args.bench_memory:
         fresh_process_memory(rows, args, argv)
     return bench_report(args, name, params, where, rows)
+
+
+def malloc_settings():
+    """glibc's MALLOC_* variables of this process, or "glibc defaults": on CPU they move the timings
+    (freed memory handed back to the system is faulted in and zeroed again when next used), never a
+    number the model computes."""
+    return " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "glibc defaults"
 
 
 def phase_memory(build, device):
@@ -1056,8 +1063,8 @@ def eval_export(args):
     print(f"{args.eval_export} ({args.backend} backend, W{model.qatkd_bits['wbits']}A{model.qatkd_bits['abits']}) "
           f"on {task.name} dev: {fmt(metrics)}")
     print(f"{examples / seconds:.1f} examples per second ({examples} examples, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads); weights {weight_bytes / 1e6:.1f} MB in memory; loaded in "
-          f"{load_seconds:.1f} s; peak resident memory {peak_memory_mb():.0f} MiB")
+          f"{torch.get_num_threads()} threads, malloc: {malloc_settings()}); weights {weight_bytes / 1e6:.1f} MB "
+          f"in memory; loaded in {load_seconds:.1f} s; peak resident memory {peak_memory_mb():.0f} MiB")
     return {"metrics": metrics, "examples_per_second": examples / seconds, "weight_bytes": weight_bytes,
             "peak_memory_mb": peak_memory_mb()}
 

@@ -1253,6 +1253,8 @@ def test_eval_export_reports_metric_speed_and_memory(tmp_path, tiny_dir):
     assert results["int8"]["metrics"] == results["fake"]["metrics"] == metrics["last"]
     assert results["int8"]["weight_bytes"] < 0.5 * results["fake"]["weight_bytes"]
     assert all(r["examples_per_second"] > 0 and r["peak_memory_mb"] > 0 for r in results.values())
+    p = run_py(*common, "--eval_export", packed, env={"MALLOC_MMAP_MAX_": "0"})
+    assert p.returncode == 0 and "malloc: MALLOC_MMAP_MAX_=0" in p.stdout  # what moves the speed is reported
     p = run_py(*common, "--eval_export", tmp_path)
     assert p.returncode != 0 and "holds no exported student (model.safetensors)" in p.stderr.strip().splitlines()[-1]
 
@@ -2124,12 +2126,14 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
     assert result["peak_memory_mb"] >= max(r["peak_memory_mb"] for r in result["rows"])  # the rounds' peak
     assert "map QAT / FP step:" in p.stdout and table.with_suffix(".md").is_file()
     assert "inference: exported student W2A8, int8 backend" in steps
+    assert "malloc: " in result["device"]  # glibc's variables move CPU timings: the report says which were set
     p = run_py("--task", "mrpc", "--benchmark", "--bench_inference", "--teacher", tiny_dir, "--batch_size", "4",
                "--max_len", "16", "--bench_steps", "2", "--bench_warmup", "1", "--output_dir", tmp_path,
-               "--bench_memory")
+               "--bench_memory", env={"MALLOC_TRIM_THRESHOLD_": "1073741824"})
     assert p.returncode == 0, p.stderr[-3000:]
     (table,) = tmp_path.glob("benchmark-*-bert-b4-s16-*-inference.json")
     rows = json.loads(table.read_text())["rows"]
+    assert "malloc: MALLOC_TRIM_THRESHOLD_=1073741824" in json.loads(table.read_text())["device"]
     assert [r["step"] for r in rows] == ["inference: teacher", "inference: student W2A8",
                                          "inference: exported student W2A8, int8 backend"]
     assert rows[0]["vs_reference"] == 1.0  # inference only: ratios to the teacher's
