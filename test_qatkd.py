@@ -2147,8 +2147,9 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
 
 def test_torchrun_two_processes_match_one(tmp_path):
     """torchrun, 2 CPU processes (gloo), same global batch, student layers recomputed in backward:
-    teacher fine-tuning and QAT end where one process ends, within float tolerance (dropout off, activations in full precision, and
-    sentences of one length, so both shards hold as many tokens as each other)."""
+    teacher fine-tuning and QAT end where one process ends, within float tolerance (dropout off,
+    activations in full precision, and sentences of one length, so both shards hold as many tokens
+    as each other)."""
     from safetensors.torch import load_file
 
     model = write_tiny_model(tmp_path / "bert", dropout=0.0)
