@@ -4,7 +4,6 @@
 """
 
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -12,7 +11,6 @@ import random
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,13 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch import nn
 
+import data
+import diagnostics
+import experiment
+import export
+import models
 import qatkd
+import runtime
 
 settings.register_profile("ci", derandomize=True, max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -115,8 +119,8 @@ def classifier(model_dir, num_labels=2, seed=0):
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
-                                                              attn_implementation="qatkd").eval()
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+    return qatkd.use_qatkd_attention(model).eval()
 
 
 def make_batch(lengths, pad_to=None, vocab=(5, 24), seed=0):
@@ -264,7 +268,8 @@ def test_patched_student(arch, tmp_path):
     assert head == [qatkd.FAMILIES[arch].classifier]  # the task head's final projection stays full precision
     emb = base.embeddings
     assert type(emb.position_embeddings) is nn.Embedding and type(emb.token_type_embeddings) is nn.Embedding
-    assert all(m.qatkd_abits == 8 for m in qatkd.self_attention_modules(student))
+    x = torch.randn(2, 4, 5, 8)
+    assert all(torch.equal(m.quantize_act(x), qatkd.quantize_uniform(x, 8)) for m in qatkd.self_attention_modules(student))
     assert all(type(m) is nn.LayerNorm for m in student.modules() if isinstance(m, nn.LayerNorm))
     # the teacher is untouched, and the student's parameters are its own copy
     assert not any(isinstance(m, qatkd.QuantLinear) for m in teacher.modules())
@@ -289,7 +294,7 @@ def attention_output_by_hand(model, layer, x, probs, abits):
     ctx = Q_a(P) Q_a(V); then post-LN families LN(W_O ctx + X), pre-LN ModernBERT X + W_O ctx.
     """
     mt, H = model.config.model_type, probs.shape[1]
-    qa = lambda t: qatkd.quantize_act(t, abits)  # noqa: E731
+    qa = (lambda t: t) if abits >= 32 else (lambda t: qatkd.quantize_uniform(t, abits))  # noqa: E731
 
     def context(v):  # v: [B, S, H * d_h] -> ctx [B, S, H * d_h]
         v = v.view(*v.shape[:2], H, -1).transpose(1, 2)
@@ -330,10 +335,10 @@ def test_family_internals(arch, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     assert set(FAMILY_CONFIGS) == set(qatkd.FAMILIES)  # a new family gets a test row
-    task = qatkd.TASKS["mrpc"]
+    task = data.TASKS["mrpc"]
     model_dir = write_tiny_model(tmp_path / arch, arch, dropout=0.0)
     torch.manual_seed(0)
-    teacher, tok, _ = qatkd.load_teacher(str(model_dir), task)
+    teacher, tok, _ = models.load_teacher(str(model_dir), task)
     teacher.eval()
     b = family_batch(tok)
     mask, lengths = b["attention_mask"], b["attention_mask"].sum(-1)
@@ -381,13 +386,13 @@ def test_family_internals(arch, tmp_path):
             assert (outside.abs().max() == 0) == (layer in local)
 
     # export and reload keep the logits: save_student / load_student, export_quantized / load_quantized
-    qatkd.save_student(student, tmp_path / "student", tok)
-    assert torch.equal(qatkd.load_student(tmp_path / "student").eval()(**qatkd.model_inputs(student, b)).logits,
+    models.save_student(student, tmp_path / "student", tok)
+    assert torch.equal(models.load_student(tmp_path / "student").eval()(**qatkd.model_inputs(student, b)).logits,
                        s.logits)
-    qatkd.export_quantized(student, tmp_path / "packed", tok)
-    assert torch.equal(qatkd.load_quantized(tmp_path / "packed")(**qatkd.model_inputs(student, b)).logits, s.logits)
+    export.export_quantized(student, tmp_path / "packed", tok)
+    assert torch.equal(export.load_quantized(tmp_path / "packed")(**qatkd.model_inputs(student, b)).logits, s.logits)
     with torch.no_grad():  # and the integer backend, to float rounding
-        integer = qatkd.load_quantized(tmp_path / "packed", backend="int8")(**qatkd.model_inputs(student, b)).logits
+        integer = export.load_quantized(tmp_path / "packed", backend="int8")(**qatkd.model_inputs(student, b)).logits
     assert torch.allclose(integer, s.logits, atol=0.05), (integer - s.logits).abs().max()
 
     # every KD mode's loss falls over a few QAT steps on this batch
@@ -396,7 +401,7 @@ def test_family_internals(arch, tmp_path):
         torch.manual_seed(0)
         student = qatkd.quantize_student(teacher, 2, 8).train()
         opt = torch.optim.Adam(student.parameters(), lr=2e-3)
-        loss_fn, losses = qatkd.qat_loss_fn(teacher, task, kd), []
+        loss_fn, losses = qatkd.qat_loss_fn(teacher, kd), []
         for _ in range(8):
             loss, _ = loss_fn(student, b)
             opt.zero_grad()
@@ -410,7 +415,7 @@ def test_quantization_rule_is_the_same_in_every_family(tmp_path):
     """Only the head's final projection stays a plain nn.Linear; BERT's pooler and RoBERTa's head dense,
     DistilBERT's pre_classifier, ModernBERT's head dense and DeBERTa's pooler are all quantized."""
     for arch in ("bert", "roberta", "distilbert", "modernbert", "deberta-v2"):
-        teacher = qatkd.load_teacher(str(write_tiny_model(tmp_path / arch, arch)), qatkd.TASKS["mrpc"])[0]
+        teacher = models.load_teacher(str(write_tiny_model(tmp_path / arch, arch)), data.TASKS["mrpc"])[0]
         student = qatkd.quantize_student(teacher, 2, 8)
         plain = [n for n, m in student.named_modules() if type(m) is nn.Linear]
         assert plain == [qatkd.FAMILIES[arch].classifier], arch
@@ -425,30 +430,28 @@ def test_unsupported_family_is_refused_in_one_line(tmp_path):
     AutoModel.from_config(AutoConfig.for_model("mpnet", vocab_size=30, hidden_size=32, num_hidden_layers=1,
                                                num_attention_heads=4, intermediate_size=64)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not support model type 'mpnet'; supported: bert, roberta"):
-        qatkd.load_teacher(str(tmp_path), qatkd.TASKS["mrpc"])
+        models.load_teacher(str(tmp_path), data.TASKS["mrpc"])
 
 
 def test_student_quantizes_qkv_and_probs(tiny_dir):
-    """Activation quantization inside attention: with abits=2, Q, K, V and P take at most 3 values."""
+    """Activation quantization inside attention: with abits=2, Q, K, V and P take at most 3 values; the
+    activation quantizer passed to quantize_student is the one every Linear input and Q, K, V, P go through."""
     teacher = classifier(tiny_dir)
-    student = qatkd.quantize_student(teacher, wbits=32, abits=2).eval()
     seen = []
-    orig = qatkd.quantize_act_codes  # every activation quantizer goes through it
 
     def spy(x, bits):
-        out = orig(x, bits)
-        if x.dim() == 4:
-            seen.append(out[0])
-        return out
+        q = qatkd.quantize_uniform(x, bits)
+        seen.append((x.dim(), q))
+        return q
 
-    qatkd.quantize_act_codes = spy
-    try:
-        student(**make_batch([6, 3]))
-    finally:
-        qatkd.quantize_act_codes = orig
+    student = qatkd.quantize_student(teacher, wbits=32, abits=2, act_quant=spy).eval()
+    student(**make_batch([6, 3]))
     n_layers = teacher.config.num_hidden_layers
-    assert len(seen) == 4 * n_layers  # Q, K, V and dropout(P) in every layer
-    assert all(len(t.unique()) <= 3 for t in seen)
+    in_attention = [q for dim, q in seen if dim == 4]
+    assert len(in_attention) == 4 * n_layers  # Q, K, V and dropout(P) in every layer
+    assert all(len(t.unique()) <= 3 for t in in_attention)
+    linears = [m for m in student.modules() if isinstance(m, qatkd.QuantLinear)]
+    assert len(seen) == 4 * n_layers + len(linears)  # and every QuantLinear's input once
 
 
 def test_bad_bit_widths(tiny_dir):
@@ -580,7 +583,7 @@ def test_original_protocol_gives_every_term_the_original_value(kd, tiny_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     texts = [("the cat sat on the mat", "a dog"), ("good", "bad"), ("the big red film is very good", "not bad")]
-    feats = qatkd.tokenize([(a, b, 1) for a, b in texts], tok, 24)
+    feats = data.tokenize([(a, b, 1) for a, b in texts], tok, 24)
     batch = next(qatkd.batches(feats, 3, pad_to=24))
     mask = batch["attention_mask"]
     assert mask.shape == (3, 24) and mask.sum(-1).tolist() == [len(f["input_ids"]) for f in feats]
@@ -667,18 +670,18 @@ def test_pred_loss_equals_soft_cross_entropy_minus_teacher_entropy():
 
 def test_read_tsv_layouts(tmp_path):
     mrpc = write_tiny_mrpc(tmp_path / "MRPC", 5, 3)
-    ex = qatkd.read_glue_tsv(mrpc / "train.tsv", qatkd.TASKS["mrpc"])
+    ex = data.read_glue_tsv(mrpc / "train.tsv", data.TASKS["mrpc"])
     assert len(ex) == 5 and ex[0][1] is not None and ex[0][2] in (0, 1)
     cola = tmp_path / "cola.tsv"  # no header; quotes are kept as they are
     cola.write_text('gj04\t1\t\tThe "cat" sat.\nclc95\t0\t*\tCat the sat.\n')
-    ex = qatkd.read_glue_tsv(cola, qatkd.TASKS["cola"])
+    ex = data.read_glue_tsv(cola, data.TASKS["cola"])
     assert ex == [('The "cat" sat.', None, 1), ("Cat the sat.", None, 0)]
     mnli = tmp_path / "mnli.tsv"
     mnli.write_text("index\tsentence1\tsentence2\tgold_label\n0\tA\tB\tneutral\n1\tC\tD\tcontradiction\n")
-    assert [e[2] for e in qatkd.read_glue_tsv(mnli, qatkd.TASKS["mnli"])] == [1, 2]
+    assert [e[2] for e in data.read_glue_tsv(mnli, data.TASKS["mnli"])] == [1, 2]
     stsb = tmp_path / "stsb.tsv"
     stsb.write_text("index\tsentence1\tsentence2\tscore\n0\tA\tB\t3.2\n")
-    assert qatkd.read_glue_tsv(stsb, qatkd.TASKS["stsb"]) == [("A", "B", 3.2)]
+    assert data.read_glue_tsv(stsb, data.TASKS["stsb"]) == [("A", "B", 3.2)]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -690,23 +693,23 @@ def test_read_tsv_layouts(tmp_path):
 def test_malformed_tsv_errors_name_file_and_line(tmp_path, content, message):
     (tmp_path / "x.tsv").write_text(content)
     with pytest.raises(ValueError, match=message):
-        qatkd.read_glue_tsv(tmp_path / "x.tsv", qatkd.TASKS["mrpc"])
+        data.read_glue_tsv(tmp_path / "x.tsv", data.TASKS["mrpc"])
 
 
 def test_missing_data_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing data file .*train.tsv"):
-        qatkd.load_glue(qatkd.TASKS["rte"], tmp_path)
+        data.load_glue(data.TASKS["rte"], tmp_path)
 
 
 def test_metrics():
-    task = qatkd.TASKS["mrpc"]
+    task = data.TASKS["mrpc"]
     logits = torch.tensor([[0.0, 1], [0, 1], [1, 0], [1, 0], [0, 1]])
     labels = torch.tensor([1, 0, 0, 1, 1])  # tp 2, fp 1, tn 1, fn 1
-    m = qatkd.task_metrics(task, logits, labels)
+    m = data.task_metrics(task, logits, labels)
     assert m["acc"] == pytest.approx(3 / 5) and m["f1"] == pytest.approx(2 / 3)
-    mcc = qatkd.task_metrics(qatkd.TASKS["cola"], logits, labels)["mcc"]
+    mcc = data.task_metrics(data.TASKS["cola"], logits, labels)["mcc"]
     assert mcc == pytest.approx((2 * 1 - 1 * 1) / math.sqrt(3 * 3 * 2 * 2))
-    s = qatkd.task_metrics(qatkd.TASKS["stsb"], torch.tensor([[1.0], [2], [3], [5]]), torch.tensor([1.0, 2, 3, 4]))
+    s = data.task_metrics(data.TASKS["stsb"], torch.tensor([[1.0], [2], [3], [5]]), torch.tensor([1.0, 2, 3, 4]))
     assert s["spearman"] == pytest.approx(1.0) and 0.9 < s["pearson"] < 1.0
 
 
@@ -715,16 +718,16 @@ def test_metrics_of_own_data():
     class follows a permutation of the classes."""
     logits = torch.tensor([[0.0, 1], [0, 1], [1, 0], [1, 0], [0, 1]])
     labels = torch.tensor([1, 0, 0, 1, 1])  # class 1: tp 2, fp 1, fn 1 -> F1 2/3; class 0: tp 1, fp 1, fn 1 -> 1/2
-    two = qatkd.data_task("d", ("neg", "pos"), 100)
-    m = qatkd.task_metrics(two, logits, labels)
+    two = data.data_task("d", ("neg", "pos"), 100)
+    m = data.task_metrics(two, logits, labels)
     assert m == pytest.approx({"acc": 3 / 5, "f1": 2 / 3, "macro_f1": (2 / 3 + 1 / 2) / 2})
-    swapped = qatkd.task_metrics(dataclasses.replace(two, positive=0), logits, labels)
+    swapped = data.task_metrics(dataclasses.replace(two, positive=0), logits, labels)
     assert swapped["f1"] == pytest.approx(1 / 2)
-    three = qatkd.data_task("d", ("a", "b", "c"), 100)
-    m3 = qatkd.task_metrics(three, torch.eye(3)[[0, 1, 2, 2]], torch.tensor([0, 1, 2, 1]))
+    three = data.data_task("d", ("a", "b", "c"), 100)
+    m3 = data.task_metrics(three, torch.eye(3)[[0, 1, 2, 2]], torch.tensor([0, 1, 2, 1]))
     assert set(m3) == {"acc", "macro_f1"} and m3["acc"] == 0.75 and m3["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
-    reg = qatkd.data_task("d", None, 100)
-    assert reg.metric == "corr" and math.isnan(qatkd.task_metrics(reg, torch.ones(4, 1), torch.arange(4.0))["corr"])
+    reg = data.data_task("d", None, 100)
+    assert reg.metric == "corr" and math.isnan(data.task_metrics(reg, torch.ones(4, 1), torch.arange(4.0))["corr"])
 
 
 def mrpc_as(folder, ext, n=None, src=None):
@@ -754,12 +757,12 @@ def test_own_files_equal_the_glue_tsv(tmp_path, tiny_dir):
     """MRPC as CSV, JSON Lines and TSV through --train_file gives the GLUE reader's examples; a few QAT steps
     of a tiny model give the same losses and metrics as --task mrpc --data_dir: one path after reading."""
     real = MRPC if (MRPC / "train.tsv").is_file() else write_tiny_mrpc(tmp_path / "tiny_mrpc", 96, 32)
-    glue = qatkd.load_glue(qatkd.TASKS["mrpc"], real)
+    glue = data.load_glue(data.TASKS["mrpc"], real)
     for ext in ("csv", "jsonl", "tsv"):
         folder = mrpc_as(tmp_path / ext, ext, src=real)
-        task, data = qatkd.load_data_files(folder / f"train.{ext}", folder / f"dev.{ext}", MRPC_COLUMNS[1].split(","),
+        task, ds = data.load_data_files(folder / f"train.{ext}", folder / f"dev.{ext}", MRPC_COLUMNS[1].split(","),
                                            "Quality")
-        assert data == {"train": glue["train"], "validation": glue["validation"]}, ext
+        assert ds == {"train": glue["train"], "validation": glue["validation"]}, ext
         assert task.labels == ("0", "1") and task.scores == ("macro_f1", "f1")
     # a few steps of a tiny model, the same way
     small = write_tiny_mrpc(tmp_path / "small", 48, 16)
@@ -799,9 +802,9 @@ def test_own_data_three_classes_and_regression(tmp_path, tiny_dir):
     rows = [{"text": " ".join(rng.choices(WORDS, k=6)), "label": rng.choice(["red", "blue", "green"])} for _ in range(60)]
     write_jsonl(tmp_path / "colors" / "train.jsonl", rows[:45])
     write_jsonl(tmp_path / "colors" / "dev.jsonl", rows[45:])
-    task, data = qatkd.load_data_files(tmp_path / "colors" / "train.jsonl", tmp_path / "colors" / "dev.jsonl")
+    task, ds = data.load_data_files(tmp_path / "colors" / "train.jsonl", tmp_path / "colors" / "dev.jsonl")
     assert task.labels == ("blue", "green", "red") and task.name == "colors" and task.scores == ("macro_f1",)
-    assert data["train"][0] == (rows[0]["text"], None, task.labels.index(rows[0]["label"]))
+    assert ds["train"][0] == (rows[0]["text"], None, task.labels.index(rows[0]["label"]))
     out = tmp_path / "runs"
     p = run_py("--train_file", tmp_path / "colors" / "train.jsonl", "--validation_file", tmp_path / "colors" / "dev.jsonl",
                "--teacher", tiny_dir, "--output_dir", out, "--batch_size", "8", "--teacher_epochs", "1",
@@ -810,7 +813,7 @@ def test_own_data_three_classes_and_regression(tmp_path, tiny_dir):
     assert "classes blue, green, red" in p.stdout
     metrics = json.loads((out / "colors-map-w2a8-seed42" / "metrics.json").read_text())
     assert set(metrics["last"]) == {"acc", "macro_f1"}
-    student = qatkd.load_quantized(out / "colors-map-w2a8-seed42" / "student_packed")
+    student = export.load_quantized(out / "colors-map-w2a8-seed42" / "student_packed")
     assert student.config.id2label == {0: "blue", 1: "green", 2: "red"}  # the names travel with the model
     # regression: float labels, the MSE prediction loss, Pearson and Spearman
     scores = tmp_path / "scores"
@@ -820,9 +823,9 @@ def test_own_data_three_classes_and_regression(tmp_path, tiny_dir):
             f"{' '.join(rng.choices(WORDS, k=5))},{' '.join(rng.choices(WORDS, k=4))},{rng.uniform(0, 5):.2f}"
             for _ in range(n)]
         (scores / f"{split}.csv").write_text("\n".join(lines) + "\n")
-    task, data = qatkd.load_data_files(scores / "train.csv", scores / "dev.csv")
-    assert task.labels is None and task.metric == "corr" and isinstance(data["train"][0][2], float)
-    assert data["train"][0][1] is not None  # sentence1 and sentence2, found by name
+    task, ds = data.load_data_files(scores / "train.csv", scores / "dev.csv")
+    assert task.labels is None and task.metric == "corr" and isinstance(ds["train"][0][2], float)
+    assert ds["train"][0][1] is not None  # sentence1 and sentence2, found by name
     p = run_py("--train_file", scores / "train.csv", "--validation_file", scores / "dev.csv", "--teacher", tiny_dir,
                "--output_dir", out, "--batch_size", "8", "--teacher_epochs", "1", "--max_steps", "3", "--eval_every", "0")
     assert p.returncode == 0, p.stderr[-2000:]
@@ -837,10 +840,10 @@ def test_dataset_by_name(tmp_path, tiny_dir):
     rows = [{"sentence": " ".join(WORDS[i % 7:i % 7 + 4]), "label": ["bad", "good"][i % 2]} for i in range(24)]
     write_jsonl(folder / "train.jsonl", rows[:16])
     write_jsonl(folder / "test.jsonl", rows[16:])
-    task, data = qatkd.load_hub_dataset(str(folder), validation_split="test")
-    assert task.labels == ("bad", "good") and len(data["train"]) == 16 and len(data["validation"]) == 8
+    task, ds = data.load_hub_dataset(str(folder), validation_split="test")
+    assert task.labels == ("bad", "good") and len(ds["train"]) == 16 and len(ds["validation"]) == 8
     with pytest.raises(ValueError, match="has no split 'validation'; its splits: train, test; pass --validation_split"):
-        qatkd.load_hub_dataset(str(folder))
+        data.load_hub_dataset(str(folder))
     p = run_py("--dataset", "someone/reviews", "--teacher", tiny_dir, "--output_dir", tmp_path, env=OFFLINE)
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith(
@@ -865,9 +868,9 @@ def test_teacher_labels_are_aligned_by_name(tmp_path, tiny_dir):
     permuted.save_pretrained(tmp_path / "permuted")
     for d in ("ordered", "permuted"):
         AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / d)
-    task = qatkd.TASKS["mrpc"]
-    glue = qatkd.load_glue(task, data_dir)
-    t2, data2, moved = qatkd.align_labels(task, glue, permuted.config.id2label)
+    task = data.TASKS["mrpc"]
+    glue = data.load_glue(task, data_dir)
+    t2, data2, moved = data.align_labels(task, glue, permuted.config.id2label)
     assert moved and t2.labels == ("1", "0") and t2.positive == 0
     assert [y for *_, y in data2["validation"]] == [1 - y for *_, y in glue["validation"]]
     runs = {}
@@ -884,9 +887,9 @@ def test_teacher_labels_are_aligned_by_name(tmp_path, tiny_dir):
     wrong.config.id2label = {0: "positive", 1: "negative"}
     with pytest.raises(ValueError, match=r"the teacher's labels \(positive, negative\) do not match the data's "
                                          r"\(not_equivalent, equivalent\)"):
-        qatkd.align_labels(task, glue, wrong.config.id2label)
+        data.align_labels(task, glue, wrong.config.id2label)
     # generic names leave the data's order
-    assert qatkd.align_labels(task, glue, {0: "LABEL_0", 1: "LABEL_1"})[2] is False
+    assert data.align_labels(task, glue, {0: "LABEL_0", 1: "LABEL_1"})[2] is False
 
 
 def test_dynamic_padding_and_seeded_order():
@@ -903,35 +906,35 @@ def test_dynamic_padding_and_seeded_order():
 
 
 def test_load_teacher_checks(tmp_path, tiny_dir):
-    task = qatkd.TASKS["mrpc"]
-    _, _, trained = qatkd.load_teacher(str(tiny_dir), task)
+    task = data.TASKS["mrpc"]
+    _, _, trained = models.load_teacher(str(tiny_dir), task)
     assert not trained  # a plain encoder: the head must be fine-tuned first
     three = tmp_path / "three"
     classifier(tiny_dir, num_labels=3).save_pretrained(three)
     with pytest.raises(ValueError, match="3-label head but task mrpc needs 2"):
-        qatkd.load_teacher(str(three), task)
-    _, _, trained = qatkd.load_teacher(str(three), qatkd.TASKS["mnli"])
+        models.load_teacher(str(three), task)
+    _, _, trained = models.load_teacher(str(three), data.TASKS["mnli"])
     assert trained
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        qatkd.load_teacher(str(tmp_path / "nope"), task)
+        models.load_teacher(str(tmp_path / "nope"), task)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no model"):
-        qatkd.load_teacher(str(tmp_path / "empty"), task)
+        models.load_teacher(str(tmp_path / "empty"), task)
 
 
 def test_kd_loss_falls_under_qat(tiny_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    task = qatkd.TASKS["mrpc"]
+    task = data.TASKS["mrpc"]
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    data = qatkd.load_glue(task, write_tiny_mrpc(tmp_path / "data", 96, 16))
-    feats = qatkd.tokenize(data["train"], tok, 32)
+    ds = data.load_glue(task, write_tiny_mrpc(tmp_path / "ds", 96, 16))
+    feats = data.tokenize(ds["train"], tok, 32)
     teacher = classifier(tiny_dir, seed=1)
-    qatkd.set_seed(0)
+    runtime.set_seed(0)
     student = qatkd.quantize_student(teacher, 2, 8)
     log = []
     cfg = qatkd.TrainConfig(epochs=5, lr=2e-3, batch_size=16, seed=0)
-    qatkd.train(student, qatkd.qat_loss_fn(teacher, task, "unified"), feats, cfg, log=log.append)
+    qatkd.train(student, qatkd.qat_loss_fn(teacher, "unified"), feats, cfg, log=log.append)
     losses = [r["loss"] for r in log]
     assert len(losses) == 30 and {"pred", "rep", "map", "output"} <= log[0].keys()
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
@@ -954,15 +957,15 @@ def test_seed_fixes_the_run(tiny_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    task = qatkd.TASKS["mrpc"]
-    feats = qatkd.tokenize(qatkd.load_glue(task, write_tiny_mrpc(tmp_path / "d", 32, 8))["train"], tok, 32)
+    task = data.TASKS["mrpc"]
+    feats = data.tokenize(data.load_glue(task, write_tiny_mrpc(tmp_path / "d", 32, 8))["train"], tok, 32)
 
     def run():
         teacher = classifier(tiny_dir)
-        qatkd.set_seed(3)
+        runtime.set_seed(3)
         student = qatkd.quantize_student(teacher)
         log = []
-        qatkd.train(student, qatkd.qat_loss_fn(teacher, task, "map"), feats,
+        qatkd.train(student, qatkd.qat_loss_fn(teacher, "map"), feats,
                     qatkd.TrainConfig(epochs=1, batch_size=8, seed=3, lr=1e-3), log=log.append)
         return [r["loss"] for r in log], student.state_dict()
 
@@ -978,12 +981,12 @@ def test_seed_fixes_the_run(tiny_dir, tmp_path):
 def test_rank_and_cover_for_identical_maps():
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3])
     p = masked_probs(random_internals(S=6, seed=11), mask).attn_probs[0]
-    assert torch.equal(qatkd.rank_loss(p, p, mask), torch.zeros(3))
+    assert torch.equal(diagnostics.rank_loss(p, p, mask), torch.zeros(3))
     # the minimum, (min(5, L) - 1)(L - 1) / L^2: the student's top 5 is the teacher's
-    assert torch.allclose(qatkd.cover_length(p, p, mask), torch.tensor([4 * 5 / 36, 3 * 3 / 16, 2 * 2 / 9]))
+    assert torch.allclose(diagnostics.cover_length(p, p, mask), torch.tensor([4 * 5 / 36, 3 * 3 / 16, 2 * 2 / 9]))
     q = masked_probs(random_internals(S=6, seed=12), mask).attn_probs[0]
-    assert (qatkd.rank_loss(q, p, mask) > 0).all()
-    assert (qatkd.cover_length(q, p, mask) >= qatkd.cover_length(p, p, mask)).all()
+    assert (diagnostics.rank_loss(q, p, mask) > 0).all()
+    assert (diagnostics.cover_length(q, p, mask) >= diagnostics.cover_length(p, p, mask)).all()
 
 
 def test_rank_and_cover_by_hand():
@@ -992,13 +995,13 @@ def test_rank_and_cover_by_hand():
     mask = torch.ones(1, 3, dtype=torch.long)
     # per row, i in {0, 1}, j in {1, 2}: (0,1) .1, (0,2) .3, (1,1) 0, (1,2) .2, all inverted -> 0.6;
     # summed over the 3 rows -> 1.8 (the paper's notebook sums, it does not average)
-    assert torch.allclose(qatkd.rank_loss(s, t, mask), torch.tensor([1.8]))
-    assert torch.equal(qatkd.rank_loss(t, t, mask), torch.zeros(1))
+    assert torch.allclose(diagnostics.rank_loss(s, t, mask), torch.tensor([1.8]))
+    assert torch.equal(diagnostics.rank_loss(t, t, mask), torch.zeros(1))
     # rows r < L-1 = 2; the teacher's top-1 key (0) is at 0-based position 2 of the student's order:
     # (2/3 + 2/3) / 3 = 4/9; its top 2 (keys 0 and 1) are at positions 2 and 1: the deepest is 2 again
-    assert torch.allclose(qatkd.cover_length(s, t, mask, k=1), torch.tensor([4 / 9]))
-    assert torch.allclose(qatkd.cover_length(s, t, mask, k=2), torch.tensor([4 / 9]))
-    assert torch.equal(qatkd.cover_length(t, t, mask, k=1), torch.zeros(1))
+    assert torch.allclose(diagnostics.cover_length(s, t, mask, k=1), torch.tensor([4 / 9]))
+    assert torch.allclose(diagnostics.cover_length(s, t, mask, k=2), torch.tensor([4 / 9]))
+    assert torch.equal(diagnostics.cover_length(t, t, mask, k=1), torch.zeros(1))
     # a loop written as in the paper's notebook, on a random map with padding
     g = torch.Generator().manual_seed(3)
     s, t = torch.rand(2, 2, 7, 7, generator=g), torch.rand(2, 2, 7, 7, generator=g)
@@ -1016,8 +1019,8 @@ def test_rank_and_cover_by_hand():
                 order = s[b, h, r, :L].sort(descending=True)[1]
                 head += max(int(torch.where(order == k)[0]) for k in top) / L
             cover += head / L
-        assert math.isclose(float(qatkd.rank_loss(s, t, mask)[b]), rank / 2, rel_tol=1e-5)
-        assert math.isclose(float(qatkd.cover_length(s, t, mask)[b]), cover / 2, rel_tol=1e-6)
+        assert math.isclose(float(diagnostics.rank_loss(s, t, mask)[b]), rank / 2, rel_tol=1e-5)
+        assert math.isclose(float(diagnostics.cover_length(s, t, mask)[b]), cover / 2, rel_tol=1e-6)
 
 
 @given(extra=st.integers(1, 4), seed=st.integers(0, 1000))
@@ -1025,7 +1028,7 @@ def test_rank_and_cover_unchanged_by_extra_padding(extra, seed):
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
     s, t = masked_probs(random_internals(seed=seed), mask), masked_probs(random_internals(seed=seed + 1), mask)
     (s2, mask2), (t2, _) = pad_internals(s, mask, extra, seed), pad_internals(t, mask, extra, seed + 3)
-    for f in (qatkd.rank_loss, qatkd.cover_length):
+    for f in (diagnostics.rank_loss, diagnostics.cover_length):
         assert torch.allclose(f(s.attn_probs[0], t.attn_probs[0], mask), f(s2.attn_probs[0], t2.attn_probs[0], mask2))
 
 
@@ -1033,11 +1036,11 @@ def test_attention_recovery(tiny_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    feats = qatkd.tokenize([(" ".join(WORDS[i:i + 3 + i % 7]), None, 0) for i in range(10)], tok, 32)
+    feats = data.tokenize([(" ".join(WORDS[i:i + 3 + i % 7]), None, 0) for i in range(10)], tok, 32)
     teacher = classifier(tiny_dir)
-    same = qatkd.attention_recovery(qatkd.quantize_student(teacher, 32, 32), teacher, feats, 4)
+    same = diagnostics.attention_recovery(qatkd.quantize_student(teacher, 32, 32), teacher, feats, 4)
     N = teacher.config.num_hidden_layers
-    assert set(same) == set(qatkd.DIAGNOSTICS) and all(len(v) == N for v in same.values())
+    assert set(same) == set(diagnostics.DIAGNOSTICS) and all(len(v) == N for v in same.values())
     assert all(abs(v) < 1e-6 for n in ("map_kl", "output_mse", "rank_loss") for v in same[n])
     assert all(abs(v - 1) < 1e-5 for v in same["output_cos"])
     lengths = [len(f["input_ids"]) for f in feats]
@@ -1048,13 +1051,13 @@ def test_attention_recovery(tiny_dir):
     with torch.no_grad():
         for p in other.base_model.encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    padded = qatkd.attention_recovery(other, teacher, feats, 4)
-    unpadded = qatkd.attention_recovery(other, teacher, feats, 1)
+    padded = diagnostics.attention_recovery(other, teacher, feats, 4)
+    unpadded = diagnostics.attention_recovery(other, teacher, feats, 1)
     assert all(v > 1e-4 for v in padded["map_kl"])
-    for n in qatkd.DIAGNOSTICS:
+    for n in diagnostics.DIAGNOSTICS:
         assert padded[n] == pytest.approx(unpadded[n], rel=1e-4, abs=1e-6), n
     # the quantized student before training is farther from the teacher than a full-precision copy
-    ptq = qatkd.attention_recovery(qatkd.quantize_student(teacher, 2, 8), teacher, feats, 4)
+    ptq = diagnostics.attention_recovery(qatkd.quantize_student(teacher, 2, 8), teacher, feats, 4)
     assert all(a > b for a, b in zip(ptq["map_kl"], same["map_kl"]))
 
 
@@ -1067,18 +1070,18 @@ def test_attention_recovery(tiny_dir):
 @given(codes=hnp.arrays("uint8", st.integers(1, 40), elements=st.integers(0, 255)).map(torch.from_numpy))
 def test_pack_roundtrip(bits, codes):
     codes = codes % (2 ** bits) if bits < 8 else codes
-    packed = qatkd.pack_bits(codes, bits)
+    packed = export.pack_bits(codes, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(codes.numel() * bits / 8)
-    assert torch.equal(qatkd.unpack_bits(packed, bits, codes.numel()), codes)
+    assert torch.equal(export.unpack_bits(packed, bits, codes.numel()), codes)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("per_row", [False, True])
 def test_weight_codes_reproduce_the_quantizer_exactly(bits, per_row):
     w = torch.randn(24, 40) * 0.1
-    codes, scale = qatkd.weight_codes(w, bits, per_row)
+    codes, scale = export.weight_codes(w, bits, per_row)
     assert int(codes.max()) < 2 ** bits
-    assert torch.equal(qatkd.codes_to_weight(codes, scale, bits), qatkd.quantize_weight(w, bits, per_row))
+    assert torch.equal(export.codes_to_weight(codes, scale, bits), qatkd.quantize_weight(w, bits, per_row))
 
 
 @pytest.mark.parametrize("wbits", [1, 2, 4, 8])
@@ -1086,18 +1089,18 @@ def test_export_reload_gives_identical_logits(tiny_dir, tmp_path, wbits):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dir)
-    task = qatkd.TASKS["mrpc"]
-    data = qatkd.load_glue(task, write_tiny_mrpc(tmp_path / "d", 32, 24))
+    task = data.TASKS["mrpc"]
+    ds = data.load_glue(task, write_tiny_mrpc(tmp_path / "d", 32, 24))
     teacher = classifier(tiny_dir)
-    qatkd.set_seed(0)
+    runtime.set_seed(0)
     student = qatkd.quantize_student(teacher, wbits, 8)
-    qatkd.train(student, qatkd.qat_loss_fn(teacher, task, "map"), qatkd.tokenize(data["train"], tok, 32),
+    qatkd.train(student, qatkd.qat_loss_fn(teacher, "map"), data.tokenize(ds["train"], tok, 32),
                 qatkd.TrainConfig(epochs=1, batch_size=8, lr=1e-3), log=lambda r: None)
-    sizes = qatkd.export_quantized(student, tmp_path / "packed", tok)
-    loaded = qatkd.load_quantized(tmp_path / "packed")
-    integer = qatkd.load_quantized(tmp_path / "packed", backend="int8")
+    sizes = export.export_quantized(student, tmp_path / "packed", tok)
+    loaded = export.load_quantized(tmp_path / "packed")
+    integer = export.load_quantized(tmp_path / "packed", backend="int8")
     student.eval()
-    dev = qatkd.tokenize(data["validation"], tok, 32)
+    dev = data.tokenize(ds["validation"], tok, 32)
     for b in qatkd.batches(dev, 8):
         inputs = {k: b[k] for k in qatkd.MODEL_INPUTS if k in b}
         assert torch.equal(loaded(**inputs).logits, student(**inputs).logits)
@@ -1106,10 +1109,10 @@ def test_export_reload_gives_identical_logits(tiny_dir, tmp_path, wbits):
     with torch.no_grad():
         a, b_ = (torch.cat([m(**qatkd.model_inputs(m, b)).logits for b in qatkd.batches(dev, 8)]) for m in (student, integer))
     assert torch.equal(a.argmax(-1), b_.argmax(-1)) and (a - b_).abs().max() < 0.05
-    assert qatkd.evaluate(integer, task, {"validation": dev}, 8) == qatkd.evaluate(student, task, {"validation": dev}, 8)
+    assert data.evaluate(integer, task, {"validation": dev}, 8) == data.evaluate(student, task, {"validation": dev}, 8)
     quantized = {k.removesuffix(".weight") for k in json.loads(__import__("safetensors").safe_open(
         str(tmp_path / "packed" / "model.safetensors"), "pt").metadata()["qatkd"])["shapes"]}
-    assert {n for n, m in integer.named_modules() if isinstance(m, (qatkd.IntLinear, qatkd.IntEmbedding))} == quantized
+    assert {n for n, m in integer.named_modules() if isinstance(m, (export.IntLinear, export.IntEmbedding))} == quantized
     # nothing in the integer model holds a float copy of a quantized weight
     for name in quantized:
         module = integer.get_submodule(name)
@@ -1136,12 +1139,12 @@ def test_int_linear_equals_the_fake_quant_linear(wbits, x, seed):
     with torch.no_grad():
         lin.weight.copy_(torch.randn(40, 24, generator=g) * 0.3)
         lin.bias.copy_(torch.randn(40, generator=g))
-    codes, scale = qatkd.weight_codes(lin.weight, wbits)
-    integer = qatkd.IntLinear(*qatkd.signed_codes(codes, scale, wbits), lin.bias, 8)
+    codes, scale = export.weight_codes(lin.weight, wbits)
+    integer = export.IntLinear(*export.signed_codes(codes, scale, wbits), lin.bias, 8)
     x = torch.from_numpy(x)
     with torch.no_grad():
         fake, ours = lin(x), integer(x)
-        exact = (qatkd.quantize_act(x, 8).double() @ qatkd.quantize_weight(lin.weight, wbits).double().t()
+        exact = (qatkd.quantize_uniform(x, 8).double() @ qatkd.quantize_weight(lin.weight, wbits).double().t()
                  + lin.bias.double())  # the same product in float64
     assert ours.shape == fake.shape == (*x.shape[:-1], 40)
     assert torch.allclose(ours.double(), exact, rtol=1e-5, atol=1e-5)
@@ -1155,8 +1158,8 @@ def test_int8_kernels_agree(monkeypatch):
     x = torch.randn(10, 48, generator=g) * 3
     results = {}
     for kernel in ("onednn", "plain"):
-        monkeypatch.setattr(qatkd, "int8_kernel", lambda device, k=kernel: k)
-        results[kernel] = qatkd.IntLinear(q, 0.01, None, 8)(x)
+        monkeypatch.setattr(export, "int8_kernel", lambda device, k=kernel: k)
+        results[kernel] = export.IntLinear(q, 0.01, None, 8)(x)
     assert torch.allclose(results["onednn"], results["plain"], rtol=1e-6, atol=1e-5)
 
 
@@ -1168,7 +1171,7 @@ def test_ternary_export_is_over_10x_smaller(tmp_path):
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(cfg).eval()
     teacher.save_pretrained(tmp_path / "teacher")
-    qatkd.export_quantized(qatkd.quantize_student(teacher, 2, 8), tmp_path / "packed")
+    export.export_quantized(qatkd.quantize_student(teacher, 2, 8), tmp_path / "packed")
     fp32 = (tmp_path / "teacher" / "model.safetensors").stat().st_size
     packed = (tmp_path / "packed" / "model.safetensors").stat().st_size
     assert fp32 / packed >= 10, (fp32, packed)
@@ -1179,20 +1182,22 @@ def test_ternary_export_is_over_10x_smaller(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+# every subprocess limit is a hang guard, never a speed check: a busy machine may take many times longer
+HANG_GUARD = 3600
 CPU = {"CUDA_VISIBLE_DEVICES": ""}  # for runs that must be bit-for-bit reproducible: CPU, also where a GPU is
 
 
 def run_py(*args, cwd=HERE, env=None):
     return subprocess.run([sys.executable, str(HERE / "run.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=600, env={**os.environ, **(env or {})})
+                          cwd=cwd, timeout=HANG_GUARD, env={**os.environ, **(env or {})})
 
 
 def test_run_py_end_to_end(tmp_path, tiny_dir):
     import run
 
-    data = write_tiny_mrpc(tmp_path / "MRPC", 64, 24)
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 64, 24)
     out = tmp_path / "runs"
-    common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", data, "--output_dir", out, "--batch_size", "8",
+    common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", ds, "--output_dir", out, "--batch_size", "8",
               "--teacher_epochs", "2", "--teacher_lr", "1e-3", "--lr", "1e-3"]
     p = run_py(*common, "--kd", "map", "--epochs", "2", "--eval_every", "5")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -1216,7 +1221,7 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     assert (run_dir / "attention_recovery.png").is_file() or p.stdout.count("matplotlib is not installed") == 1
     for stage in ("ptq", "qat"):
         rec = metrics["attention_recovery"][stage]
-        assert set(rec) == set(qatkd.DIAGNOSTICS) and all(len(v) == 2 for v in rec.values())
+        assert set(rec) == set(diagnostics.DIAGNOSTICS) and all(len(v) == 2 for v in rec.values())
     # the packed export is written and its size reported
     assert "packed student exported to" in p.stdout and "x smaller" in p.stdout
     assert (run_dir / "student_packed" / "model.safetensors").is_file()
@@ -1224,12 +1229,12 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     # the saved student reloads and reproduces its last dev score exactly
     from transformers import AutoTokenizer
 
-    student = qatkd.load_student(run_dir / "student")
+    student = models.load_student(run_dir / "student")
     assert isinstance(student.get_input_embeddings(), qatkd.QuantEmbedding)
     tok = AutoTokenizer.from_pretrained(run_dir / "student")
-    dev = {"validation": qatkd.tokenize(qatkd.load_glue(qatkd.TASKS["mrpc"], data)["validation"], tok, 128)}
-    assert qatkd.evaluate(student, qatkd.TASKS["mrpc"], dev, 8) == metrics["last"]
-    assert qatkd.evaluate(qatkd.load_quantized(run_dir / "student_packed"), qatkd.TASKS["mrpc"], dev, 8) == \
+    dev = {"validation": data.tokenize(data.load_glue(data.TASKS["mrpc"], ds)["validation"], tok, 128)}
+    assert data.evaluate(student, data.TASKS["mrpc"], dev, 8) == metrics["last"]
+    assert data.evaluate(export.load_quantized(run_dir / "student_packed"), data.TASKS["mrpc"], dev, 8) == \
         metrics["last"]
     # a second run reuses the cached teacher; an existing run folder is refused without --overwrite
     m2 = run.main([*map(str, common), "--kd", "score", "--max_steps", "3", "--eval_every", "0"])
@@ -1244,8 +1249,8 @@ def test_eval_export_reports_metric_speed_and_memory(tmp_path, tiny_dir):
     """run.py --eval_export: an exported student on the dev set, with either backend: the same metrics."""
     import run
 
-    data = write_tiny_mrpc(tmp_path / "MRPC", 32, 16)
-    common = ["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(data), "--output_dir", str(tmp_path),
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 32, 16)
+    common = ["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(ds), "--output_dir", str(tmp_path),
               "--batch_size", "8"]
     metrics = run.main(common + ["--teacher_epochs", "1", "--max_steps", "3", "--eval_every", "0"])
     packed = tmp_path / "mrpc-map-w2a8-seed42" / "student_packed"
@@ -1262,8 +1267,8 @@ def test_eval_export_reports_metric_speed_and_memory(tmp_path, tiny_dir):
 def test_run_py_end_to_end_distilbert(tmp_path):
     """A non-BERT family through run.py: teacher fine-tuning, QAT with the attention-output loss, export, reload."""
     teacher = write_tiny_model(tmp_path / "distilbert", "distilbert")
-    data = write_tiny_mrpc(tmp_path / "MRPC", 48, 16)
-    p = run_py("--task", "mrpc", "--teacher", teacher, "--data_dir", data, "--output_dir", tmp_path / "runs",
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 48, 16)
+    p = run_py("--task", "mrpc", "--teacher", teacher, "--data_dir", ds, "--output_dir", tmp_path / "runs",
                "--batch_size", "8", "--teacher_epochs", "1", "--teacher_lr", "1e-3", "--lr", "1e-3", "--kd", "output",
                "--max_steps", "6", "--eval_every", "0")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -1274,21 +1279,21 @@ def test_run_py_end_to_end_distilbert(tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(run_dir / "student")
-    dev = {"validation": qatkd.tokenize(qatkd.load_glue(qatkd.TASKS["mrpc"], data)["validation"], tok, 128)}
-    for reloaded in (qatkd.load_student(run_dir / "student"), qatkd.load_quantized(run_dir / "student_packed")):
+    dev = {"validation": data.tokenize(data.load_glue(data.TASKS["mrpc"], ds)["validation"], tok, 128)}
+    for reloaded in (models.load_student(run_dir / "student"), export.load_quantized(run_dir / "student_packed")):
         assert reloaded.config.model_type == "distilbert"
-        assert qatkd.evaluate(reloaded, qatkd.TASKS["mrpc"], dev, 8) == metrics["last"]
+        assert data.evaluate(reloaded, data.TASKS["mrpc"], dev, 8) == metrics["last"]
 
 
 def test_sweep_end_to_end(tmp_path, tiny_dir):
     import run
 
-    data = write_tiny_mrpc(tmp_path / "MRPC", 48, 16)
-    argv = ["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(data), "--output_dir", str(tmp_path),
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 48, 16)
+    argv = ["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(ds), "--output_dir", str(tmp_path),
             "--batch_size", "8", "--teacher_epochs", "1", "--max_steps", "3", "--eval_every", "0", "--sweep",
             "--sweep_kd", "score,map", "--seeds", "1,2"]
     table = run.main(argv)
-    head = ["teacher seed", "protocol", "model", "seeds", "best acc", "last acc", "last f1", *run.SWEEP_MEASURES,
+    head = ["teacher seed", "protocol", "model", "seeds", "best acc", "last acc", "last f1", *experiment.SWEEP_MEASURES,
             "minutes per run"]
     assert [r[2] for r in table] == ["teacher (FP)", "PTQ W2A8", "QAT score", "QAT map"]
     assert [r[:2] for r in table] == [["42", "-"]] + [["42", "default"]] * 3
@@ -1307,7 +1312,7 @@ def test_sweep_end_to_end(tmp_path, tiny_dir):
     rows = list(csv.reader(open(tmp_path / "sweep-mrpc-w2a8.csv")))
     assert rows[0] == head and rows[1:] == table
     metrics = json.loads((tmp_path / "mrpc-map-w2a8-seed1" / "metrics.json").read_text())
-    assert metrics["code"] == run.code_version() and metrics["teacher_seed"] == 42
+    assert metrics["code"] == runtime.code_version() and metrics["teacher_seed"] == 42
     assert metrics["protocol"] == "default" and metrics["teacher"] == json.loads(
         (tmp_path / "mrpc-score-w2a8-seed2" / "metrics.json").read_text())["teacher"]
     # a second sweep reads the finished runs instead of training again
@@ -1328,7 +1333,7 @@ def test_sweep_end_to_end(tmp_path, tiny_dir):
         run.main(argv)
     assert run.main(argv + ["--mix_commits"]) == table  # reused as it is
     assert run.main(argv + ["--overwrite"])[3][:4] == table[3][:4]  # rerun with this code
-    assert json.loads(args_json.read_text())["code"] == run.code_version()
+    assert json.loads(args_json.read_text())["code"] == runtime.code_version()
     assert (tmp_path / "mrpc-map-w2a8-seed1" / "metrics.json").stat().st_mtime > mtime
 
 
@@ -1336,8 +1341,8 @@ def test_sweep_over_protocols_and_teacher_seeds(tmp_path, tiny_dir):
     """One command: two teachers (their own cached folders) x both padding protocols, one table."""
     import run
 
-    data = write_tiny_mrpc(tmp_path / "MRPC", 32, 16)
-    table = run.main(["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(data), "--output_dir",
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 32, 16)
+    table = run.main(["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(ds), "--output_dir",
                       str(tmp_path), "--batch_size", "8", "--max_len", "40", "--teacher_epochs", "1", "--max_steps", "2",
                       "--eval_every", "0", "--sweep", "--sweep_kd", "map", "--seeds", "1", "--sweep_teacher_seeds",
                       "42,7", "--sweep_protocols", "default,original", "--rank_samples", "4"])
@@ -1365,8 +1370,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
     import signal
     import time
 
-    data = write_tiny_mrpc(tmp_path / "MRPC", 96, 16)
-    common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", data, "--batch_size", "4", "--epochs", "5",
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 96, 16)
+    common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", ds, "--batch_size", "4", "--epochs", "5",
               "--max_steps", "100", "--eval_every", "20", "--save_every", "5", "--teacher_epochs", "1",
               "--lr", "1e-3"]
     p = run_py(*common, "--output_dir", tmp_path / "a", env=CPU)
@@ -1380,7 +1385,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
                tmp_path / "b" / "teachers" / os.listdir(tmp_path / "a" / "teachers")[0])
     proc = subprocess.Popen([sys.executable, str(HERE / "run.py"), *map(str, common), "--output_dir", tmp_path / "b"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE, env={**os.environ, **CPU})
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_GUARD
     while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -1412,18 +1417,18 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_refuses_other_arguments(tmp_path, 
     import signal
     import time
 
-    data = write_tiny_mrpc(tmp_path / "MRPC", 96, 16)
-    common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", data, "--output_dir", tmp_path,
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 96, 16)
+    common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", ds, "--output_dir", tmp_path,
               "--batch_size", "4", "--epochs", "50", "--eval_every", "0", "--save_every", "0", "--teacher_epochs", "1"]
     run_dir = tmp_path / "mrpc-map-w2a8-seed42"
     proc = subprocess.Popen([sys.executable, str(HERE / "run.py"), *map(str, common)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, cwd=HERE)
-    deadline = time.time() + 300
+    deadline = time.time() + HANG_GUARD
     while not (run_dir / "log.jsonl").exists() or (run_dir / "log.jsonl").stat().st_size < 2000:
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_GUARD)
     assert proc.returncode != 0
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(r"run\.py: interrupted after step \d+; resume from .*checkpoint\.pt", last), last
@@ -1445,10 +1450,10 @@ def test_nan_loss_keeps_the_last_good_checkpoint(tiny_dir, tmp_path):
         return bad, {"pred": v, "output": bad}
 
     ckpt = tmp_path / "checkpoint.pt"
-    cfg = qatkd.TrainConfig(batch_size=4, save_every=3)
+    cfg = qatkd.TrainConfig(batch_size=4)
     with pytest.raises(FloatingPointError, match=f"at step 8 \\(term: output\\); the last good checkpoint is {ckpt}"):
-        qatkd.train(teacher, loss_fn, feats, cfg, log=lambda r: None, checkpoint=ckpt)
-    state = qatkd.load_checkpoint(ckpt)
+        runtime.run_training(teacher, loss_fn, feats, cfg, log=lambda r: None, checkpoint=ckpt, save_every=3)
+    state = runtime.load_checkpoint(ckpt)
     assert state["loop"]["step"] == 6 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -1635,7 +1640,7 @@ def test_undefined_metric_is_never_the_best(tmp_path):
                          metric="corr", log=log.append)
     assert result["best_step"] == 2 and result["best"] == {"corr": 0.2} and result["undefined_steps"] == [1, 3]
     assert [r.get("undefined") for r in log if "eval" in r] == [["corr"], None, ["corr"], None]
-    qatkd.write_json(tmp_path / "m.json", {"last": {"corr": math.nan}})
+    runtime.write_json(tmp_path / "m.json", {"last": {"corr": math.nan}})
     assert json.loads((tmp_path / "m.json").read_text()) == {"last": {"corr": None}}  # strict JSON: null
 
 
@@ -1647,18 +1652,18 @@ def test_checkpoints_load_without_unpickling_code(tmp_path, tiny_dir):
     """Checkpoints hold tensors and plain values, loaded with weights_only=True; anything else is refused."""
     model = nn.Linear(3, 2)
     opt, sched = qatkd.make_optimizer(model, qatkd.TrainConfig(), 10)
-    qatkd.save_checkpoint(tmp_path / "ok.pt", model, opt, sched, {"step": 3, "result": {"best": None}})
-    state = qatkd.load_checkpoint(tmp_path / "ok.pt")
+    runtime.save_checkpoint(tmp_path / "ok.pt", model, opt, sched, {"step": 3, "result": {"best": None}})
+    state = runtime.load_checkpoint(tmp_path / "ok.pt")
     assert state["loop"]["step"] == 3 and torch.equal(state["model"]["weight"], model.weight)
-    before = qatkd.rng_state()
+    before = runtime.rng_state()
     torch.rand(5), random.random()
-    qatkd.set_rng_state(state["rng"])  # numpy's state, stored as a tensor, comes back exactly
+    runtime.set_rng_state(state["rng"])  # numpy's state, stored as a tensor, comes back exactly
     import numpy as np
 
     assert np.array_equal(np.random.get_state()[1], np.asarray(before["numpy"][1]).astype(np.uint32))
     torch.save({"model": model.state_dict(), "extra": _NotATensor()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="holds more than tensors and plain values .*refusing to unpickle it"):
-        qatkd.load_checkpoint(tmp_path / "evil.pt")
+        runtime.load_checkpoint(tmp_path / "evil.pt")
 
 
 tsv_fields = st.text(st.characters(blacklist_characters="\t\n\r"), max_size=12)
@@ -1678,9 +1683,9 @@ def test_tsv_reader_fuzzed(rows, labels, encoding, header, tmp_path_factory):
         path.write_bytes("\n".join(lines).encode(encoding))
     except UnicodeEncodeError:
         return
-    for task in (qatkd.TASKS["mrpc"], qatkd.TASKS["stsb"], qatkd.TASKS["cola"]):
+    for task in (data.TASKS["mrpc"], data.TASKS["stsb"], data.TASKS["cola"]):
         try:
-            examples = qatkd.read_glue_tsv(path, task)
+            examples = data.read_glue_tsv(path, task)
         except ValueError as e:
             assert str(e).startswith(str(path)) and "\n" not in str(e), e
         else:
@@ -1709,12 +1714,12 @@ def test_own_data_reader_fuzzed(labels, fmt, garbage, tmp_path_factory):
         with open(path, "ab") as f:
             f.write(b"\xff\xfe{oops\n")
     try:
-        _, data = qatkd.load_data_files(path, path)
+        _, ds = data.load_data_files(path, path)
     except ValueError as e:
         assert str(e).startswith(str(path)) or str(e).startswith("the labels are"), e
         assert "\n" not in str(e)
     else:
-        assert len(data["train"]) == len(labels)
+        assert len(ds["train"]) == len(labels)
 
 
 def test_readme_flag_table_matches_help():
@@ -1737,8 +1742,8 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 def test_run_py_hub_defaults_fail_cleanly_offline(tmp_path, tiny_dir):
     """The defaults (hub teacher, hub GLUE) cannot be reached here: each ends in a one-line error."""
-    data = write_tiny_mrpc(tmp_path / "MRPC", 8, 4)
-    p = run_py("--task", "mrpc", "--data_dir", data, "--output_dir", tmp_path, env=OFFLINE)
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 8, 4)
+    p = run_py("--task", "mrpc", "--data_dir", ds, "--output_dir", tmp_path, env=OFFLINE)
     assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith(
         "run.py: error: could not load teacher 'bert-base-uncased'")
     p = run_py("--task", "mrpc", "--teacher", tiny_dir, "--output_dir", tmp_path, env=OFFLINE)
@@ -1765,8 +1770,8 @@ def test_run_py_hub_glue_without_datasets_is_one_line(tmp_path, tiny_dir):
 
 
 def test_run_py_missing_teacher_is_one_line(tmp_path):
-    data = write_tiny_mrpc(tmp_path / "MRPC", 8, 4)
-    p = run_py("--task", "mrpc", "--teacher", tmp_path / "nope", "--data_dir", data, "--output_dir", tmp_path)
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 8, 4)
+    p = run_py("--task", "mrpc", "--teacher", tmp_path / "nope", "--data_dir", ds, "--output_dir", tmp_path)
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
         f"run.py: error: teacher directory {tmp_path / 'nope'} does not exist"]
 
@@ -1813,10 +1818,10 @@ PINNED_MRPC = {
 def test_real_minilm_mrpc(tmp_path):
     """run.py on real MRPC with MiniLM: a short teacher fine-tune, then 24 QAT steps of map KD; the
     teacher's and the PTQ student's dev scores and the first steps' loss terms are pinned (PINNED_MRPC)."""
-    task = qatkd.TASKS["mrpc"]
-    data = qatkd.load_glue(task, MRPC)
-    assert len(data["train"]) == 3668 and len(data["validation"]) == 408
-    assert sum(y for _, _, y in data["validation"]) == 279
+    task = data.TASKS["mrpc"]
+    ds = data.load_glue(task, MRPC)
+    assert len(ds["train"]) == 3668 and len(ds["validation"]) == 408
+    assert sum(y for _, _, y in ds["validation"]) == 279
     p = run_py("--task", "mrpc", "--kd", "map", "--teacher", minilm_dir(), "--data_dir", MRPC,
                "--output_dir", tmp_path, "--teacher_epochs", "0.25", "--teacher_lr", "1e-4", "--max_steps", "24",
                "--eval_every", "0", "--batch_size", "16", "--max_len", "64")
@@ -1839,165 +1844,128 @@ def test_real_minilm_mrpc(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# speed: the optimised code computes the plain formulas' numbers; the benchmark; torchrun
+# the method file: plain, and each piece copyable on its own
 # ---------------------------------------------------------------------------------------------
 
 
-plain_quantize, plain_ternarize = qatkd.quantize_uniform_reference, qatkd.ternarize_reference  # the plain formulas
+def test_qatkd_is_the_method_alone():
+    """qatkd.py: at most 1000 lines, imports only the standard library, torch, transformers and tqdm,
+    and holds no compiled graphs, saved-tensor hooks, formula twins or global switches."""
+    import ast
+
+    source = Path(qatkd.__file__).read_text()
+    assert len(source.splitlines()) <= 1000
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert imported - set(sys.stdlib_module_names) <= {"torch", "transformers", "tqdm"}, imported
+    for machinery in ("torch.compile", "saved_tensors_hooks", "_reference", "checkpoint(", "global "):
+        assert machinery not in source, machinery
 
 
-@given(hnp.arrays("float32", st.tuples(st.integers(1, 6), st.integers(1, 40)),
-                  elements=st.floats(-4, 4, allow_nan=False, width=32)).map(torch.from_numpy),
-       st.sampled_from([4, 8]))
-def test_fast_quantizers_equal_the_plain_formulas(x, bits):
-    """The fast paths (one aminmax pass, skipped clamp, fused backward mask, in-place temporaries)
-    give bit-identical values and gradients, clipped (|x| >= 2.5 present) or not, at ±2.5 exactly."""
-    x = torch.cat([x.flatten(), torch.tensor([2.5, -2.5, 0.0])]) if x.numel() % 2 else x
-    try:
-        for inp, check in itertools.product((x, x * 0.5), (("cpu",), ())):  # with/without clipping, CPU/GPU path
-            qatkd.ClipSTE.check_devices = check  # (): the sync-free path taken on a GPU, always clamping
-            g = torch.randn(inp.shape, generator=torch.Generator().manual_seed(0))
-            a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
-            qa, qb = qatkd.quantize_uniform(a, bits), plain_quantize(b, bits)
-            assert torch.equal(qa, qb)
-            qa.backward(g), qb.backward(g)
-            assert torch.equal(a.grad, b.grad)
-            a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
-            ta, tb = qatkd.ternarize(a), plain_ternarize(b)
-            assert torch.equal(ta, tb)
-            ta.backward(g), tb.backward(g)
-            assert torch.equal(a.grad, b.grad)
-    finally:
-        qatkd.ClipSTE.check_devices = ("cpu",)
+def qatkd_sources():
+    """{name: (file-order index, ast node)} of qatkd.py's top-level definitions and named constants."""
+    import ast
+
+    tree = ast.parse(Path(qatkd.__file__).read_text())
+    defs = {}
+    for i, node in enumerate(tree.body):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defs[node.name] = (i, node)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            defs[node.targets[0].id] = (i, node)
+    return defs
 
 
-@pytest.fixture
-def fused_everywhere(monkeypatch):
-    """The compiled quantizer on every tensor size (normally only from FUSE_MIN_NUMEL elements)."""
-    monkeypatch.setattr(qatkd, "FUSE_MIN_NUMEL", 0)
-    monkeypatch.setattr(qatkd, "FUSED", True)
-    yield
-    assert qatkd._compiled.get("fn") is not None, "torch.compile fell back: the fused path was not tested"
+def copied(name):
+    """(namespace, helpers): the source of qatkd's `name` and of every qatkd definition it calls,
+    transitively, executed in a fresh namespace that holds torch and nothing of qatkd."""
+    import ast
+
+    defs = qatkd_sources()
+    needed, todo = set(), [name]
+    while todo:
+        n = todo.pop()
+        if n in needed:
+            continue
+        needed.add(n)
+        todo += [x.id for x in ast.walk(defs[n][1]) if isinstance(x, ast.Name) and x.id in defs and x.id != n]
+    namespace = {"torch": torch, "nn": torch.nn, "F": torch.nn.functional, "math": math, "__name__": "copied"}
+    for n in sorted(needed, key=lambda n: defs[n][0]):  # file order: a default argument is defined first
+        exec(compile(ast.Module([defs[n][1]], []), f"<copied {n}>", "exec"), namespace)
+    constants = {n for n in needed if isinstance(defs[n][1], ast.Assign)}
+    return namespace, needed - constants - {name}
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(hnp.arrays("float32", st.tuples(st.integers(1, 5), st.integers(1, 7), st.integers(1, 40)),
-                  elements=st.floats(-4, 4, allow_nan=False, width=32)).map(torch.from_numpy),
-       st.sampled_from([2, 4, 8, 12]), st.booleans())
-def test_fused_activation_quantizer_equals_the_plain_formula(fused_everywhere, x, bits, transposed):
-    """The fused quantizer (one aminmax pass, one compiled pass) and its plain twin give the plain
-    formula's values and gradients bit for bit, clipped or not, on strided inputs, on the CPU path
-    and on the GPU's (always clamping); q = codes / s exactly, codes in the integer range."""
-    x = x.transpose(0, 1) if transposed else x  # Q, K and V reach the quantizer as strided views
-    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    n = 2 ** (bits - 1) - 1
-    for inp, check in itertools.product((x, x * 0.5), (("cpu",), ())):
-        ref = inp.clone().requires_grad_()
-        expect = plain_quantize(ref, bits)
-        expect.backward(g)
-        for fused in (True, False):
-            qatkd.FUSED = fused
-            try:
-                qatkd.ClipSTE.check_devices = check
-                a = inp.clone().requires_grad_()
-                q, codes, s = qatkd.quantize_act_codes(a, bits)
-                q.backward(g, retain_graph=True)  # the saved mask is read below
-            finally:
-                qatkd.ClipSTE.check_devices, qatkd.FUSED = ("cpu",), True
-            assert torch.equal(q, expect) and torch.equal(a.grad, ref.grad)
-            assert torch.equal(codes.to(s.dtype) / s, q) and codes.abs().max() <= n
-            if fused and check and inp.abs().max() >= qatkd.CLIP:  # the compiled pass's mask, not x, is kept
-                (kept,) = q.grad_fn.saved_tensors
-                assert kept.dtype == torch.bool and torch.equal(kept, inp.abs() >= qatkd.CLIP)
-            assert codes.dtype == (torch.int8 if bits <= 8 else torch.int16)
+COPYABLE = ("ClipSTE", "ternarize", "binarize", "quantize_uniform", "QuantLinear", "QuantEmbedding", "pred_loss",
+            "rep_loss", "score_loss", "map_loss", "output_loss")
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(hnp.arrays("float32", st.tuples(st.integers(1, 5), st.integers(1, 40)),
-                  elements=st.floats(-4, 4, allow_nan=False, width=32)).map(torch.from_numpy),
-       st.sampled_from([(128, torch.uint8), (0, torch.int8)]))
-def test_fused_integer_codes_equal_the_plain_ones(fused_everywhere, x, shift_dtype):
-    """The int8 backend's activation codes from the compiled pass equal the plain ones bit for bit,
-    and equal the training-time quantizer's codes (shifted by 128 for oneDNN)."""
-    shift, dtype = shift_dtype
-    _, expect, s = qatkd.quantize_act_codes(x, 8)
-    out = []
-    for fused in (True, False):
-        qatkd.FUSED = fused
-        try:
-            out.append(qatkd.int_codes(x, s.item(), 127, shift, dtype))
-        finally:
-            qatkd.FUSED = True
-    assert torch.equal(out[0], out[1]) and out[0].dtype == dtype
-    assert torch.equal(out[0].to(torch.int16) - shift, expect.to(torch.int16))
-    assert qatkd._compiled.get("int") is not None
+@pytest.mark.parametrize("name", COPYABLE)
+def test_pieces_work_when_copied_alone(name):
+    """Each piece, with the qatkd definitions it calls (at most five) and torch, executed in a fresh
+    namespace, gives the module's values and gradients on random inputs."""
+    ns, helpers = copied(name)
+    assert len(helpers) <= 5, helpers
+    assert "qatkd" not in ns
+    g = torch.Generator().manual_seed(0)
+
+    def same(fn_ours, fn_copy, *shapes, scale=3.0):
+        xs = [(torch.randn(*s, generator=g) * scale) for s in shapes]
+        a = [x.clone().requires_grad_() for x in xs]
+        b = [x.clone().requires_grad_() for x in xs]
+        ya, yb = fn_ours(*a), fn_copy(*b)
+        assert torch.equal(ya, yb)
+        w = torch.randn(ya.shape, generator=g)
+        (ya * w).sum().backward()
+        (yb * w).sum().backward()
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(a, b))
+
+    if name == "ClipSTE":
+        same(lambda x: qatkd.ClipSTE.apply(x, torch.round, 2.5), lambda x: ns["ClipSTE"].apply(x, torch.round, 2.5), (5, 7))
+    elif name in ("ternarize", "binarize"):
+        for per_row in (False, True):
+            same(lambda w: getattr(qatkd, name)(w, per_row), lambda w: ns[name](w, per_row), (6, 9), scale=1.5)
+    elif name == "quantize_uniform":
+        for bits, per_row in ((8, False), (4, True)):
+            same(lambda x: qatkd.quantize_uniform(x, bits, per_row), lambda x: ns[name](x, bits, per_row), (3, 4, 11))
+    elif name == "QuantLinear":
+        ours, theirs = qatkd.QuantLinear(12, 7, wbits=2, abits=8), ns[name](12, 7, wbits=2, abits=8)
+        theirs.load_state_dict(ours.state_dict())
+        same(ours, theirs, (2, 5, 12))
+        assert torch.equal(ours.weight.grad, theirs.weight.grad) and torch.equal(ours.bias.grad, theirs.bias.grad)
+    elif name == "QuantEmbedding":
+        ours, theirs = qatkd.QuantEmbedding(30, 8, 0, wbits=2), ns[name](30, 8, 0, wbits=2)
+        theirs.load_state_dict(ours.state_dict())
+        ids = torch.randint(0, 30, (3, 6), generator=g)
+        assert torch.equal(ours(ids), theirs(ids))
+        ours(ids).pow(2).sum().backward(), theirs(ids).pow(2).sum().backward()
+        assert torch.equal(ours.weight.grad, theirs.weight.grad)
+    else:
+        mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+        s, t = masked_probs(random_internals(seed=1), mask), masked_probs(random_internals(seed=2), mask)
+        field = {"pred_loss": "logits", "rep_loss": "hidden_states", "score_loss": "attn_scores", "map_loss": "attn_probs",
+                 "output_loss": "attn_outputs"}[name]
+        student, teacher = getattr(s, field), getattr(t, field)
+        args = (lambda x: (x, teacher)) if name == "pred_loss" else (lambda x: (x, teacher, mask))
+        grads = []
+        for fn in (getattr(qatkd, name), ns[name]):
+            x = [v.clone().requires_grad_() for v in student] if isinstance(student, list) else \
+                student.clone().requires_grad_()
+            value = fn(*args(x))
+            value.backward()
+            grads.append((value.detach(), [v.grad for v in x] if isinstance(x, list) else [x.grad]))
+        (va, ga), (vb, gb) = grads
+        assert torch.equal(va, vb) and all(torch.equal(p, q) for p, q in zip(ga, gb))
 
 
-def test_fused_quantizer_compiles_once_for_every_shape(monkeypatch):
-    """One compiled graph serves every rank, length, layout (transposed views) and grad mode: a
-    recompile per shape would cost seconds each and stop at dynamo's limit of 8."""
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    monkeypatch.setattr(qatkd, "_compiled", {})
-    qatkd.quantize_act(torch.randn(8, 128, 96), 8)  # the one compile
-    shapes = [(4, 128, 384), (5, 37, 12, 64), (3, 1000), (2, 9, 70, 70)]
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for shape, scale, transposed, grad in itertools.product(shapes, (0.5, 3.0), (False, True), (False, True)):
-            x = torch.randn(shape) * scale
-            x = x.transpose(0, 1) if transposed else x
-            with torch.set_grad_enabled(grad):
-                q = qatkd.quantize_act(x, 8)
-            assert torch.equal(q, plain_quantize(x, 8)) and q.stride() == x.stride()
-    assert qatkd._compiled["fn"] is not None
-
-
-def test_fused_quantizer_falls_back_once_when_compiling_fails(monkeypatch):
-    """No compiler: one warning, then the plain path, the same numbers."""
-    def broken(fn, **_):
-        def call(*a, **k):
-            raise RuntimeError("no C++ compiler found")
-        return call
-
-    monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(qatkd, "_compiled", {})
-    monkeypatch.setattr(qatkd, "FUSE_MIN_NUMEL", 0)
-    x = torch.randn(4, 9) * 2
-    with pytest.warns(UserWarning, match="torch.compile is unavailable .*no C\\+\\+ compiler.*unfused"):
-        q = qatkd.quantize_act(x, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # said once
-        assert torch.equal(qatkd.quantize_act(x, 8), q)
-    assert torch.equal(q, plain_quantize(x, 8)) and qatkd._compiled["fn"] is None
-
-
-def test_saved_codes_and_lean_recording_change_no_number(fused_everywhere, tiny_dir):
-    """A QAT step keeping quantized activations as int8 codes, with fused quantizers and only the
-    internals its loss reads, gives the same loss and gradients, bit for bit, as the plain step;
-    and the codes are what autograd keeps (each read of the saved input rebuilds it)."""
+def test_forward_internals_keeps_only_what_the_loss_reads(tiny_dir):
+    """keep=("probs",): no scores and no attention outputs are recorded; a KD mode that needs them says so."""
     teacher = classifier(tiny_dir)
     batch = make_batch([9, 6, 2])
-    for kd in ("map", "score"):
-        grads = []
-        for lean in (True, False):
-            qatkd.FUSED = qatkd.LEAN_SAVES = lean
-            try:
-                student = qatkd.quantize_student(teacher, 2, 8).train()
-                torch.manual_seed(0)
-                if lean:
-                    loss, _ = qatkd.qat_loss_fn(teacher, qatkd.TASKS["mrpc"], kd)(student, batch)
-                else:
-                    with torch.no_grad():
-                        t = qatkd.forward_internals(teacher, batch)
-                    loss, _ = qatkd.kd_loss(qatkd.forward_internals(student, batch), t, batch["attention_mask"], kd)
-                loss.backward()
-            finally:
-                qatkd.FUSED = qatkd.LEAN_SAVES = True
-            grads.append([loss.detach()] + [p.grad for p in student.parameters() if p.grad is not None])
-        assert len(grads[0]) == len(grads[1]) and all(torch.equal(a, b) for a, b in zip(*grads))
-    lin = qatkd.QuantLinear(8, 4)
-    addmm = lin(torch.randn(3, 5, 8, requires_grad=True)).grad_fn.next_functions[0][0]
-    assert addmm._saved_mat1.data_ptr() != addmm._saved_mat1.data_ptr()  # rebuilt from codes at each read
     s = qatkd.forward_internals(qatkd.quantize_student(teacher, 2, 8), batch, keep=("probs",))
     assert s.attn_scores is None and s.attn_outputs is None and len(s.attn_probs) == teacher.config.num_hidden_layers
     with pytest.raises(ValueError, match="kd='score' needs the attention scores"):
@@ -2008,93 +1976,38 @@ def test_saved_codes_and_lean_recording_change_no_number(fused_everywhere, tiny_
 
 @pytest.mark.parametrize("arch", list(FAMILY_CONFIGS))
 def test_recomputed_layers_change_no_number(arch, tmp_path):
-    """Every family: a QAT step (map, score, output KD; dropout on) with each student layer
-    recomputed in backward gives the same loss, gradients and RNG state after, bit for bit, as the
-    plain step; autograd keeps for backward much less outside the layers (inside, checkpoint keeps
-    only the inputs); on=False, evaluation and no_grad run the plain forward."""
-    task = qatkd.TASKS["mrpc"]
+    """--recompute (transformers' activation checkpointing, non-reentrant): a QAT step (map, score, output
+    KD; dropout on) gives the same loss, gradients and RNG state after, bit for bit, as the plain step,
+    in every family that transformers can checkpoint, and autograd keeps much less for backward; a family
+    it cannot (ALBERT) is refused in one line before any data is read."""
     torch.manual_seed(0)
-    teacher, tok, _ = qatkd.load_teacher(str(write_tiny_model(tmp_path / arch, arch, dropout=0.1)), task)
+    model_dir = write_tiny_model(tmp_path / arch, arch, dropout=0.1)
+    teacher, tok, _ = models.load_teacher(str(model_dir), data.TASKS["mrpc"])
+    if not models.checkpointable(teacher.config):
+        assert arch == "albert"
+        p = run_py("--task", "mrpc", "--teacher", model_dir, "--recompute", "--data_dir", "/no/such/data",
+                   "--output_dir", tmp_path)
+        assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+            "run.py: error: --recompute: transformers has no activation checkpointing for albert; run without "
+            "--recompute"]
+        return
     b = family_batch(tok)
-    layers = lambda m: qatkd._modules_of(m, qatkd.FAMILIES[arch].layer)  # noqa: E731
     for kd in ("map", "score", "output"):
         out, kept = [], []
         for recompute in (False, True):
-            student = qatkd.recompute_layers(qatkd.quantize_student(teacher, 2, 8).train(), recompute)
-            assert len(layers(student)) == teacher.config.num_hidden_layers or arch == "albert"
-            assert all(("forward" in vars(m)) == recompute for m in layers(student))
+            student = qatkd.quantize_student(teacher, 2, 8).train()
+            if recompute:
+                student.activation_checkpointing_enable({"use_reentrant": False})
             saved = []
             torch.manual_seed(0)
             with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
-                loss, _ = qatkd.qat_loss_fn(teacher, task, kd)(student, b)
+                loss, _ = qatkd.qat_loss_fn(teacher, kd)(student, b)
             loss.backward()
             out.append([loss.detach()] + [p.grad for p in student.parameters() if p.grad is not None]
                        + [torch.rand(3)])
             kept.append(sum(saved))
         assert len(out[0]) == len(out[1]) and all(torch.equal(x, y) for x, y in zip(*out)), kd
         assert kept[1] < kept[0] / 2, (kd, kept)
-    student = qatkd.recompute_layers(qatkd.quantize_student(teacher, 2, 8))
-    with torch.no_grad():
-        assert torch.equal(student.eval()(**b).logits, qatkd.recompute_layers(student, False)(**b).logits)
-    assert not any("forward" in vars(m) for m in layers(student))
-
-
-def test_fast_map_loss_equals_the_plain_formula():
-    """map_loss works in place on one temporary; values and gradients equal the plain expression's."""
-    torch.manual_seed(0)
-    mask = make_batch([9, 6, 2, 9])["attention_mask"]
-    add = (1 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-    scores = [torch.randn(4, 3, 9, 9, requires_grad=True) for _ in range(2)]
-    t_probs = [torch.softmax(torch.randn(4, 3, 9, 9) * 3 + add, -1) for _ in range(2)]
-
-    a = qatkd.map_loss_reference([torch.softmax(x * 4 + add, -1) for x in scores], t_probs, mask)
-    ga = torch.autograd.grad(a, scores)
-    for chunk in (2 ** 20, 3 * 9 * 9, 2 * 3 * 9 * 9 + 1):  # all samples at once, one by one, in pairs + 1
-        b = qatkd.map_loss([torch.softmax(x * 4 + add, -1) for x in scores], t_probs, mask, chunk=chunk)
-        gb = torch.autograd.grad(b, scores)
-        assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
-
-
-def test_map_loss_keeps_no_clamped_copies_for_backward():
-    """MapKL keeps for backward only the maps it is given (alive anyway), not max(p, eps) copies; a
-    teacher map that needs a gradient takes the plain autograd path and gets one."""
-    torch.manual_seed(0)
-    mask = make_batch([9, 6, 2, 9])["attention_mask"]
-    s = torch.softmax(torch.randn(4, 3, 9, 9) * 4, -1).requires_grad_()
-    t = torch.softmax(torch.randn(4, 3, 9, 9) * 3, -1)
-    loss = qatkd.map_loss([s], [t], mask)
-    node = loss.grad_fn
-    while type(node).__name__ != "MapKLBackward":
-        node = node.next_functions[0][0]
-    kept = [x for x in node.saved_tensors if x.numel() == s.numel()]
-    assert len(kept) == 2 and {x.data_ptr() for x in kept} == {s.data_ptr(), t.data_ptr()}
-    t2 = t.clone().requires_grad_()
-    (g_t,) = torch.autograd.grad(qatkd.map_loss([s], [t2], mask), [t2])
-    (g_ref,) = torch.autograd.grad(qatkd.map_loss_reference([s], [t2], mask), [t2])
-    assert g_t.abs().sum() > 0 and torch.equal(g_t, g_ref)
-
-
-@pytest.mark.parametrize("shape", [(4, 3, 9, 9), (2, 7, 16)])
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_bool_dropout_equals_torch_dropout(shape, p):
-    """lean_dropout draws what F.dropout draws (same mask, same generator state after), gives the
-    same values and gradients bit for bit, on a strided input too, and keeps a bool mask."""
-    x = torch.randn(shape).transpose(0, 1)
-    g = torch.randn(x.shape)
-    out = []
-    for lean in (True, False):
-        a = x.clone().requires_grad_()
-        torch.manual_seed(3)
-        if lean:
-            y = qatkd.lean_dropout(a, p, True)
-            (keep,) = y.grad_fn.saved_tensors
-            assert keep.dtype == torch.bool and keep.shape == x.shape
-        else:
-            y = torch.nn.functional.dropout(a, p, True)
-        y.backward(g)
-        out.append((y, a.grad, torch.rand(4)))
-    assert all(torch.equal(u, v) for u, v in zip(*out))
-    assert torch.equal(qatkd.lean_dropout(x, p, False), x)
 
 
 def test_eval_forward_follows_every_weight_write(tiny_dir):
@@ -2106,7 +2019,7 @@ def test_eval_forward_follows_every_weight_write(tiny_dir):
         first = lin(x)
         lin.weight.data.mul_(-1)
         second = lin(x)
-    expect = nn.functional.linear(qatkd.quantize_act(x, 8), qatkd.ternarize(lin.weight.detach()), lin.bias)
+    expect = nn.functional.linear(qatkd.quantize_uniform(x, 8), qatkd.ternarize(lin.weight.detach()), lin.bias)
     assert torch.equal(second, expect) and not torch.equal(first, second)
 
 
@@ -2121,8 +2034,8 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
         assert f"QAT {kd} W2A8" in steps and f"KD loss {kd} alone (forward + backward)" in steps
     assert {"FP fine-tuning (sdpa attention)", "inference: teacher", "inference: student W2A8"} <= set(steps)
     assert all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in result["rows"])
-    assert 0 < result["shares"]["loss_in_map_step"] < 1 and "quantizers_in_unfused_map_step" in result["shares"]
-    assert "QAT map W2A8, unfused (plain quantizers and saved tensors, every internal kept)" in steps
+    assert 0 < result["shares"]["loss_in_map_step"] < 1 and "quantizers_in_map_step" in result["shares"]
+    assert "QAT map W2A8, layers recomputed in backward (--recompute)" in steps
     assert result["peak_memory_mb"] >= max(r["peak_memory_mb"] for r in result["rows"])  # the rounds' peak
     assert "map QAT / FP step:" in p.stdout and table.with_suffix(".md").is_file()
     assert "inference: exported student W2A8, int8 backend" in steps
@@ -2153,8 +2066,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     from safetensors.torch import load_file
 
     model = write_tiny_model(tmp_path / "bert", dropout=0.0)
-    data = write_tiny_mrpc(tmp_path / "MRPC", 32, 8, words=(5, 5))
-    common = ["--task", "mrpc", "--teacher", model, "--data_dir", data, "--batch_size", "8", "--teacher_epochs", "1",
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 32, 8, words=(5, 5))
+    common = ["--task", "mrpc", "--teacher", model, "--data_dir", ds, "--batch_size", "8", "--teacher_epochs", "1",
               "--teacher_lr", "1e-3", "--lr", "1e-3", "--max_steps", "4", "--abits", "32", "--kd", "unified",
               "--save_every", "0"]
     cpu = {"OMP_NUM_THREADS": "1", **CPU}  # gloo on CPU, also on a machine with a GPU
@@ -2164,7 +2077,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(HERE / "run.py"), *map(str, common), "--output_dir", str(tmp_path / "two"),
                           "--recompute"],
-                         capture_output=True, text=True, cwd=HERE, timeout=600,
+                         capture_output=True, text=True, cwd=HERE, timeout=HANG_GUARD,
                          env={**os.environ, **cpu})
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("== summary: mrpc") == 1  # only rank 0 reports
@@ -2186,8 +2099,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert r1.keys() == r2.keys() and all(abs(r1[k] - r2[k]) < 1e-4 * max(1, abs(r1[k])) for k in r1)
     m1, m2 = (json.loads((tmp_path / d / run / "metrics.json").read_text()) for d in ("one", "two"))
     assert m1["last"] == m2["last"]
-    # 33 examples in batches of 8: the last batch holds 1 example, fewer than the 2 processes. It is
-    # dropped (4 steps an epoch, not 5) instead of leaving one process an empty slice
+    # 33 examples in batches of 8: the last batch holds 1 example, fewer than the 2 processes; the process
+    # without a slice of its own takes that example too, so an epoch has 5 steps, as in one process
     # The run folder holds a replaced run's stale checkpoint: --overwrite must keep every process from loading it
     short = write_tiny_mrpc(tmp_path / "MRPC33", 33, 8, words=(5, 5))
     stale = tmp_path / "short" / "mrpc-map-w2a8-seed42"
@@ -2198,10 +2111,10 @@ def test_torchrun_two_processes_match_one(tmp_path):
                             str(HERE / "run.py"), *map(str, common[:4]), "--data_dir", str(short), "--batch_size", "8",
                             "--teacher_epochs", "1", "--epochs", "2", "--eval_every", "0", "--save_every", "0",
                             "--output_dir", str(tmp_path / "short"), "--overwrite"],
-                           capture_output=True, text=True, cwd=HERE, timeout=600, env={**os.environ, **cpu})
+                           capture_output=True, text=True, cwd=HERE, timeout=HANG_GUARD, env={**os.environ, **cpu})
     assert three.returncode == 0, three.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "short" / "mrpc-map-w2a8-seed42" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 11))
 
 
 def _record_dropout_draws(rank, world, folder):
@@ -2217,7 +2130,7 @@ def _record_dropout_draws(rank, world, folder):
         draws.append(torch.rand(()).item())  # what dropout would draw in this process
         return net(b["input_ids"].float()).pow(2).mean(), {}
 
-    qatkd.train(model, loss_fn, feats, qatkd.TrainConfig(batch_size=4, max_steps=3), log=lambda r: None)
+    runtime.run_training(model, loss_fn, feats, qatkd.TrainConfig(batch_size=4, max_steps=3), log=lambda r: None)
     (Path(folder) / f"draws{rank}.json").write_text(json.dumps(draws))
     dist.destroy_process_group()
 

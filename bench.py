@@ -1,0 +1,346 @@
+"""The benchmark: what a QAT step costs against plain fine-tuning, and inference, in one process.
+
+    python run.py --task mrpc --benchmark --teacher DIR [--bench_memory] [--bench_inference]
+
+Phases are timed in interleaved rounds (one step of each per round), so a drift in the machine's
+speed hits all alike; medians, ratios to the full-precision step, the quantizers' and the loss's
+shares, peak memory. Writes OUTPUT_DIR/benchmark-MODEL-bB-sS-DEVICE.{md,json}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import export
+import models
+import qatkd
+import runtime
+
+@contextlib.contextmanager
+def peak_memory(device, out):
+    """Append to `out` the peak memory (MiB) inside the block: the CUDA allocator's peak on a GPU,
+    else the process's resident set size sampled every 10 ms from /proc (Linux), else ru_maxrss."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield
+        out.append(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        return
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        yield
+        out.append(runtime.peak_memory_mb())
+        return
+    page, peak, stop = os.sysconf("SC_PAGE_SIZE"), [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], int(statm.read_text().split()[1]) * page)
+            stop.wait(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sampler.join()
+        out.append(peak[0] / 2 ** 20)
+
+
+def benchmark(args, argv=()):
+    """Time, in one process on one random batch: a plain FP fine-tuning step (the HF default sdpa
+    attention, and the eager attention QAT uses), a QAT step per KD mode (teacher forward + student
+    forward/backward + loss + optimizer step, exactly train()'s), the same map step with the
+    quantizers off (W32A32) to get the quantizers' share, the KD loss alone (forward + backward on
+    stored internals) to get the loss's share, and inference: teacher, fake-quant student, exported
+    integer student. Phases are timed in interleaved rounds, so their ratios are measured side by
+    side. Writes a Markdown table and JSON to OUTPUT_DIR/benchmark-MODEL-bB-sS-DEVICE.{md,json}."""
+    task = data.TASKS[args.task]
+    teacher, name = bench_teacher(args, task)
+    batch = bench_batch(args, task, teacher)
+    where = (torch.cuda.get_device_name(args.device) if args.device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads, malloc: {runtime.malloc_settings()}")
+    params = sum(p.numel() for p in teacher.parameters())
+    print(f"benchmark: {name} ({params / 1e6:.1f}M parameters), batch {args.batch_size} x length {args.max_len} "
+          f"(no padding), W{args.wbits}A{args.abits}, {where}; median of {args.bench_steps} rounds after "
+          f"{args.bench_warmup} warm-up rounds")
+    phases = bench_phases(args, task, teacher, batch)
+    if args.bench_phase is not None:  # a child of --bench_memory: this one phase alone
+        return phase_memory(phases[args.bench_phase], args.device)
+    rows, steps = build_phases(phases, args.device)
+    timed_rounds(rows, steps, args.bench_steps, args.bench_warmup, args.device)
+    if args.bench_memory:
+        fresh_process_memory(rows, args, argv)
+    return bench_report(args, name, params, where, rows)
+
+
+def phase_memory(build, device):
+    """Build one phase and run 4 steps of it in this (fresh) process; print its peak memory in MiB
+    as the last line: the process's peak resident set (VmHWM) on CPU, the allocator's peak on a GPU;
+    on CPU with glibc also malloc's peaks (heap_peaks)."""
+    heap = heap_peaks() if device.type == "cpu" else None
+    step = build()
+    for _ in range(4):
+        step()
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
+    else:
+        status = Path("/proc/self/status")
+        peak = (int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024 if status.exists()
+                else runtime.peak_memory_mb())
+    print(json.dumps({"peak_memory_mb": peak, **(heap() if heap else {})}))
+
+
+def heap_peaks():
+    """Sample glibc's malloc statistics (mallinfo2) every 2 ms from now on; returns a function giving
+    the peaks so far in MiB: "malloc_in_use_mb", the bytes handed out (live tensors and everything
+    else malloc'd), and "malloc_footprint_mb", the heap and mmapped blocks it holds. The footprint
+    above the bytes in use is freed memory glibc keeps. None where there is no glibc."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_size_t) for f in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = MallInfo2
+    peak = {"malloc_in_use_mb": 0.0, "malloc_footprint_mb": 0.0}
+
+    def sample():
+        while True:
+            m = mallinfo2()
+            peak["malloc_in_use_mb"] = max(peak["malloc_in_use_mb"], (m.uordblks + m.hblkhd) / 2 ** 20)
+            peak["malloc_footprint_mb"] = max(peak["malloc_footprint_mb"], (m.arena + m.hblkhd) / 2 ** 20)
+            time.sleep(0.002)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return lambda: dict(peak)
+
+
+def fresh_process_memory(rows, args, argv):
+    """--bench_memory: each phase once more, alone in a fresh process (same arguments), for its peak memory."""
+    import subprocess
+
+    from tqdm.auto import tqdm
+
+    argv = [a for a in argv if a != "--bench_memory"]
+    for r in tqdm(rows, desc="memory, a process per phase", dynamic_ncols=True):
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve().with_name("run.py")), *argv, "--bench_phase", r["step"]],
+                           capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"--bench_memory: the process for phase {r['step']!r} failed: {p.stderr[-2000:]}")
+        peaks = json.loads(p.stdout.strip().splitlines()[-1])
+        r["fresh_peak_memory_mb"] = peaks.pop("peak_memory_mb")
+        r.update({f"fresh_{k}": v for k, v in peaks.items()})
+
+
+def bench_teacher(args, task):
+    """The benchmarked model: the --teacher's architecture and weights, or a random BERT-base."""
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    if args.bench_model == "bert-base":
+        teacher = qatkd.use_qatkd_attention(AutoModelForSequenceClassification.from_config(
+            BertConfig(num_labels=task.num_labels)))
+        name = "random BERT-base"
+    else:
+        teacher = models.load_teacher(args.teacher, task)[0]
+        path = Path(args.teacher).resolve()  # a directory is named with its parent: ".../minilm/model"
+        name = f"{path.parent.name}-{path.name}" if path.is_dir() else args.teacher
+    return teacher.to(args.device).eval(), name
+
+
+def bench_batch(args, task, teacher):
+    """One random batch of --batch_size x --max_len tokens, no padding, with labels."""
+    B, S, vocab = args.batch_size, args.max_len, teacher.config.vocab_size
+    gen = torch.Generator().manual_seed(args.seed)
+    batch = {"input_ids": torch.randint(vocab // 10, vocab, (B, S), generator=gen),
+             "attention_mask": torch.ones(B, S, dtype=torch.long), "token_type_ids": torch.zeros(B, S, dtype=torch.long),
+             "labels": torch.randint(0, task.num_labels, (B,), generator=gen)}
+    return {k: v.to(args.device) for k, v in batch.items()}
+
+
+def train_step(model, loss_fn, batch, opt=None):
+    """One optimizer step of loss_fn(model, batch), as train() takes it (a function to time)."""
+    opt = opt or qatkd.make_optimizer(model, qatkd.TrainConfig(), total_steps=1000)[0]
+
+    def step():
+        loss, _ = loss_fn(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def inference_step(model, batch):
+    """A forward pass without autograd (a function to time)."""
+    inputs = qatkd.model_inputs(model, batch)
+    return torch.no_grad()(lambda: model(**inputs))
+
+
+def cross_entropy(model, b):
+    """Plain fine-tuning's loss."""
+    return torch.nn.functional.cross_entropy(model(**qatkd.model_inputs(model, b)).logits, b["labels"]), {}
+
+
+def kd_loss_step(teacher, student, batch, kd):
+    """kd_loss forward + backward on stored internals of teacher and student (a function to time)."""
+    with torch.no_grad():
+        t = qatkd.forward_internals(teacher, batch)
+    s = qatkd.forward_internals(student, batch)
+    s = qatkd.Internals(*[[x.detach().requires_grad_() for x in v] if isinstance(v, list) else
+                          v.detach().requires_grad_() for v in vars(s).values()])
+    return lambda: qatkd.kd_loss(s, t, batch["attention_mask"], kd)[0].backward()
+
+
+def exported_step(student, backend, batch, device):
+    """Inference of the student as it ships: exported, then loaded with a backend (a function to time)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        export.export_quantized(student, d)
+        return inference_step(export.load_quantized(d, backend=backend, device=device), batch)
+
+
+RECOMPUTED = "QAT map {wa}, layers recomputed in backward (--recompute)"
+
+
+def recomputed(student):
+    """The student with each layer recomputed in backward (run.py --recompute): transformers' own
+    activation checkpointing, non-reentrant (what the KD losses read leaves the layers by side ways)."""
+    student.activation_checkpointing_enable({"use_reentrant": False})
+    return student
+
+
+def bench_phases(args, task, teacher, batch):
+    """{label: build}, each build() returning the function that one round times."""
+    import copy
+
+    def fp(attn):
+        model = copy.deepcopy(teacher).train()
+        model.set_attn_implementation(attn)
+        return model
+
+    def quantized(wbits, abits, training=True):
+        return qatkd.quantize_student(teacher, wbits, abits).train(training)
+
+    wa, kds = f"W{args.wbits}A{args.abits}", ("map", "score", "output", "unified")
+    shared = {}  # one student and optimizer for the four KD modes: memory for one, not four
+
+    def student():
+        if not shared:
+            shared["student"] = quantized(args.wbits, args.abits)
+            shared["opt"] = qatkd.make_optimizer(shared["student"], qatkd.TrainConfig(), total_steps=1000)[0]
+        return shared["student"]
+
+    phases = {}
+    if not args.bench_inference:  # the training phases
+        phases["FP fine-tuning (sdpa attention)"] = lambda: train_step(fp("sdpa"), cross_entropy, batch)
+        phases["FP fine-tuning (eager attention)"] = lambda: train_step(fp("eager"), cross_entropy, batch)
+        for kd in kds:
+            phases[f"QAT {kd} {wa}"] = lambda kd=kd: train_step(student(), qatkd.qat_loss_fn(teacher, kd), batch,
+                                                               shared["opt"])
+        phases[RECOMPUTED.format(wa=wa)] = lambda: train_step(recomputed(quantized(args.wbits, args.abits)),
+                                                              qatkd.qat_loss_fn(teacher), batch)
+        phases["QAT map, quantizers off (W32A32)"] = lambda: train_step(quantized(32, 32),
+                                                                      qatkd.qat_loss_fn(teacher), batch)
+        for kd in kds:
+            phases[f"KD loss {kd} alone (forward + backward)"] = lambda kd=kd: kd_loss_step(teacher, student(), batch,
+                                                                                             kd)
+    phases["inference: teacher"] = lambda: inference_step(teacher, batch)
+    # inference on its own copy in eval mode: the shared student keeps training, with dropout
+    phases[f"inference: student {wa}"] = lambda: inference_step(quantized(args.wbits, args.abits, False), batch)
+    if args.abits <= 8 and args.wbits < 32:
+        phases[f"inference: exported student {wa}, int8 backend"] = lambda: exported_step(
+            quantized(args.wbits, args.abits, False), "int8", batch, args.device)
+    return phases
+
+
+def build_phases(phases, device):
+    """Build each phase and run one step of it, recording its memory peak -> (rows, {label: step})."""
+    rows, steps = [], {}
+    for label, build in phases.items():
+        mem = []
+        with peak_memory(device, mem):
+            steps[label] = build()
+            steps[label]()
+        rows.append({"step": label, "peak_memory_mb": mem[0], "times": []})
+        print(f"  built {label:<44} peak memory {mem[0]:8.0f} MiB", flush=True)
+    return rows, steps
+
+
+def timed_rounds(rows, steps, n, warmup, device):
+    """Run the phases in rounds, one step of each per round, so a drift in the machine's speed hits all
+    alike: `warmup` untimed rounds (the allocator settles once every model exists), then `n` timed ones."""
+    from tqdm.auto import tqdm
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in tqdm(range(warmup + n), desc="benchmark rounds", dynamic_ncols=True):
+        for r in rows:
+            sync()
+            t0 = time.perf_counter()
+            steps[r["step"]]()
+            sync()
+            if i >= warmup:
+                r["times"].append(time.perf_counter() - t0)
+
+
+def bench_report(args, name, params, where, rows):
+    """Medians, ratios to the FP step, the quantizers' and the loss's shares; Markdown and JSON."""
+    device, wa, n, w = args.device, f"W{args.wbits}A{args.abits}", args.bench_steps, args.bench_warmup
+    # the rounds hold every phase's model at once: their peak is above each build's
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else runtime.peak_memory_mb()
+    seconds = {r["step"]: statistics.median(r["times"]) for r in rows}
+    reference = "inference: teacher" if args.bench_inference else "FP fine-tuning (sdpa attention)"
+    for r in rows:
+        r.update(seconds=seconds[r["step"]], vs_reference=seconds[r["step"]] / seconds[reference],
+                 range=[min(r["times"]), max(r["times"])])
+    fresh, heap = "fresh_peak_memory_mb" in rows[0], "fresh_malloc_in_use_mb" in rows[0]
+    md = "\n".join([f"| step | median s | vs {reference} | range s | peak memory MiB (earlier rows' models resident) |"
+                    + (" peak memory MiB, alone in a fresh process |" if fresh else "")
+                    + (" of which malloc: peak in use / peak footprint MiB |" if heap else ""),
+                    "|---|---|---|---|---|" + ("---|" if fresh else "") + ("---|" if heap else "")]
+                   + [f"| {r['step']} | {r['seconds']:.3f} | {r['vs_reference']:.2f}x | {r['range'][0]:.3f} to "
+                      f"{r['range'][1]:.3f} | {r['peak_memory_mb']:.0f} |"
+                      + (f" {r['fresh_peak_memory_mb']:.0f} |" if fresh else "")
+                      + (f" {r['fresh_malloc_in_use_mb']:.0f} / {r['fresh_malloc_footprint_mb']:.0f} |" if heap else "")
+                      for r in rows])
+    shares = {}
+    if not args.bench_inference:
+        qat = {kd: seconds[f"QAT {kd} {wa}"] for kd in ("map", "score", "output", "unified")}
+        loss_seconds = {kd: seconds[f"KD loss {kd} alone (forward + backward)"] for kd in qat}
+        off = seconds["QAT map, quantizers off (W32A32)"]
+        shares = {"quantizers_in_map_step": 1 - off / qat["map"],
+                  **{f"loss_in_{kd}_step": loss_seconds[kd] / qat[kd] for kd in qat}}
+        md += (f"\n\nShare of the map QAT step spent in quantizers: {100 * shares['quantizers_in_map_step']:.0f}% "
+               f"(map step with W32A32 vs {wa}); in the KD loss: "
+               + ", ".join(f"{kd} {100 * loss_seconds[kd] / qat[kd]:.0f}%" for kd in qat) + ".")
+    md += f"\nPeak memory of the whole benchmark (the rounds, every phase's model resident): {peak:.0f} MiB."
+    B, S = args.batch_size, args.max_len
+    stem = Path(args.output_dir) / (f"benchmark-{name.replace(' ', '-').replace('/', '--')}-b{B}-s{S}-{device.type}"
+                                    + ("-inference" if args.bench_inference else ""))
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"{name} ({params / 1e6:.1f}M parameters), batch {B} x length {S}, {wa}, {where}, "
+              f"torch {torch.__version__}; median of {n} rounds after {w} warm-up rounds\n\n")
+    stem.with_suffix(".md").write_text(header + md + "\n")
+    runtime.write_json(stem.with_suffix(".json"), {
+        "model": name, "parameters": params, "batch_size": B, "seq_len": S, "wbits": args.wbits, "abits": args.abits,
+        "device": where, "torch": torch.__version__, "steps": n, "warmup": w, "reference": reference, "rows": rows,
+        "shares": shares, "peak_memory_mb": peak})
+    summary = "" if args.bench_inference else f"map QAT / FP step: {seconds[f'QAT map {wa}'] / seconds[reference]:.2f}x; "
+    print(f"\n{md}\n{summary}written to {stem}.md and {stem}.json")
+    return rows

@@ -1,0 +1,364 @@
+"""Experiments: one run (teacher, PTQ, QAT, export, diagnostics, summary), sweeps of runs, and an
+exported student on a dev set. run.py parses the arguments and calls these.
+
+    setup         data and teacher (fine-tuned once and cached), the teacher's dev score
+    run_qat       one QAT run into OUTPUT_DIR/RUN_NAME: log.jsonl, metrics.json, student/, student_packed/
+    sweep         runs over KD modes, seeds, teacher seeds and protocols, and one results table
+    eval_export   an exported student on the dev set: metrics, speed, memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import data
+import diagnostics
+import export
+import models
+import qatkd
+import runtime
+
+def default_run_name(args):
+    """TASK-KD-wWaA-seedS, then -tseedT for a teacher seed other than 42 and -original for the
+    original padding protocol: runs that differ in what they compute never share a folder."""
+    return (f"{args.data_name}-{args.kd}-w{args.wbits}a{args.abits}-seed{args.seed}"
+            + (f"-tseed{args.teacher_seed}" if args.teacher_seed != 42 else "")
+            + ("-original" if args.original_padding else ""))
+
+
+@dataclass
+class Setup:
+    """What every run of a task shares: data, teacher, features, the teacher's dev score."""
+
+    task: data.Task
+    teacher: object
+    tokenizer: object
+    teacher_path: str
+    train: list
+    dev: dict
+    pad_id: int
+    teacher_metrics: dict
+
+
+def load_data(args):
+    """(Task, {split: examples}): a GLUE task, your own files, or a hub dataset."""
+    if args.task:
+        task = data.TASKS[args.task]
+        return task, data.load_glue(task, args.data_dir)
+    if args.train_file:
+        return data.load_data_files(args.train_file, args.validation_file, args.text_columns, args.label_column)
+    return data.load_hub_dataset(args.dataset, args.dataset_config, args.validation_split, args.text_columns,
+                                  args.label_column)
+
+
+def setup(args):
+    """Data, teacher (fine-tuned first if its head is untrained) and features; the teacher's dev score.
+    An unusable teacher, or --recompute for a family without activation checkpointing, is refused
+    before any data is read."""
+    config = models.teacher_config(args.teacher)
+    if args.recompute and not models.checkpointable(config):
+        raise ValueError(f"--recompute: transformers has no activation checkpointing for {config.model_type}; "
+                         "run without --recompute")
+    task, examples = load_data(args)
+    print(f"{task.name}: {len(examples['train'])} train examples, "
+          + ", ".join(f"{len(v)} {k}" for k, v in examples.items() if k != "train")
+          + ("" if task.labels is None else f"; classes {', '.join(task.names or task.labels)}"))
+    teacher, tokenizer, teacher_path, task, examples = models.task_teacher(args, task, examples)
+    teacher.to(args.device)
+    pad_id = tokenizer.pad_token_id or 0
+    train = data.tokenize(examples["train"], tokenizer, args.max_len)
+    dev = {k: data.tokenize(v, tokenizer, args.max_len) for k, v in examples.items() if k != "train"}
+    env = Setup(task, teacher, tokenizer, teacher_path, train, dev, pad_id, {})
+    if is_main():  # full precision ignores padding: the teacher's score is the same under both protocols
+        env.teacher_metrics = data.evaluate(teacher, task, dev, args.batch_size, pad_id, "eval teacher")
+        print(f"teacher (full precision)     {fmt(env.teacher_metrics)}")
+    return env
+
+
+def is_main():
+    """True in a single process, and on rank 0 under torchrun."""
+    return runtime.distributed()[0] == 0
+
+
+def student_for(env, args):
+    """The quantized student of a run; with --recompute each layer is recomputed in backward
+    (transformers' activation checkpointing, non-reentrant: the same numbers in less memory)."""
+    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
+    if args.recompute:
+        student.activation_checkpointing_enable({"use_reentrant": False})
+    return student
+
+
+def run_qat(env, args, ptq=None):
+    """One QAT run into OUTPUT_DIR/RUN_NAME; returns its metrics (also written to metrics.json)."""
+    start = time.time()
+    run_dir = Path(args.output_dir) / args.run_name
+    checkpoint, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
+    if not is_main():  # another torchrun process: train on its slice; rank 0 does the rest
+        student = student_for(env, args)
+        runtime.set_seed(args.seed)
+        torch.distributed.barrier()  # rank 0 has removed a replaced run's checkpoint: never load a stale one
+        runtime.run_training(student, qat_loss(env, args), env.train, train_config(env, args),
+                             checkpoint=checkpoint if args.resume else None)
+        return None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume:  # the log continues from the checkpoint: drop what was logged after it
+        step = runtime.load_checkpoint(checkpoint)["loop"]["step"]
+        print(f"resuming {run_dir} from step {step}")
+        kept = [line for line in log_path.read_text().splitlines() if log_step(line) <= step]
+        with runtime.atomic_path(log_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+    else:
+        checkpoint.unlink(missing_ok=True)  # a stale checkpoint of a replaced run
+        runtime.write_json(run_dir / "args.json", {**{k: v for k, v in vars(args).items() if k != "device"},
+                                                   "teacher_path": env.teacher_path, "code": runtime.code_version()})
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the other processes start training only now
+    ptq = ptq or ptq_baseline(env, args)
+    student = student_for(env, args)
+    runtime.set_seed(args.seed)  # after the PTQ evaluation, so every torchrun process starts QAT in one RNG state
+    with open(log_path, "a" if args.resume else "w") as log_file:
+
+        def log(record):
+            log_file.write(json.dumps(runtime.json_ready(record)) + "\n")
+            log_file.flush()
+
+        result = runtime.run_training(student, qat_loss(env, args), env.train, train_config(env, args),
+                                      lambda: evaluate(env, student, args), env.task.metric, log,
+                                      f"QAT {args.kd} W{args.wbits}A{args.abits} seed {args.seed}", checkpoint,
+                                      args.save_every)
+    result["steps"] = result.pop("step")
+    models.save_student(student, run_dir / "student", env.tokenizer)
+    sizes = export_student(env, student, run_dir / "student_packed")
+    qat_recovery = recovery(env, student, args)
+    diagnostics.print_recovery(ptq["recovery"], qat_recovery)
+    diagnostics.plot_recovery(run_dir / "attention_recovery.png", ptq["recovery"], qat_recovery)
+    metrics = {"task": env.task.name, "kd": args.kd, "wbits": args.wbits, "abits": args.abits, "seed": args.seed,
+               "protocol": "original" if args.original_padding else "default", "code": runtime.code_version(),
+               "teacher_path": env.teacher_path, "teacher_seed": args.teacher_seed,
+               "selection_metric": env.task.metric, "teacher": env.teacher_metrics, "ptq": ptq["metrics"], **result,
+               "attention_recovery": {"ptq": ptq["recovery"], "qat": qat_recovery}, "sizes": sizes,
+               "wall_seconds": time.time() - start, "peak_memory_mb": runtime.peak_memory_mb(),
+               "torch_threads": torch.get_num_threads()}
+    runtime.write_json(run_dir / "metrics.json", metrics)
+    checkpoint.unlink(missing_ok=True)  # the run is complete: student/ and metrics.json hold it
+    print(f"\n== summary: {env.task.name}, KD {args.kd}, W{args.wbits}A{args.abits}, seed {args.seed} ==")
+    print(f"teacher                      {fmt(env.teacher_metrics)}")
+    print(f"student before QAT (PTQ)     {fmt(ptq['metrics'])}")
+    print(f"student best (step {result['best_step'] or '-':>5})    {fmt(result['best'])}")
+    print(f"student last (step {result['last_step']:>5})    {fmt(result['last'])}")
+    print(f"{result['steps']} steps, {result['seconds_per_step']:.2f} s per training step, wall time "
+          f"{metrics['wall_seconds'] / 60:.1f} min, peak memory {metrics['peak_memory_mb'] / 1024:.1f} GB; "
+          f"outputs in {run_dir}")
+    return metrics
+
+
+def train_config(env, args):
+    return qatkd.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
+                             eval_every=env.task.eval_every if args.eval_every is None else args.eval_every,
+                             max_steps=args.max_steps, seed=args.seed, pad_id=env.pad_id,
+                             optimizer=args.optimizer, pad_to=pad_to(args) or 0)
+
+
+def qat_loss(env, args):
+    return qatkd.qat_loss_fn(env.teacher, args.kd, args.map_coeff, args.output_coeff, args.gt_coeff,
+                             env.task.labels is None, args.original_padding)
+
+
+def pad_to(args):
+    """Batches padded to --max_len under --original_padding, else to their longest example."""
+    return args.max_len if args.original_padding else None
+
+
+def evaluate(env, model, args, desc="eval"):
+    return data.evaluate(model, env.task, env.dev, args.batch_size, env.pad_id, desc, pad_to(args))
+
+
+def recovery(env, student, args):
+    """Attention-recovery diagnostics of a student on the (first) dev split."""
+    dev = next(iter(env.dev.values()))
+    return diagnostics.attention_recovery(student, env.teacher, dev, args.batch_size, env.pad_id, args.rank_samples,
+                                          pad_to(args))
+
+
+def ptq_baseline(env, args):
+    """The quantized student before any training: dev score and attention-recovery diagnostics."""
+    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
+    metrics = evaluate(env, student, args, "eval PTQ")
+    print(f"student W{args.wbits}A{args.abits} before QAT    {fmt(metrics)}")
+    return {"metrics": metrics, "recovery": recovery(env, student, args)}
+
+
+def log_step(line):
+    """The step of a log.jsonl line; a line torn by a kill counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return float("inf")
+
+
+def export_student(env, student, path):
+    """Packed low-bit export of the student, and a size table against the fp32 teacher."""
+    sizes = export.export_quantized(student, path, env.tokenizer)
+    sizes["teacher_fp32_bytes"] = sum(p.numel() * 4 for p in env.teacher.state_dict().values())
+    sizes["file_bytes"] = (Path(path) / "model.safetensors").stat().st_size
+    sizes["ratio"] = sizes["teacher_fp32_bytes"] / sizes["file_bytes"]
+    print(f"\npacked student exported to {path}")
+    for label, key in (("teacher, fp32", "teacher_fp32_bytes"), ("packed student (file)", "file_bytes"),
+                       ("  low-bit codes and scales", "packed_bytes"), ("  kept in full precision", "fp_bytes")):
+        print(f"{label:<28}{sizes[key]:>14,} bytes")
+    print(f"{'ratio':<28}{sizes['ratio']:>14.1f}x smaller")
+    return sizes
+
+
+def defined(v):
+    return v is not None and not math.isnan(v)
+
+
+def fmt(metrics):
+    """Dev metrics in %, one line; an undefined value (a correlation of constant predictions) as 'undefined'."""
+    return "  ".join(f"{k} {100 * v:6.2f}" if defined(v) else f"{k} undefined"
+                     for k, v in metrics.items()) if metrics else "-"
+
+
+def sweep(args):
+    """Teacher, PTQ and QAT for every --sweep_teacher_seeds teacher, --sweep_protocols protocol,
+    --sweep_kd mode and --seeds seed; one table (Markdown and CSV) with mean ± std over seeds.
+
+    A run whose folder already holds metrics.json is read, not repeated, so an interrupted sweep
+    continues where it stopped (an interrupted run resumes from its checkpoint). A reused run must
+    have been made with the same arguments and the same commit of the code: otherwise the sweep
+    stops with one line naming the difference (--overwrite reruns it; --mix_commits accepts runs of
+    another commit).
+    """
+    rows, teachers, start = [], [], time.time()
+    for teacher_seed in args.sweep_teacher_seeds:
+        env = setup(argparse.Namespace(**{**vars(args), "teacher_seed": teacher_seed}))
+        metric = env.task.metric
+        teachers.append(f"teacher seed {teacher_seed}: {env.teacher_path}, {fmt(env.teacher_metrics)}")
+        rows.append((teacher_seed, "-", "teacher (FP)", [{"best": env.teacher_metrics, "last": env.teacher_metrics}]))
+        for protocol in args.sweep_protocols:
+            base = argparse.Namespace(**{**vars(args), "teacher_seed": teacher_seed, "sweep": False, "resume": False,
+                                         "original_padding": protocol == "original"})
+            ptq = ptq_baseline(env, base)
+            rows.append((teacher_seed, protocol, f"PTQ W{args.wbits}A{args.abits}",
+                         [{"best": ptq["metrics"], "last": ptq["metrics"],
+                           "attention_recovery": {"qat": ptq["recovery"]}}]))
+            for kd in args.sweep_kd:
+                runs = [sweep_run(env, argparse.Namespace(**{**vars(base), "kd": kd, "seed": seed}), ptq)
+                        for seed in args.seeds]
+                rows.append((teacher_seed, protocol, f"QAT {kd}", runs))
+    return write_sweep_table(args, metric, rows, teachers, time.time() - start)
+
+
+def sweep_run(env, one, ptq):
+    """One run of a sweep: read if finished with the same arguments and code, resumed if interrupted,
+    else run (again, under --overwrite)."""
+    one.run_name = default_run_name(one)
+    run_dir = Path(one.output_dir) / one.run_name
+    done, stored = run_dir / "metrics.json", run_dir / "args.json"
+    if stored.is_file():
+        old = json.loads(stored.read_text())
+        changed = runtime.differing_args(old, one) + runtime.differing_code(old, one)
+        if changed and not one.overwrite:
+            raise ValueError(f"sweep: {run_dir} was made with other settings: {', '.join(changed)}; pass --overwrite "
+                             "to rerun it" + (", or --mix_commits to use it" if not runtime.differing_args(old, one) else ""))
+        if not changed and done.is_file():
+            return json.loads(done.read_text())
+        one.resume = not changed and (run_dir / "checkpoint.pt").is_file()  # an interrupted run continues
+        one.overwrite = not one.resume  # else start again: a different run, or one stopped before its first checkpoint
+    return run_qat(env, one, ptq)
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def mean_std(values):
+    values = [v for v in values if defined(v)]  # an undefined evaluation (null) is left out
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{100 * m:.2f} ± {100 * sd:.2f}"
+
+
+SWEEP_MEASURES = ("map_kl", "output_mse", "output_cos", "rank_loss", "cover_length")
+
+
+def write_sweep_table(args, metric, rows, teachers, seconds):
+    """The sweep's table: one row per (teacher seed, protocol, model), mean ± std over QAT seeds of
+    the best and last dev scores and of every diagnostic's mean over layers."""
+    others = [k for k in rows[0][3][0]["last"] if k not in (metric, "acc_and_f1")]
+    head = (["teacher seed", "protocol", "model", "seeds", f"best {metric}", f"last {metric}"]
+            + [f"last {k}" for k in others] + list(SWEEP_MEASURES) + ["minutes per run"])
+    table = []
+    for teacher_seed, protocol, name, runs in rows:
+        rec = [r.get("attention_recovery", {}).get("qat") for r in runs]
+        measures = [("-" if None in rec else f"{mean([mean(r[m]) for r in rec]):.4g}") for m in SWEEP_MEASURES]
+        wall = [r["wall_seconds"] / 60 for r in runs if "wall_seconds" in r]
+        table.append([str(teacher_seed), protocol, name, ",".join(str(r["seed"]) for r in runs) if wall else "-",
+                      mean_std([(r["best"] or {}).get(metric) for r in runs]),
+                      mean_std([r["last"][metric] for r in runs])]
+                     + [mean_std([r["last"][k] for r in runs]) for k in others] + measures
+                     + [f"{mean(wall):.1f}" if wall else "-"])
+    md = "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                   + ["| " + " | ".join(r) + " |" for r in table])
+    note = (f"{args.data_name}, W{args.wbits}A{args.abits}, code {runtime.code_version()}; "
+            + "; ".join(teachers) + f"; sweep wall time {seconds / 60:.0f} min")
+    suffix = ("" if args.sweep_protocols == ["default"] else "-" + "+".join(args.sweep_protocols)) + (
+        "" if args.sweep_teacher_seeds == [42] else "-tseeds" + "+".join(map(str, args.sweep_teacher_seeds)))
+    stem = Path(args.output_dir) / f"sweep-{args.data_name}-w{args.wbits}a{args.abits}{suffix}"
+    stem.with_suffix(".md").write_text(note + "\n\n" + md + "\n")
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows([head] + table)
+    print(f"\n== sweep: {args.data_name}, {metric} on dev, mean ± std over seeds ==\n{note}\n\n{md}\n"
+          f"written to {stem}.md and {stem}.csv")
+    return table
+
+
+def eval_export(args):
+    """--eval_export DIR: the exported student on the task's dev set, as it would be deployed: dev
+    metrics, examples per second (batches of --batch_size, dynamic padding), the loaded model's
+    weight bytes and the process's peak resident memory."""
+    if not (Path(args.eval_export) / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--eval_export: {args.eval_export} holds no exported student (model.safetensors); "
+                                "run.py writes one to RUN_DIR/student_packed")
+    from transformers import AutoTokenizer
+
+    start = time.time()
+    model = export.load_quantized(args.eval_export, backend=args.backend, device=args.device)
+    load_seconds = time.time() - start
+    task, examples = load_data(args)
+    task, examples, _ = data.align_labels(task, examples, model.config.id2label)
+    tokenizer = AutoTokenizer.from_pretrained(args.eval_export)
+    dev = {k: data.tokenize(v, tokenizer, args.max_len) for k, v in examples.items() if k != "train"}
+    start = time.time()
+    metrics = data.evaluate(model, task, dev, args.batch_size, tokenizer.pad_token_id or 0, f"eval {args.backend}")
+    seconds = time.time() - start
+    n = sum(len(v) for v in dev.values())
+    weight_bytes = model_bytes(model)
+    print(f"{args.eval_export} ({args.backend} backend, W{model.qatkd_bits['wbits']}A{model.qatkd_bits['abits']}) "
+          f"on {task.name} dev: {fmt(metrics)}")
+    print(f"{n / seconds:.1f} examples per second ({n} examples, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads, malloc: {runtime.malloc_settings()}); weights {weight_bytes / 1e6:.1f} MB "
+          f"in memory; loaded in {load_seconds:.1f} s; peak resident memory {runtime.peak_memory_mb():.0f} MiB")
+    return {"metrics": metrics, "examples_per_second": n / seconds, "weight_bytes": weight_bytes,
+            "peak_memory_mb": runtime.peak_memory_mb()}
+
+
+def model_bytes(model):
+    """Bytes of a model's parameters and buffers, and of the integer backend's prepacked weights."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    prepacked = [p for m in model.modules() for p, _ in getattr(m, "packed", [])]
+    return sum(t.numel() * t.element_size() for t in tensors) + sum(p.numel() for p in prepacked)

@@ -1,0 +1,269 @@
+"""The student as it ships: packed low-bit codes, and integer inference.
+
+    export_quantized   the trained student as integer codes packed into bytes plus their scales, and the
+                       full-precision parts (LayerNorms, biases, position embeddings, classifier) as they
+                       are, in one safetensors file (no pickle)
+    load_quantized     rebuilds it: backend "fake" (fp32 weights set to the quantized values: logits
+                       bit-identical to the student's) or "int8" (integer matrix products: IntLinear,
+                       IntEmbedding)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import qatkd
+from qatkd import CLIP, QuantEmbedding, QuantLinear
+from runtime import atomic_path
+
+def pack_bits(codes, bits):
+    """Pack non-negative integer codes (< 2^bits, bits in 1, 2, 4, 8) into uint8, 8 // bits per byte.
+
+    codes: any shape -> [ceil(numel * bits / 8)] uint8; little end first.
+    """
+    per = 8 // bits
+    flat = codes.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % per)]).reshape(-1, per)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (flat << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed, bits, numel):
+    """Inverse of pack_bits: [ceil(numel * bits / 8)] uint8 -> [numel] uint8 codes."""
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    return ((packed[:, None] >> shifts) & (2 ** bits - 1)).reshape(-1)[:numel]
+
+
+def weight_codes(w, bits, per_row=False):
+    """Integer codes and scales with codes_to_weight(codes, scale, bits) == quantize_weight(w, bits).
+
+    Returns (codes >= 0 as uint8, scale as float32 [1] or [rows, 1]) for bits 1, 2, 4, 8:
+        1: code 0/1 for -alpha/+alpha     2: code 0/1/2 for -alpha/0/+alpha
+        4, 8: code = round(w_c * s) + 2^(k-1) - 1, scale s (the weight is (code - offset) / s)
+    """
+    with torch.no_grad():
+        if bits in (1, 2):
+            q = qatkd.quantize_weight(w, bits, per_row)
+            alpha = q.abs().amax(dim=(-1,) if per_row else tuple(range(q.dim())), keepdim=True)
+            codes = (q > 0).to(torch.uint8) if bits == 1 else (torch.sign(q) + 1).to(torch.uint8)
+            return codes, alpha.reshape(-1, 1) if per_row else alpha.reshape(1)
+        s = uniform_scale(w.clamp(-CLIP, CLIP), bits, per_row)
+        codes = torch.round(w.clamp(-CLIP, CLIP) * s) + (2 ** (bits - 1) - 1)
+        return codes.to(torch.uint8), s.reshape(-1, 1) if per_row else s.reshape(1)
+
+
+def uniform_scale(x, bits, per_row=False):
+    """The scale s = (2^(k-1) - 1) / max |x| of qatkd.quantize_uniform (x already clipped): per tensor
+    (shape [1, ..., 1]) or per row (keepdim)."""
+    n = 2 ** (bits - 1) - 1
+    top = x.abs().amax((-1,) if per_row else tuple(range(x.dim())), keepdim=True)
+    return n / top.clamp_min(n * torch.finfo(x.dtype).tiny)
+
+
+def codes_to_weight(codes, scale, bits):
+    """Dequantize weight_codes(): the exact floats the student computed in its forward pass."""
+    if bits == 1:
+        return torch.where(codes.bool(), scale, -scale)
+    if bits == 2:
+        return (codes.to(scale.dtype) - 1) * scale
+    return (codes.to(scale.dtype) - (2 ** (bits - 1) - 1)) / scale
+
+
+def export_quantized(student, path, tokenizer=None):
+    """Write the student in packed low-bit form to path/ (model.safetensors, config, tokenizer).
+
+    For each quantized weight W ("name.weight"): "name.weight.codes" (packed uint8),
+    "name.weight.scale" (float32, per tensor or per row) and its shape in the metadata; every other
+    tensor of the state dict stays as it is. Returns {"packed_bytes", "fp_bytes"}: bytes of codes
+    and scales, and bytes kept in full precision.
+    """
+    from safetensors.torch import save_file
+
+    bits = student.qatkd_bits
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    quantized = {f"{name}.weight": (m, isinstance(m, QuantEmbedding)) for name, m in student.named_modules()
+                 if isinstance(m, (QuantLinear, QuantEmbedding)) and m.wbits < 32}
+    tensors, shapes, sizes = {}, {}, {"packed_bytes": 0, "fp_bytes": 0}
+    for key, value in student.state_dict().items():
+        value = value.detach().cpu()  # a student trained on a GPU is packed on the CPU
+        if key in quantized:
+            codes, scale = weight_codes(value, bits["wbits"], per_row=quantized[key][1])
+            tensors[key + ".codes"] = pack_bits(codes, bits["wbits"])
+            tensors[key + ".scale"] = scale.contiguous()
+            shapes[key] = list(value.shape)
+            sizes["packed_bytes"] += tensors[key + ".codes"].numel() + scale.numel() * scale.element_size()
+        else:
+            tensors[key] = value.contiguous()
+            sizes["fp_bytes"] += value.numel() * value.element_size()
+    meta = {"qatkd": json.dumps({**bits, "shapes": shapes})}
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    student.config.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return sizes
+
+
+def load_quantized(path, backend="fake", device="cpu"):
+    """Rebuild an exported student.
+
+    backend "fake": dequantized fp32 weights, activations fake-quantized as in training; logits
+    bit-identical to the trained student's. Weights are set to the exact quantized values (wbits=32
+    modules, so nothing is quantized twice); inputs, Q, K, V and attention probabilities keep abits.
+    backend "int8": integer inference (IntLinear, IntEmbedding below): every quantized Linear keeps
+    its int8 codes and multiplies integer codes in an int8 x int8 -> int32 kernel; the word
+    embedding is looked up from its packed codes; nothing holds an fp32 copy of a quantized weight.
+    Self-attention's Q K^T and P V products stay fp32 on fake-quantized Q, K, V, P (as in training).
+    Logits agree with the fake path to float rounding (its fp32 sums round, the int32 sums do not).
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if backend not in ("fake", "int8"):
+        raise ValueError(f"unknown backend {backend!r}; use fake or int8")
+    path = Path(path)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["qatkd"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    wbits, abits = meta["wbits"], meta["abits"]
+    if backend == "int8" and abits > 8:
+        raise ValueError(f"the int8 backend needs activations of 8 bits or fewer; this student has {abits}")
+    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale"))}
+    codes = {key: unpack_bits(tensors[key + ".codes"], wbits, math.prod(shape)).reshape(shape)
+             for key, shape in meta["shapes"].items()}
+    if backend == "fake":
+        state.update({key: codes_to_weight(c, tensors[key + ".scale"], wbits) for key, c in codes.items()})
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
+    model.load_state_dict(state, strict=backend == "fake")
+    model.to(device)  # the integer kernels are chosen for the device the codes live on
+    if backend == "fake":
+        student = qatkd.quantize_student(model, 32, abits)
+    else:
+        student = qatkd.use_qatkd_attention(model)
+        for key, c in codes.items():
+            name = key.removesuffix(".weight")
+            parent, child = (name.rsplit(".", 1) + [""])[:2] if "." in name else ("", name)
+            old = student.get_submodule(name)
+            c, scale = c.to(device), tensors[key + ".scale"].to(device)
+            if isinstance(old, nn.Embedding):
+                new = IntEmbedding(c, scale, wbits)
+            else:
+                new = IntLinear(*signed_codes(c, scale, wbits), old.bias, abits)
+            setattr(student.get_submodule(parent), child, new)
+        for m in qatkd.self_attention_modules(student):  # Q, K, V and P fake-quantized, as in training
+            m.quantize_act = lambda t: qatkd.quantize_uniform(t, abits)
+    student.qatkd_bits = {"wbits": wbits, "abits": abits}
+    return student.eval()
+
+
+def signed_codes(codes, scale, bits):
+    """int8 codes q and a step c with q * c == codes_to_weight(codes, scale, bits), the exported weight:
+        1 bit: q = -1/+1, c = alpha     2 bits: q in {-1, 0, +1}, c = alpha
+        4, 8 bits: q = code - (2^(k-1) - 1), c = 1 / s
+    """
+    if bits in (1, 2):
+        q = codes.to(torch.int8) * 2 - 1 if bits == 1 else codes.to(torch.int8) - 1
+        return q, float(scale.reshape(()))
+    return (codes.to(torch.int16) - (2 ** (bits - 1) - 1)).to(torch.int8), 1.0 / float(scale.reshape(()))
+
+
+def int8_kernel(device):
+    """The integer matmul used on a device: "onednn" (CPU: oneDNN's uint8 x int8 -> int32 GEMM, which
+    the fp32 student cannot use), "int_mm" (CUDA: torch._int_mm), else "plain" (an int32 matmul:
+    exact, slow). torch._int_mm on a CPU without VNNI instructions is much slower than an fp32 GEMM,
+    so it is not used on CPUs."""
+    if device.type == "cuda":
+        return "int_mm"
+    if device.type == "cpu" and hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available():
+        return "onednn"
+    return "plain"
+
+
+def int_codes(x, s, n, shift, dtype):
+    """IntLinear's activation codes: round(clamp(x * s, -n, n)) + shift, as dtype (int8 with shift 0, or
+    uint8 with shift 128 for oneDNN). Clamping x * s to [-n, n] gives the codes of round(clamp(x, -2.5,
+    2.5) * s), the training-time quantizer's. x: any shape; s: a float."""
+    return (x * s).clamp_(-n, n).round_().add_(shift).to(dtype)
+
+
+class IntLinear(nn.Module):
+    """A QuantLinear computed in integers: y = (X_q W_q^T) * (c / s_x) + b.
+
+    x: [..., in] float -> y: [..., out] float. W_q: int8 codes [out, in] with W = W_q * c (c: the
+    weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) are the activation's int8
+    codes with exactly the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor,
+    symmetric). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as uint8 X_q + 128
+    and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its uint8 x int8
+    products are summed in pairs in int16 and could saturate for |W_q| > 64, so 8-bit weights are
+    split as W_q = 128 W_hi + W_lo (two exact GEMMs).
+    """
+
+    def __init__(self, q, step, bias, abits=8):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.abits, self.step, self.kernel = abits, step, int8_kernel(q.device)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        if self.kernel == "onednn":  # prepacked once; kept as attributes (opaque tensors: not in the state dict)
+            hi = torch.round(q.to(torch.float32) / 128).to(torch.int8) if q.abs().max() > 64 else None
+            parts = [(q, 1)] if hi is None else [((q.to(torch.int16) - 128 * hi.to(torch.int16)).to(torch.int8), 1),
+                                                   (hi, 128)]
+            self.packed = [(torch.ops.onednn.qlinear_prepack(p, None), f) for p, f in parts]
+        else:
+            self.register_buffer("q", q.contiguous())
+
+    def forward(self, x):
+        n = 2 ** (self.abits - 1) - 1
+        lo, hi = torch.aminmax(x)
+        m = float(torch.maximum(-lo, hi))
+        s = n / max(min(m, CLIP), n * torch.finfo(x.dtype).tiny)  # the activation quantizer's scale, per tensor
+        s = float(torch.tensor(s, dtype=x.dtype))  # in x's precision, as uniform_scale computes it
+        onednn = self.kernel == "onednn"
+        codes = int_codes(x, s, n, 128 if onednn else 0, torch.uint8 if onednn else torch.int8)
+        factor = self.step / s  # y = (X_q W_q^T) * c / s_x + b
+        if onednn:
+            qx, ones, zeros = codes, torch.ones(1), torch.zeros(1, dtype=torch.long)
+            y = None
+            for packed, f in self.packed:
+                part = torch.ops.onednn.qlinear_pointwise(qx, factor * f, 128, packed, ones, zeros,
+                                                          self.bias if y is None else None, 1.0, 0, torch.float32,
+                                                          "none", [], "")
+                y = part if y is None else y + part
+            return y
+        flat = codes.reshape(-1, self.in_features)
+        acc = torch._int_mm(flat, self.q.t()) if self.kernel == "int_mm" else flat.int() @ self.q.int().t()
+        y = (acc.float() * factor).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, abits={self.abits}, {self.kernel}"
+
+
+class IntEmbedding(nn.Module):
+    """The row-wise quantized word embedding, looked up from its packed codes: ids [B, S] -> [B, S, d].
+
+    Holds the codes packed (4 per byte for ternary) and one scale per row; only the looked-up rows
+    are unpacked, with the export's arithmetic (codes_to_weight), so it returns the fp32 student's
+    embedding bit for bit.
+    """
+
+    def __init__(self, codes, scale, bits):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.bits = bits  # what a code means (codes_to_weight)
+        self.pack = bits if self.embedding_dim * bits % 8 == 0 else 8  # rows that do not fill whole bytes: 1 per byte
+        self.register_buffer("codes", pack_bits(codes, self.pack).reshape(self.num_embeddings, -1))
+        self.register_buffer("scale", scale.reshape(self.num_embeddings, 1))
+
+    def forward(self, ids):
+        rows = self.codes[ids]  # [B, S, d * pack / 8]
+        codes = unpack_bits(rows.reshape(-1), self.pack, ids.numel() * self.embedding_dim)
+        return codes_to_weight(codes.reshape(*ids.shape, self.embedding_dim), self.scale[ids], self.bits)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.bits}-bit codes"

@@ -1,0 +1,144 @@
+"""Teachers and students on disk.
+
+    load_teacher    a full-precision encoder from a local folder or the hub, refused in one line if unusable
+    task_teacher    the task's teacher: as given if its head is trained, else fine-tuned once and cached
+    save_student    the student's latent weights, config, tokenizer and bit widths; load_student: back
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import data
+import qatkd
+import runtime
+from runtime import atomic_path, write_json
+
+def teacher_config(name_or_path):
+    """The teacher's config, read before anything else: a missing path, a path without a model, an
+    unreachable hub id or an unsupported architecture is refused here, in one line."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise FileNotFoundError(f"teacher directory {name_or_path} does not exist")
+    if looks_local and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"teacher directory {name_or_path} holds no model (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"could not load teacher {name_or_path!r}: not a local model directory, and the "
+                                f"hub could not provide it ({type(e).__name__}); pass --teacher DIR") from None
+    qatkd.model_family(config)
+    return config
+
+
+def load_teacher(name_or_path, task):
+    """A full-precision sequence classifier for the task, its tokenizer, and whether its head is trained.
+
+    name_or_path: a hub id or a local directory (save_pretrained layout). A checkpoint that has
+    no classification head (a plain encoder, e.g. bert-base-uncased or all-MiniLM-L6-v2) comes up
+    with a freshly initialised head: head_trained is False and it must be fine-tuned first.
+    A classification head with the wrong number of labels is refused. The model's attention runs
+    through qatkd's (use_qatkd_attention), which computes what the original does.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    config = teacher_config(name_or_path)
+    trained_head = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if trained_head and config.num_labels != task.num_labels:
+        raise ValueError(f"teacher {name_or_path} has a {config.num_labels}-label head but task {task.name} needs "
+                         f"{task.num_labels}; pass a teacher fine-tuned on {task.name}, or its base encoder")
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=task.num_labels, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # a truncated or corrupt weights file, a broken tokenizer: say which, in one line
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"could not load teacher {name_or_path}: {type(e).__name__}: {why}; its files may be "
+                         "truncated or corrupt: save or download it again") from None
+    return qatkd.use_qatkd_attention(model), tokenizer, trained_head and not info["missing_keys"]
+
+
+def task_teacher(args, task, examples):
+    """The task's teacher: as given if its head is trained (the data's labels then put in its order, by
+    name), else fine-tuned once and cached under OUTPUT_DIR/teachers. args: run.py's arguments;
+    examples: {split: examples}. Returns the teacher, its tokenizer, its path, the task and the examples."""
+    runtime.set_seed(args.teacher_seed)  # an untrained head is initialised at random: seeded, so one seed, one teacher
+    teacher, tokenizer, trained = load_teacher(args.teacher, task)
+    if trained:
+        task, examples, permuted = data.align_labels(task, examples, teacher.config.id2label)
+        if permuted:
+            print(f"the teacher orders the classes {', '.join(task.names or task.labels)}: the data's labels are "
+                  "mapped onto that order")
+        return teacher, tokenizer, args.teacher, task, examples
+    path = Path(args.teacher).resolve()
+    slug = f"{path.parent.name}-{path.name}" if path.is_dir() else args.teacher.replace("/", "--")
+    cache = Path(args.output_dir) / "teachers" / f"{task.name}-{slug}-seed{args.teacher_seed}"
+    recipe = {"base": args.teacher, "epochs": args.teacher_epochs, "lr": args.teacher_lr, "seed": args.teacher_seed,
+              "batch_size": args.batch_size, "max_len": args.max_len, "warmup": args.warmup, "optimizer": "adamw",
+              "train_data": data.fingerprint(examples["train"])}
+    if (cache / "config.json").is_file():
+        how = json.loads((cache / "teacher_args.json").read_text()) if (cache / "teacher_args.json").is_file() else {}
+        changed = [f"{k} {how[k]} (now {v})" for k, v in recipe.items() if k in how and how[k] != v and k != "base"]
+        if changed:
+            raise ValueError(f"{cache} holds a teacher fine-tuned with other settings: {', '.join(changed)}; pass the "
+                             "same settings, or delete that folder to fine-tune again")
+        print(f"reusing the teacher fine-tuned in {cache} ({', '.join(f'{k} {v}' for k, v in how.items())}); "
+              "delete it to fine-tune again")
+        teacher, tokenizer, _ = load_teacher(str(cache), task)
+        task, examples, _ = data.align_labels(task, examples, teacher.config.id2label)
+        return teacher, tokenizer, str(cache), task, examples
+    print(f"teacher {args.teacher} has no trained {task.name} head: fine-tuning it in full precision "
+          f"({args.teacher_epochs:g} epochs, lr {args.teacher_lr:g}) into {cache}")
+    runtime.set_seed(args.teacher_seed)
+    data.name_labels(teacher.config, task)  # the fine-tuned teacher, its students and exports carry the class names
+    # DEVIATION (teacher optimizer): the original gives no teacher recipe and points to Hugging Face's run_glue: torch's AdamW
+    # (bias correction, one global gradient clip), not BertAdam, fine-tunes the teacher
+    cfg = qatkd.TrainConfig(epochs=args.teacher_epochs, lr=args.teacher_lr, batch_size=args.batch_size,
+                            warmup=args.warmup, seed=args.teacher_seed, pad_id=tokenizer.pad_token_id or 0,
+                            optimizer="adamw")
+    feats = data.tokenize(examples["train"], tokenizer, args.max_len)
+    result = runtime.run_training(teacher.to(args.device), qatkd.teacher_loss_fn(task.labels is None), feats, cfg,
+                                  log=lambda record: None, desc="teacher")
+    teacher.eval()
+    if runtime.distributed()[0] == 0:  # the other processes hold the same weights (DistributedDataParallel)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_model(teacher, cache, tokenizer, {"teacher_args.json": {**recipe, "steps": result["step"]}})
+    return teacher, tokenizer, str(cache), task, examples
+
+
+def save_model(model, path, tokenizer=None, extra=None):
+    """save_pretrained into path (safetensors), atomically: write a sibling temp dir, then rename.
+
+    extra: {filename: json object} written beside it (the student's quantization.json).
+    """
+    with atomic_path(path) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            write_json(tmp / name, obj)
+
+
+def save_student(student, path, tokenizer=None):
+    """The student's latent full-precision weights, config, tokenizer and quantization.json."""
+    save_model(student, path, tokenizer, {"quantization.json": student.qatkd_bits})
+
+
+def load_student(path):
+    """Rebuild a student saved by save_student: the architecture, its latent weights, re-quantized."""
+    from transformers import AutoModelForSequenceClassification
+
+    bits = json.loads((Path(path) / "quantization.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    return qatkd.quantize_student(model, bits["wbits"], bits["abits"])
+
+
+def checkpointable(config):
+    """Whether transformers can recompute this family's layers in backward (activation checkpointing)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    return MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING[type(config)].supports_gradient_checkpointing

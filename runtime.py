@@ -1,0 +1,314 @@
+"""Runs on disk and on several processes: atomic files, checkpoints and resuming, Ctrl-C, torchrun.
+
+    run_training     qatkd.train, resumable from a checkpoint, stopping cleanly on Ctrl-C, and under
+                     torchrun on several processes (DistributedDataParallel)
+    check_run_dir    a run folder is never overwritten by accident, nor resumed with other arguments
+                     or other code
+    atomic_path      every file is written to a temporary name and renamed: a kill never leaves half a file
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import qatkd
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary sibling of path to write; rename it onto path once written.
+
+    A kill mid-write leaves only the temporary (file or directory), never a half-written path.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.is_dir():  # left behind by an earlier kill
+        shutil.rmtree(tmp)
+    tmp.unlink(missing_ok=True)
+    yield tmp
+    if path.is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def json_ready(obj):
+    """obj with every NaN float as None (JSON's null: NaN is not JSON), recursively."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj):
+    """Write JSON atomically; an undefined (NaN) value is written as null."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_ready(obj), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# seeds and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def set_seed(seed):
+    """Seed python, numpy and torch: on CPU a seed fixes the whole run."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def rng_state():
+    """Python, numpy and torch (CPU) random states, as tensors and plain values only, so that a
+    checkpoint loads with torch.load(weights_only=True)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def save_checkpoint(path, model, opt, sched, state):
+    """Everything training needs to continue: weights, optimizer, schedule, RNG states, loop state."""
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": rng_state(), "loop": state}, tmp)
+
+
+def load_checkpoint(path):
+    """A checkpoint of save_checkpoint: tensors and plain values only (weights_only=True: nothing is
+    unpickled that could run code). A file holding anything else is refused."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise ValueError(f"{path} holds more than tensors and plain values ({why}); refusing to unpickle it: "
+                         "delete it to start the run again") from None
+
+
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """Yield a list that becomes non-empty when Ctrl-C (SIGINT) arrives, so that training can finish
+    the step in progress, save and stop; the previous handler is restored afterwards."""
+    import signal
+
+    interrupted = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield interrupted
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# training: resumable, and on several processes
+# ---------------------------------------------------------------------------------------------
+
+
+def distributed():
+    """(rank, world size) under torchrun once the process group is initialised; else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_device():
+    """The device of this process; under torchrun (WORLD_SIZE > 1) also start the process group: nccl
+    with one GPU per process (LOCAL_RANK), else gloo on CPU. Only rank 0 prints."""
+    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if distributed()[0] != 0:
+            sys.stdout = open(os.devnull, "w")  # one report, from rank 0; errors still reach stderr
+    return device
+
+
+def sharded(loss_fn, ddp, rank, world):
+    """loss_fn on this process's contiguous slice of every global batch, through DistributedDataParallel
+    (which averages the gradients). The loss and its terms come back averaged over the processes (the
+    loss's gradient stays this process's), so every process logs and checks the same values. A batch
+    with fewer examples than processes gives a process without a slice the batch's last example."""
+    import torch.distributed as dist
+
+    def loss_on_slice(_model, batch):
+        n = len(batch["labels"])
+        rows = torch.arange(n).tensor_split(world)[rank]
+        rows = rows if len(rows) else torch.tensor([n - 1])
+        loss, terms = loss_fn(ddp, {k: v[rows.to(v.device)] for k, v in batch.items()})
+        values = torch.stack([loss.detach(), *(torch.as_tensor(v).detach() for v in terms.values())])
+        dist.all_reduce(values)
+        values /= world
+        return loss + (values[0] - loss).detach(), dict(zip(terms, values[1:]))
+
+    return loss_on_slice
+
+
+def run_training(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=print, desc="train",
+                 checkpoint=None, save_every=100, progress=None):
+    """qatkd.train, resumable and on several processes.
+
+    checkpoint: a file path. If it exists, training continues from it (weights, optimizer, schedule,
+    RNG states and loop state restored); it is written every save_every steps (0: never) and when
+    Ctrl-C arrives, after the step in progress, which then raises KeyboardInterrupt. On CPU a resumed
+    run ends exactly as an uninterrupted one.
+    Under torchrun (process group initialised): every process draws the same global batch and trains
+    on its own slice (sharded); each draws its own dropout (seeded from cfg.seed, its rank and the
+    step); only rank 0 evaluates, logs and saves.
+    """
+    from tqdm.auto import tqdm
+
+    rank, world = distributed()
+    opt, sched = qatkd.make_optimizer(model, cfg, cfg.total_steps(len(train_feats)))
+    state = None
+    if checkpoint is not None and Path(checkpoint).is_file():
+        saved = load_checkpoint(checkpoint)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        state = saved["loop"]
+    main = rank == 0
+    if world > 1:
+        torch.manual_seed(cfg.seed + 10_000 * rank + (state or {}).get("step", 0))
+        loss_fn = sharded(loss_fn, torch.nn.parallel.DistributedDataParallel(model), rank, world)
+        progress = progress if main else functools.partial(tqdm, disable=True)
+    with stop_on_ctrl_c() as interrupted:
+
+        def after_step(state):
+            if main and checkpoint is not None and ((save_every and state["step"] % save_every == 0) or interrupted):
+                save_checkpoint(checkpoint, model, opt, sched, state)
+            if interrupted:
+                raise KeyboardInterrupt(f"interrupted after step {state['step']}"
+                                        + (f"; resume from {checkpoint}" if checkpoint else ""))
+
+        try:
+            return qatkd.train(model, loss_fn, train_feats, cfg, evaluate_fn if main else None, metric,
+                               log if main else (lambda record: None), desc, opt, sched, state, after_step, progress)
+        except FloatingPointError as e:
+            if checkpoint is None:
+                raise
+            raise FloatingPointError(f"{e}; the last good checkpoint is {checkpoint}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders
+# ---------------------------------------------------------------------------------------------
+
+
+# arguments not compared when a run is resumed or reused by a sweep: they change no number
+NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "teacher_path", "code", "keep_denormals",
+                "recompute", "sweep", "sweep_kd", "seeds", "sweep_teacher_seeds", "sweep_protocols", "benchmark",
+                "bench_model", "bench_steps", "bench_warmup", "bench_memory", "bench_phase", "device")
+
+
+def differing_args(old, args):
+    """'--name stored (now value)' for every argument of args that a run's args.json holds otherwise."""
+    return [f"--{k} {old[k]} (now {v})" for k, v in vars(args).items()
+            if k not in NOT_COMPARED and k in old and old[k] != v]
+
+
+def differing_code(old, args):
+    """['code X (now Y)'] when the run's recorded commit is not this code's, unless --mix_commits."""
+    now, then = code_version(), old.get("code", "unrecorded")
+    return [] if then == now or args.mix_commits else [f"code {then} (now {now})"]
+
+
+CODE_FILES = ("qatkd.py", "data.py", "models.py", "export.py", "diagnostics.py", "runtime.py", "run.py")
+
+
+@functools.lru_cache(maxsize=None)
+def code_version():
+    """The git commit of this code, with "+changes" if a file that computes a number differs from it;
+    "unknown" outside a git checkout. Read once per process: a long sweep records the code it runs."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=10)  # noqa
+        commit = git("rev-parse", "--short=12", "HEAD")
+        if commit.returncode:
+            return "unknown"
+        changed = git("status", "--porcelain", "--", *CODE_FILES).stdout.strip()
+        return commit.stdout.strip() + ("+changes" if changed else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check_run_dir(run_dir, args):
+    """Refuse to overwrite an earlier run by accident, and to resume one with other settings or code."""
+    stored = run_dir / "args.json"
+    if args.resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            done = " (it has finished)" if (run_dir / "metrics.json").is_file() else ""
+            raise FileNotFoundError(f"--resume: {run_dir} holds no checkpoint to resume from{done}")
+        old = json.loads(stored.read_text())
+        changed = differing_args(old, args)
+        if changed:
+            raise ValueError(f"--resume: {run_dir} was started with other arguments: {', '.join(changed)}")
+        if differing_code(old, args):
+            raise ValueError(f"--resume: {run_dir} was started by other code: {differing_code(old, args)[0]}; pass "
+                             "--mix_commits to continue it anyway")
+    elif stored.exists() and not args.overwrite:
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
+                              "it, or another --run_name")
+
+
+def peak_memory_mb():
+    """Peak resident memory of this process so far (Linux and macOS), in MiB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def malloc_settings():
+    """glibc's MALLOC_* variables of this process, or "glibc defaults": on CPU they move the timings
+    (freed memory handed back to the system is faulted in and zeroed again when next used), never a
+    number the model computes."""
+    return " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "glibc defaults"
