@@ -115,8 +115,6 @@ def build_parser():
     g.add_argument("--recompute", action="store_true",
                    help="recompute each student layer's forward in backward (activation checkpointing): the same "
                         "numbers in less memory, one more student forward per step")
-    g.add_argument("--keep_denormals", action="store_true",
-                   help="compute with denormal floats on CPU (slow on x86) instead of flushing them to zero")
     g = p.add_argument_group("teacher fine-tuning (when the teacher's head is untrained)")
     g.add_argument("--teacher_epochs", type=float, default=qatkd.TrainConfig.epochs, help="Default: 3")
     g.add_argument("--teacher_lr", type=float, default=qatkd.TrainConfig.lr, help="Default: 2e-5")
@@ -232,10 +230,7 @@ def main(argv=None):
 
     transformers.logging.set_verbosity_error()  # we say ourselves what is fine-tuned and loaded
     transformers.utils.logging.disable_progress_bar()
-    # Denormal floats (|x| < 1.2e-38: the far tail of a peaked softmax) take a slow path on x86
-    # CPUs, up to 10% of a map-KD step; flushed to zero they cost nothing. Checked on real MRPC
-    # steps: the same losses and weights, bit for bit. --keep_denormals computes with them.
-    flush = torch.set_flush_denormal(not args.keep_denormals)  # True where the CPU supports it
+    runtime.keep_freed_memory()  # glibc: the same numbers, no page faults for each step's temporaries
     args.device = runtime.init_device()
     try:
         if args.benchmark:
@@ -250,8 +245,6 @@ def main(argv=None):
             torch.distributed.barrier()  # every process has checked the run folder before rank 0 writes to it
         return experiment.sweep(args) if args.sweep else experiment.run_qat(experiment.setup(args), args)
     finally:
-        if flush and not args.keep_denormals:
-            torch.set_flush_denormal(False)  # main() may be called from other code: leave the process as found
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

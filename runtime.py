@@ -242,7 +242,7 @@ def run_training(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc
 
 
 # arguments not compared when a run is resumed or reused by a sweep: they change no number
-NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "teacher_path", "code", "keep_denormals",
+NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "teacher_path", "code",
                 "recompute", "sweep", "sweep_kd", "seeds", "sweep_teacher_seeds", "sweep_protocols", "benchmark",
                 "bench_model", "bench_steps", "bench_warmup", "bench_memory", "bench_phase", "device")
 
@@ -307,8 +307,33 @@ def peak_memory_mb():
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
+_KEPT = []  # set once keep_freed_memory() has applied: what malloc_settings reports
+
+
+def keep_freed_memory():
+    """Tell glibc to keep the memory this process frees instead of handing it back to the system
+    (mallopt M_MMAP_MAX = 0 and a 2 GiB M_TRIM_THRESHOLD, as MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_
+    would). A training or inference step frees and reallocates the same large temporaries (attention
+    maps of batch x heads x length^2) every step; handed back, their pages are faulted in and zeroed
+    by the kernel again in the next step. It changes no number. Not applied where the user has set
+    glibc's MALLOC_* variables (theirs rule), nor outside glibc. Returns whether it applied."""
+    import ctypes
+
+    if any(k.startswith("MALLOC_") for k in os.environ) or sys.platform != "linux":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
+    applied = bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
+    if applied:
+        _KEPT.append(True)
+    return applied
+
+
 def malloc_settings():
-    """glibc's MALLOC_* variables of this process, or "glibc defaults": on CPU they move the timings
-    (freed memory handed back to the system is faulted in and zeroed again when next used), never a
-    number the model computes."""
-    return " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "glibc defaults"
+    """How glibc's allocator runs in this process: the MALLOC_* variables, run.py's keep_freed_memory,
+    or "glibc defaults". On CPU it moves the timings, never a number the model computes."""
+    variables = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    return variables or ("keeping freed memory (run.py's default)" if _KEPT else "glibc defaults")

@@ -1238,7 +1238,6 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
         metrics["last"]
     # a second run reuses the cached teacher; an existing run folder is refused without --overwrite
     m2 = run.main([*map(str, common), "--kd", "score", "--max_steps", "3", "--eval_every", "0"])
-    assert (torch.tensor(1e-30) * torch.tensor(1e-10)).item() != 0  # main() flushed denormals, then stopped
     assert m2["teacher"] == metrics["teacher"] and m2["steps"] == 3
     p = run_py(*common, "--kd", "map", "--epochs", "2")
     assert p.returncode != 0 and "already holds a run; pass --resume to continue it, --overwrite" in p.stderr
@@ -1258,8 +1257,11 @@ def test_eval_export_reports_metric_speed_and_memory(tmp_path, tiny_dir):
     assert results["int8"]["metrics"] == results["fake"]["metrics"] == metrics["last"]
     assert results["int8"]["weight_bytes"] < 0.5 * results["fake"]["weight_bytes"]
     assert all(r["examples_per_second"] > 0 and r["peak_memory_mb"] > 0 for r in results.values())
+    # glibc keeps freed memory (run.py's default), unless the user set its variables: what moves the speed is reported
+    p = run_py(*common, "--eval_export", packed)
+    assert p.returncode == 0 and "malloc: keeping freed memory (run.py's default)" in p.stdout
     p = run_py(*common, "--eval_export", packed, env={"MALLOC_MMAP_MAX_": "0"})
-    assert p.returncode == 0 and "malloc: MALLOC_MMAP_MAX_=0" in p.stdout  # what moves the speed is reported
+    assert p.returncode == 0 and "malloc: MALLOC_MMAP_MAX_=0" in p.stdout
     p = run_py(*common, "--eval_export", tmp_path)
     assert p.returncode != 0 and "holds no exported student (model.safetensors)" in p.stderr.strip().splitlines()[-1]
 
