@@ -649,11 +649,14 @@ OPTIMIZERS = ("bertadam", "adamw")
 
 
 def warmup_linear(step, total, warmup):
-    """The learning-rate multiplier of step `step` of `total` (0-based): linear warm-up over the first
-    W = int(warmup * total) steps, then linear decay to 0:  step / W  if step < W,  else  (total - step) / (total - W).
+    """The learning-rate multiplier of step `step` (0-based) of `total`, as the original's
+    WarmupLinearSchedule: linear warm-up over the first `warmup` fraction of the steps, then linear
+    decay to 0 at the last step:
+        p = step / total;     p / warmup  if p < warmup,  else  max((p - 1) / (warmup - 1), 0)
+    The warm-up is fractional: with 345 steps and warmup 0.1 it spans 34.5 steps (step 34: 34 / 34.5).
     """
-    warm = int(warmup * total)
-    return step / max(1, warm) if step < warm else max(0.0, (total - step) / max(1, total - warm))
+    p = step / total
+    return p / warmup if p < warmup else max((p - 1.0) / (warmup - 1.0), 0.0)
 
 
 def make_optimizer(model, cfg, total_steps):

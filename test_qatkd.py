@@ -941,6 +941,23 @@ def test_kd_loss_falls_under_qat(tiny_dir, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(teacher.parameters(), classifier(tiny_dir, seed=1).parameters()))
 
 
+def test_schedule_is_the_originals_warmup_linear():
+    """The learning rate of every step equals the original BertAdam's WarmupLinearSchedule, written out
+    here as it is there: progress = step / t_total; warm-up while progress < 0.1 (fractional: 34.5 of
+    345 steps), then (progress - 1) / (0.1 - 1)."""
+    model = nn.Linear(2, 2)
+    opt, sched = qatkd.make_optimizer(model, qatkd.TrainConfig(lr=2e-5), 345)
+    lrs = []
+    for step in range(345):
+        progress = float(step) / 345
+        multiplier = progress / 0.1 if progress < 0.1 else max((progress - 1.0) / (0.1 - 1.0), 0.0)
+        assert opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"] == 2e-5 * multiplier, step
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0 and math.isclose(lrs[34], 2e-5 * 34 / 34.5) and lrs[34] < lrs[35] and max(lrs) == lrs[35]
+
+
 def test_nonfinite_loss_stops_with_step_and_term(tiny_dir):
     teacher = classifier(tiny_dir)
     feats = [{"input_ids": [2, 7, 3], "attention_mask": [1, 1, 1], "labels": 0}] * 8
@@ -1806,12 +1823,12 @@ PINNED_MRPC = {
     "teacher": {"acc": 0.7009803921568627, "f1": 0.8189910979228486},
     "ptq": {"acc": 0.6838235294117647, "f1": 0.8116788321167884},
     "steps": [  # loss terms of the first 6 QAT steps (map KD)
-        {"loss": 7.791786193847656, "pred": 0.032368529587984085, "rep": 1.8197652101516724, "map": 5.939652442932129},
-        {"loss": 7.61428165435791, "pred": 0.038296207785606384, "rep": 1.7750647068023682, "map": 5.800920486450195},
-        {"loss": 7.268496513366699, "pred": 0.029173536226153374, "rep": 1.7466498613357544, "map": 5.492673397064209},
-        {"loss": 6.536718845367432, "pred": 0.014893216080963612, "rep": 1.6910696029663086, "map": 4.830756187438965},
-        {"loss": 5.995245456695557, "pred": 0.004455411806702614, "rep": 1.5544350147247314, "map": 4.436355113983154},
-        {"loss": 5.57745885848999, "pred": 0.002182362601161003, "rep": 1.538130760192871, "map": 4.037145614624023},
+        {"loss": 7.774100303649902, "pred": 0.031181612983345985, "rep": 1.8169447183609009, "map": 5.925973892211914},
+        {"loss": 7.58734130859375, "pred": 0.03700189292430878, "rep": 1.7713062763214111, "map": 5.779033184051514},
+        {"loss": 7.314793109893799, "pred": 0.030968790873885155, "rep": 1.7519755363464355, "map": 5.531848907470703},
+        {"loss": 6.659080982208252, "pred": 0.01630142517387867, "rep": 1.7063409090042114, "map": 4.93643856048584},
+        {"loss": 6.078627586364746, "pred": 0.004807813558727503, "rep": 1.5563981533050537, "map": 4.517421722412109},
+        {"loss": 5.646132469177246, "pred": 0.0023048417642712593, "rep": 1.5391290187835693, "map": 4.104698657989502},
     ],
 }
 
