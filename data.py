@@ -376,11 +376,12 @@ def name_labels(config, task):
         config.label2id = {name: i for i, name in config.id2label.items()}
 
 
-def fingerprint(examples):
-    """A short hash of a list of examples: a cached teacher records the data it was fine-tuned on."""
+def fingerprint(task, examples):
+    """A short hash of a task's classes and a list of its examples, whatever file format they came from:
+    cached teachers and default run folders are named by it, so different data never share one."""
     import hashlib
 
-    return hashlib.sha1(repr(examples).encode()).hexdigest()[:16]
+    return hashlib.sha1(repr((task.names or task.labels, examples)).encode()).hexdigest()[:16]
 
 
 def align_labels(task, data, id2label):

@@ -59,19 +59,42 @@ def load_data(args):
                                   args.label_column)
 
 
-def setup(args):
-    """Data, teacher (fine-tuned first if its head is untrained) and features; the teacher's dev score.
-    An unusable teacher, or --recompute for a family without activation checkpointing, is refused
-    before any data is read."""
+def setup(args, check_run=True):
+    """Data, teacher and features; the teacher's dev score. Every input is checked before any work:
+    the teacher (path, architecture, weights, label count, a cached teacher's recipe), --recompute,
+    the data; then, with check_run, the run folder (runtime.check_run_dir); then the teacher is
+    fine-tuned if its head is untrained. Sets args.data_name and a default args.run_name."""
     config = models.teacher_config(args.teacher)
     if args.recompute and not models.checkpointable(config):
         raise ValueError(f"--recompute: transformers has no activation checkpointing for {config.model_type}; "
                          "run without --recompute")
     task, examples = load_data(args)
+    runtime.set_seed(args.teacher_seed)  # an untrained head is initialised at random: seeded, one seed one teacher
+    teacher, tokenizer, trained = models.load_teacher(args.teacher, task)
+    teacher_path, cache = args.teacher, None
+    if not trained:
+        cache, recipe = models.teacher_cache(args, task, examples)
+        if (cache / "config.json").is_file():
+            print(f"reusing the teacher fine-tuned in {cache}; delete it to fine-tune again")
+            teacher, tokenizer, _ = models.load_teacher(str(cache), task)
+            teacher_path, cache = str(cache), None
+    if cache is None:  # a trained head, or the cached teacher: the data's classes in its order, by name
+        task, examples, permuted = data.align_labels(task, examples, teacher.config.id2label)
+        if permuted:
+            print(f"the teacher orders the classes {', '.join(task.names or task.labels)}: the data's labels are "
+                  "mapped onto that order")
+    args.data_name = task.name if args.task else f"{task.name}-{data.fingerprint(task, examples['train'])[:6]}"
+    args.run_name = args.run_name or default_run_name(args)
+    if check_run:
+        runtime.check_run_dir(Path(args.output_dir) / args.run_name, args)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every process has checked the run folder before rank 0 writes to it
     print(f"{task.name}: {len(examples['train'])} train examples, "
           + ", ".join(f"{len(v)} {k}" for k, v in examples.items() if k != "train")
           + ("" if task.labels is None else f"; classes {', '.join(task.names or task.labels)}"))
-    teacher, tokenizer, teacher_path, task, examples = models.task_teacher(args, task, examples)
+    if cache is not None:
+        models.finetune_teacher(args, teacher, tokenizer, task, examples, cache, recipe)
+        teacher_path = str(cache)
     teacher.to(args.device)
     pad_id = tokenizer.pad_token_id or 0
     train = data.tokenize(examples["train"], tokenizer, args.max_len)
@@ -241,8 +264,9 @@ def sweep(args):
     """
     rows, teachers, start = [], [], time.time()
     for teacher_seed in args.sweep_teacher_seeds:
-        env = setup(argparse.Namespace(**{**vars(args), "teacher_seed": teacher_seed}))
-        metric = env.task.metric
+        one = argparse.Namespace(**{**vars(args), "teacher_seed": teacher_seed})
+        env = setup(one, check_run=False)
+        args.data_name, metric = one.data_name, env.task.metric
         teachers.append(f"teacher seed {teacher_seed}: {env.teacher_path}, {fmt(env.teacher_metrics)}")
         rows.append((teacher_seed, "-", "teacher (FP)", [{"best": env.teacher_metrics, "last": env.teacher_metrics}]))
         for protocol in args.sweep_protocols:

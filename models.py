@@ -62,41 +62,36 @@ def load_teacher(name_or_path, task):
     return qatkd.use_qatkd_attention(model), tokenizer, trained_head and not info["missing_keys"]
 
 
-def task_teacher(args, task, examples):
-    """The task's teacher: as given if its head is trained (the data's labels then put in its order, by
-    name), else fine-tuned once and cached under OUTPUT_DIR/teachers. args: run.py's arguments;
-    examples: {split: examples}. Returns the teacher, its tokenizer, its path, the task and the examples."""
-    runtime.set_seed(args.teacher_seed)  # an untrained head is initialised at random: seeded, so one seed, one teacher
-    teacher, tokenizer, trained = load_teacher(args.teacher, task)
-    if trained:
-        task, examples, permuted = data.align_labels(task, examples, teacher.config.id2label)
-        if permuted:
-            print(f"the teacher orders the classes {', '.join(task.names or task.labels)}: the data's labels are "
-                  "mapped onto that order")
-        return teacher, tokenizer, args.teacher, task, examples
+def teacher_cache(args, task, examples):
+    """Where the task's teacher fine-tuned from args.teacher is cached, OUTPUT_DIR/teachers/NAME, and its
+    recipe. NAME holds the task (or "data" for your own), the data's fingerprint (the same data in
+    another file format gets the same teacher; other data never does), the base model and the seed.
+    A cached teacher fine-tuned with another recipe is refused in one line."""
     path = Path(args.teacher).resolve()
     slug = f"{path.parent.name}-{path.name}" if path.is_dir() else args.teacher.replace("/", "--")
-    cache = Path(args.output_dir) / "teachers" / f"{task.name}-{slug}-seed{args.teacher_seed}"
+    fp = data.fingerprint(task, examples["train"])
+    cache = Path(args.output_dir) / "teachers" / f"{args.task or 'data'}-{fp[:8]}-{slug}-seed{args.teacher_seed}"
     recipe = {"base": args.teacher, "epochs": args.teacher_epochs, "lr": args.teacher_lr, "seed": args.teacher_seed,
               "batch_size": args.batch_size, "max_len": args.max_len, "warmup": args.warmup, "optimizer": "adamw",
-              "train_data": data.fingerprint(examples["train"])}
+              "train_data": fp}
     if (cache / "config.json").is_file():
         how = json.loads((cache / "teacher_args.json").read_text()) if (cache / "teacher_args.json").is_file() else {}
         changed = [f"{k} {how[k]} (now {v})" for k, v in recipe.items() if k in how and how[k] != v and k != "base"]
         if changed:
             raise ValueError(f"{cache} holds a teacher fine-tuned with other settings: {', '.join(changed)}; pass the "
                              "same settings, or delete that folder to fine-tune again")
-        print(f"reusing the teacher fine-tuned in {cache} ({', '.join(f'{k} {v}' for k, v in how.items())}); "
-              "delete it to fine-tune again")
-        teacher, tokenizer, _ = load_teacher(str(cache), task)
-        task, examples, _ = data.align_labels(task, examples, teacher.config.id2label)
-        return teacher, tokenizer, str(cache), task, examples
+    return cache, recipe
+
+
+def finetune_teacher(args, teacher, tokenizer, task, examples, cache, recipe):
+    """Fine-tune the teacher's new head (and its encoder) in full precision on the labels, and cache it."""
+    epochs = f"{args.teacher_epochs:g} epoch{'' if args.teacher_epochs == 1 else 's'}"
     print(f"teacher {args.teacher} has no trained {task.name} head: fine-tuning it in full precision "
-          f"({args.teacher_epochs:g} epochs, lr {args.teacher_lr:g}) into {cache}")
+          f"({epochs}, lr {args.teacher_lr:g}) into {cache}")
     runtime.set_seed(args.teacher_seed)
     data.name_labels(teacher.config, task)  # the fine-tuned teacher, its students and exports carry the class names
-    # DEVIATION (teacher optimizer): the original gives no teacher recipe and points to Hugging Face's run_glue: torch's AdamW
-    # (bias correction, one global gradient clip), not BertAdam, fine-tunes the teacher
+    # DEVIATION (teacher optimizer): the original gives no teacher recipe and points to Hugging Face's
+    # run_glue: torch's AdamW (bias correction, one global gradient clip), not BertAdam, fine-tunes the teacher
     cfg = qatkd.TrainConfig(epochs=args.teacher_epochs, lr=args.teacher_lr, batch_size=args.batch_size,
                             warmup=args.warmup, seed=args.teacher_seed, pad_id=tokenizer.pad_token_id or 0,
                             optimizer="adamw")
@@ -107,7 +102,6 @@ def task_teacher(args, task, examples):
     if runtime.distributed()[0] == 0:  # the other processes hold the same weights (DistributedDataParallel)
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_model(teacher, cache, tokenizer, {"teacher_args.json": {**recipe, "steps": result["step"]}})
-    return teacher, tokenizer, str(cache), task, examples
 
 
 def save_model(model, path, tokenizer=None, extra=None):

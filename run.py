@@ -214,12 +214,8 @@ def parse_args(argv=None):
         args.batch_size = args.batch_size or task.batch_size
         args.max_len = args.max_len or task.max_len
         args.eval_every = task.eval_every if args.eval_every is None else args.eval_every
-        args.data_name = args.task
-    else:  # your own data: the evaluation period follows its size (qatkd.data_task), once it is read
+    else:  # your own data: the evaluation period follows its size (data.data_task), once it is read
         args.batch_size, args.max_len = args.batch_size or 32, args.max_len or 128
-        args.data_name = data.data_name(args.train_file) if args.train_file else (
-            args.dataset.replace("/", "--") + (f"-{args.dataset_config}" if args.dataset_config else ""))
-    args.run_name = args.run_name or experiment.default_run_name(args)
     return args
 
 
@@ -239,11 +235,10 @@ def main(argv=None):
             return bench.benchmark(args, sys.argv[1:] if argv is None else [str(a) for a in argv])
         if args.eval_export:
             return experiment.eval_export(args)
-        if not args.sweep:
-            runtime.check_run_dir(Path(args.output_dir) / args.run_name, args)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()  # every process has checked the run folder before rank 0 writes to it
-        return experiment.sweep(args) if args.sweep else experiment.run_qat(experiment.setup(args), args)
+        if args.sweep:
+            return experiment.sweep(args)
+        env = experiment.setup(args)  # every input checked, then the run folder, then the teacher fine-tuned
+        return experiment.run_qat(env, args)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
