@@ -7,6 +7,8 @@ cover length, measured on dev data for the quantized student before QAT (PTQ) an
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -68,7 +70,7 @@ def attention_recovery(student, teacher, features, batch_size, pad_id=0, rank_sa
         output_mse    MSE of the attention sub-layer outputs over valid tokens
         output_cos    cosine similarity of those outputs per valid token (1 = same direction)
         rank_loss     pairwise ranking loss of the maps      } on the first rank_samples
-        cover_length  cover length of the teacher's top-5    } examples (cost grows as S^3)
+        cover_length  cover length of the teacher's top-5    } examples (cost grows as S^3; NaN for none)
     Both models run in eval mode (no dropout), batched in file order.
     """
     was = student.training, teacher.training
@@ -93,7 +95,8 @@ def attention_recovery(student, teacher, features, batch_size, pad_id=0, rank_sa
     student.train(was[0]), teacher.train(was[1])
     per = {"map_kl": "samples", "output_mse": "tokens", "output_cos": "tokens", "rank_loss": "ranked",
            "cover_length": "ranked"}
-    return {name: [v / counts[per[name]] for v in values] for name, values in sums.items()}
+    return {name: [v / counts[per[name]] if counts[per[name]] else math.nan for v in values]
+            for name, values in sums.items()}
 
 
 def print_recovery(ptq, qat):

@@ -329,7 +329,9 @@ def write_sweep_table(args, metric, rows, teachers, seconds):
     table = []
     for teacher_seed, protocol, name, runs in rows:
         rec = [r.get("attention_recovery", {}).get("qat") for r in runs]
-        measures = [("-" if None in rec else f"{mean([mean(r[m]) for r in rec]):.4g}") for m in SWEEP_MEASURES]
+        values = [[v for r in rec for v in r[m]] if None not in rec else [None] for m in SWEEP_MEASURES]
+        measures = ["-" if not all(map(defined, v)) else f"{mean([mean(r[m]) for r in rec]):.4g}"
+                    for m, v in zip(SWEEP_MEASURES, values)]
         wall = [r["wall_seconds"] / 60 for r in runs if "wall_seconds" in r]
         table.append([str(teacher_seed), protocol, name, ",".join(str(r["seed"]) for r in runs) if wall else "-",
                       mean_std([(r["best"] or {}).get(metric) for r in runs]),

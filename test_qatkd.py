@@ -1079,6 +1079,9 @@ def test_attention_recovery(tiny_dir):
     assert all(v > 1e-4 for v in padded["map_kl"])
     for n in diagnostics.DIAGNOSTICS:
         assert padded[n] == pytest.approx(unpadded[n], rel=1e-4, abs=1e-6), n
+    unranked = diagnostics.attention_recovery(other, teacher, feats, 4, rank_samples=0)  # --rank_samples 0
+    assert all(math.isnan(v) for n in ("rank_loss", "cover_length") for v in unranked[n])
+    assert unranked["map_kl"] == padded["map_kl"]
     # the quantized student before training is farther from the teacher than a full-precision copy
     ptq = diagnostics.attention_recovery(qatkd.quantize_student(teacher, 2, 8), teacher, feats, 4)
     assert all(a > b for a, b in zip(ptq["map_kl"], same["map_kl"]))
