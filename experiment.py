@@ -26,12 +26,22 @@ import models
 import qatkd
 import runtime
 
+# the recipe arguments a run folder's name carries when they are not the paper's: (name, default, tag)
+RECIPE_TAGS = (("lr", 2e-5, "lr"), ("epochs", 3.0, "ep"))
+
+
+def recipe_suffix(args):
+    """-lrX and -epN for a learning rate or a number of epochs other than the paper's (2e-5, 3)."""
+    return "".join(f"-{tag}{getattr(args, name):g}" for name, default, tag in RECIPE_TAGS
+                   if getattr(args, name) != default)
+
+
 def default_run_name(args):
-    """TASK-KD-wWaA-seedS, then -tseedT for a teacher seed other than 42 and -original for the
-    original padding protocol: runs that differ in what they compute never share a folder."""
+    """TASK-KD-wWaA-seedS, then -tseedT for a teacher seed other than 42, -original for the original
+    padding protocol and the recipe_suffix: runs that differ in what they compute never share a folder."""
     return (f"{args.data_name}-{args.kd}-w{args.wbits}a{args.abits}-seed{args.seed}"
             + (f"-tseed{args.teacher_seed}" if args.teacher_seed != 42 else "")
-            + ("-original" if args.original_padding else ""))
+            + ("-original" if args.original_padding else "") + recipe_suffix(args))
 
 
 @dataclass
@@ -344,7 +354,7 @@ def write_sweep_table(args, metric, rows, teachers, seconds):
             + "; ".join(teachers) + f"; sweep wall time {seconds / 60:.0f} min")
     suffix = ("" if args.sweep_protocols == ["default"] else "-" + "+".join(args.sweep_protocols)) + (
         "" if args.sweep_teacher_seeds == [42] else "-tseeds" + "+".join(map(str, args.sweep_teacher_seeds)))
-    stem = Path(args.output_dir) / f"sweep-{args.data_name}-w{args.wbits}a{args.abits}{suffix}"
+    stem = Path(args.output_dir) / f"sweep-{args.data_name}-w{args.wbits}a{args.abits}{suffix}{recipe_suffix(args)}"
     stem.with_suffix(".md").write_text(note + "\n\n" + md + "\n")
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         csv.writer(f).writerows([head] + table)
