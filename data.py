@@ -213,6 +213,9 @@ def read_data_file(path):
         raise FileNotFoundError(f"missing data file {path}")
     if path.suffix.lower() not in DATA_FORMATS:
         raise ValueError(f"{path}: unknown format {path.suffix!r}; use one of {', '.join(DATA_FORMATS)}")
+    rows = [line for line in path.read_bytes().splitlines() if line.strip()]
+    if len(rows) <= (path.suffix.lower() in (".csv", ".tsv")):  # nothing, or a header only
+        raise ValueError(f"{path}: no examples (the file holds {'a header only' if rows else 'nothing'})")
     builder, kw = DATA_FORMATS[path.suffix.lower()]
     datasets = _datasets()
     level = datasets.logging.get_verbosity()
@@ -252,13 +255,15 @@ def examples_from_tables(tables, text_columns=None, label_column="label"):
     examples}). Bad labels or columns raise ValueError naming file and line.
     """
     train_table, where = tables["train"]
-    columns = train_table.column_names
-    text_columns = tuple(text_columns or default_text_columns(columns, label_column))
+    for table, at in tables.values():  # the label column first: without it, no text column can be told
+        if label_column not in table.column_names:
+            raise ValueError(f"{at(0).split(':')[0]}: no label column {label_column!r}; its columns are: "
+                             f"{', '.join(table.column_names)}; pass --label_column with the one that holds the labels")
+    text_columns = tuple(text_columns or default_text_columns(train_table.column_names, label_column))
     for table, at in tables.values():
-        for c in (*text_columns, label_column):
+        for c in text_columns:
             if c not in table.column_names:
-                kind = "label column" if c == label_column else "column"
-                raise ValueError(f"{at(0).split(':')[0]}: no {kind} {c!r}; its columns are: "
+                raise ValueError(f"{at(0).split(':')[0]}: no column {c!r}; its columns are: "
                                  f"{', '.join(table.column_names)}")
     feature = train_table.features[label_column]
     kinds, labels = {}, {}
@@ -468,26 +473,59 @@ def task_metrics(task, logits, labels):
     return out
 
 
-@torch.no_grad()
-def evaluate(model, task, dev_sets, batch_size, pad_id=0, desc="eval", pad_to=None):
-    """Dev metrics of a model. dev_sets: {split: features}; MNLI's second split gets suffix _mm.
+def useless(task, logits, labels):
+    """Why a model's dev predictions are useless, or None: one class predicted for every example,
+    an accuracy no better than always predicting the most frequent class, or (regression) a
+    correlation that is undefined or not positive. logits: [N, C]; labels: [N]."""
+    if task.labels is None:
+        corr = task_metrics(task, logits, labels)["corr"]
+        return None if corr > 0 else f"its predictions do not correlate with the labels (corr {corr:.3f})"
+    names, preds = task.names or task.labels, logits.argmax(-1)
+    if len(preds.unique()) == 1:
+        return f"it predicts one class ({names[int(preds[0])]!r}) for all {len(preds)} dev examples"
+    counts = torch.bincount(labels, minlength=task.num_labels)
+    acc, majority = float((preds == labels).float().mean()), float(counts.max()) / len(labels)
+    if acc <= majority:
+        return (f"its accuracy ({100 * acc:.2f}) is no better than always predicting the most frequent class "
+                f"({names[int(counts.argmax())]!r}: {100 * majority:.2f})")
+    return None
 
-    Batches are formed in file order, so a result is reproducible: note that the student's
-    activation scales are per batch (as in the original), so they depend on the batch size and on
-    the padding (pad_to: pad every batch to that length, as the original code).
-    """
+
+def f1_class(task):
+    """The name of the class whose F1 the metrics report as "f1" (None if they report none)."""
+    return str((task.names or task.labels)[task.positive]) if "f1" in task.scores else None
+
+
+@torch.no_grad()
+def predict(model, dev_sets, batch_size, pad_id=0, desc="eval", pad_to=None, progress=None):
+    """{split: (logits [N, C], labels [N])} of a model on dev_sets ({split: features}), batched in file
+    order. progress(total=, desc=): the progress display, tqdm's by default (runtime.progress_bar)."""
     from tqdm.auto import tqdm
 
+    progress = progress or (lambda **kw: tqdm(leave=False, dynamic_ncols=True, **kw))
     was_training = model.training
     model.eval()
     out = {}
-    for i, feats in enumerate(dev_sets.values()):
+    for split, feats in dev_sets.items():
         logits, labels = [], []
-        for b in tqdm(qatkd.batches(feats, batch_size, pad_id, device=model.device, pad_to=pad_to), desc=desc,
-                      total=math.ceil(len(feats) / batch_size), leave=False, dynamic_ncols=True):
-            logits.append(model(**qatkd.model_inputs(model, b)).logits.float().cpu())
-            labels.append(b["labels"].cpu())
-        metrics = task_metrics(task, torch.cat(logits), torch.cat(labels))
-        out.update({k + ("_mm" if i else ""): v for k, v in metrics.items()})
+        with progress(total=math.ceil(len(feats) / batch_size), desc=desc) as bar:
+            for b in qatkd.batches(feats, batch_size, pad_id, device=model.device, pad_to=pad_to):
+                logits.append(model(**qatkd.model_inputs(model, b)).logits.float().cpu())
+                labels.append(b["labels"].cpu())
+                bar.update(1)
+        out[split] = torch.cat(logits), torch.cat(labels)
     model.train(was_training)
+    return out
+
+
+def evaluate(model, task, dev_sets, batch_size, pad_id=0, desc="eval", pad_to=None, progress=None):
+    """Dev metrics of a model (task_metrics); MNLI's second split gets the suffix _mm.
+
+    Batches are formed in file order, so a result is reproducible. The student's activation scales
+    are per batch (as in the original), so its metrics depend on the batch size and on the padding
+    (pad_to: every batch padded to that length, as the original code pads them).
+    """
+    out = {}
+    for i, (logits, labels) in enumerate(predict(model, dev_sets, batch_size, pad_id, desc, pad_to, progress).values()):
+        out.update({k + ("_mm" if i else ""): v for k, v in task_metrics(task, logits, labels).items()})
     return out

@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class Setup:
     dev: dict
     pad_id: int
     teacher_metrics: dict
+    teacher_warning: str | None = None
 
 
 def load_data(args):
@@ -111,8 +113,18 @@ def setup(args, check_run=True):
     dev = {k: data.tokenize(v, tokenizer, args.max_len) for k, v in examples.items() if k != "train"}
     env = Setup(task, teacher, tokenizer, teacher_path, train, dev, pad_id, {})
     if is_main():  # full precision ignores padding: the teacher's score is the same under both protocols
-        env.teacher_metrics = data.evaluate(teacher, task, dev, args.batch_size, pad_id, "eval teacher")
+        predictions = data.predict(teacher, dev, args.batch_size, pad_id, "eval teacher", progress=runtime.progress_bar)
+        for i, (logits, labels) in enumerate(predictions.values()):
+            env.teacher_metrics.update({k + ("_mm" if i else ""): v for k, v in
+                                        data.task_metrics(task, logits, labels).items()})
         print(f"teacher (full precision)     {fmt(env.teacher_metrics)}")
+        env.teacher_warning = data.useless(task, *next(iter(predictions.values())))
+        if env.teacher_warning:
+            print(f"\nWARNING: the teacher is useless: {env.teacher_warning}; QAT would distil it faithfully into a "
+                  "useless student. Likely fixes: fine-tune it longer or faster (--teacher_epochs, --teacher_lr; "
+                  "MiniLM needs 1e-4), check --label_column and the data, or pass a teacher fine-tuned on this task"
+                  + (f"; delete the cached teacher {teacher_path} to fine-tune again" if not trained else "") + "\n",
+                  file=sys.stderr, flush=True)
     return env
 
 
@@ -144,7 +156,8 @@ def run_qat(env, args, ptq=None):
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.resume:  # the log continues from the checkpoint: drop what was logged after it
-        step = runtime.load_checkpoint(checkpoint)["loop"]["step"]
+        loop = runtime.load_checkpoint(checkpoint)["loop"]
+        step, start = loop["step"], start - loop.get("wall_seconds", 0.0)  # the wall time of the whole run
         print(f"resuming {run_dir} from step {step}")
         kept = [line for line in log_path.read_text().splitlines() if log_step(line) <= step]
         with runtime.atomic_path(log_path) as tmp:
@@ -167,7 +180,7 @@ def run_qat(env, args, ptq=None):
         result = runtime.run_training(student, qat_loss(env, args), env.train, train_config(env, args),
                                       lambda: evaluate(env, student, args), env.task.metric, log,
                                       f"QAT {args.kd} W{args.wbits}A{args.abits} seed {args.seed}", checkpoint,
-                                      args.save_every)
+                                      args.save_every, started=start)
     result["steps"] = result.pop("step")
     models.save_student(student, run_dir / "student", env.tokenizer)
     sizes = export_student(env, student, run_dir / "student_packed")
@@ -177,17 +190,21 @@ def run_qat(env, args, ptq=None):
     metrics = {"task": env.task.name, "kd": args.kd, "wbits": args.wbits, "abits": args.abits, "seed": args.seed,
                "protocol": "original" if args.original_padding else "default", "code": runtime.code_version(),
                "teacher_path": env.teacher_path, "teacher_seed": args.teacher_seed,
-               "selection_metric": env.task.metric, "teacher": env.teacher_metrics, "ptq": ptq["metrics"], **result,
+               "selection_metric": env.task.metric, "f1_class": data.f1_class(env.task),
+               "teacher": env.teacher_metrics, "teacher_warning": env.teacher_warning, "ptq": ptq["metrics"], **result,
                "attention_recovery": {"ptq": ptq["recovery"], "qat": qat_recovery}, "sizes": sizes,
                "wall_seconds": time.time() - start, "peak_memory_mb": runtime.peak_memory_mb(),
                "torch_threads": torch.get_num_threads()}
     runtime.write_json(run_dir / "metrics.json", metrics)
-    checkpoint.unlink(missing_ok=True)  # the run is complete: student/ and metrics.json hold it
+    if not args.keep_checkpoint:
+        checkpoint.unlink(missing_ok=True)  # the run is complete: student/ and metrics.json hold it
     print(f"\n== summary: {env.task.name}, KD {args.kd}, W{args.wbits}A{args.abits}, seed {args.seed} ==")
     print(f"teacher                      {fmt(env.teacher_metrics)}")
     print(f"student before QAT (PTQ)     {fmt(ptq['metrics'])}")
     print(f"student best (step {result['best_step'] or '-':>5})    {fmt(result['best'])}")
     print(f"student last (step {result['last_step']:>5})    {fmt(result['last'])}")
+    if metrics["f1_class"] is not None:
+        print(f"(f1: the F1 of class {metrics['f1_class']!r})")
     print(f"{result['steps']} steps, {result['seconds_per_step']:.2f} s per training step, wall time "
           f"{metrics['wall_seconds'] / 60:.1f} min, peak memory {metrics['peak_memory_mb'] / 1024:.1f} GB; "
           f"outputs in {run_dir}")
@@ -212,7 +229,7 @@ def pad_to(args):
 
 
 def evaluate(env, model, args, desc="eval"):
-    return data.evaluate(model, env.task, env.dev, args.batch_size, env.pad_id, desc, pad_to(args))
+    return data.evaluate(model, env.task, env.dev, args.batch_size, env.pad_id, desc, pad_to(args), runtime.progress_bar)
 
 
 def recovery(env, student, args):

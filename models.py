@@ -15,6 +15,9 @@ import qatkd
 import runtime
 from runtime import atomic_path, write_json
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def teacher_config(name_or_path):
     """The teacher's config, read before anything else: a missing path, a path without a model, an
     unreachable hub id or an unsupported architecture is refused here, in one line."""
@@ -26,6 +29,9 @@ def teacher_config(name_or_path):
         raise FileNotFoundError(f"teacher directory {name_or_path} does not exist")
     if looks_local and not (path / "config.json").is_file():
         raise FileNotFoundError(f"teacher directory {name_or_path} holds no model (no config.json)")
+    if looks_local and not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise FileNotFoundError(f"teacher directory {name_or_path} holds a config but no weights (no model.safetensors "
+                                "or pytorch_model.bin); save the model into it with save_pretrained")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:

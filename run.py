@@ -20,15 +20,13 @@ import os
 import sys
 from pathlib import Path
 
-try:
-    import torch
-
-    import data
-    import experiment
-    import qatkd
-    import runtime
-except ImportError as e:  # run outside the project's environment
-    sys.exit(f"run.py: error: {e}; install the requirements first (README: set-up)")
+# What the parser offers, written out so that --help imports no torch (a test checks each against
+# qatkd.py and data.py, which define them)
+TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")  # data.TASKS
+KD_MODES = ("pred", "score", "map", "output", "unified")  # qatkd.KD_MODES
+WEIGHT_BITS = (1, 2, 4, 8, 32)  # qatkd.WEIGHT_BITS
+OPTIMIZERS = ("bertadam", "adamw")  # qatkd.OPTIMIZERS
+PAPER = {"epochs": 3.0, "lr": 2e-5, "warmup": 0.1, "seed": 42, "max_steps": 0}  # qatkd.TrainConfig's defaults
 
 
 def int_list(text):
@@ -48,13 +46,13 @@ def build_parser():
     # error messages on one line, with the fix
     p.error = lambda msg: sys.exit(f"run.py: error: {msg} (see python run.py --help)")  # type: ignore[method-assign]
     g = p.add_argument_group("task and method")
-    g.add_argument("--task", default=None, choices=list(data.TASKS),
+    g.add_argument("--task", default=None, choices=TASKS,
                    help="GLUE task (or your own data: --train_file/--validation_file, or --dataset)")
-    g.add_argument("--kd", default="map", choices=qatkd.KD_MODES,
+    g.add_argument("--kd", default="map", choices=KD_MODES,
                    help="attention KD term added to prediction + hidden-state KD: score (TernaryBERT), "
                         "map (attention-map KL), output (attention-output MSE), unified (map + output), "
                         "pred (none). Default: map")
-    g.add_argument("--wbits", type=int, default=2, choices=qatkd.WEIGHT_BITS,
+    g.add_argument("--wbits", type=int, default=2, choices=WEIGHT_BITS,
                    help="weight bits: 1 binary, 2 ternary (paper), 4/8 uniform, 32 full precision. Default: 2")
     g.add_argument("--abits", type=int, default=8,
                    help="activation bits, 2..16 or 32 (full precision). Default: 8")
@@ -97,27 +95,29 @@ def build_parser():
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoint (same arguments); the result is the same "
                         "as an uninterrupted run's")
+    g.add_argument("--keep_checkpoint", action="store_true",
+                   help="keep checkpoint.pt once the run has finished (default: removed; student/ holds the weights)")
     g.add_argument("--save_every", type=int, default=100,
                    help="write a checkpoint every N steps (and on Ctrl-C); 0: only on Ctrl-C. Default: 100")
     g = p.add_argument_group("training (paper: 3 epochs, lr 2e-5, batch 32 / 16 for CoLA)")
-    g.add_argument("--epochs", type=float, default=qatkd.TrainConfig.epochs, help="QAT epochs. Default: 3")
-    g.add_argument("--lr", type=float, default=qatkd.TrainConfig.lr, help="peak learning rate. Default: 2e-5")
+    g.add_argument("--epochs", type=float, default=PAPER["epochs"], help="QAT epochs. Default: 3")
+    g.add_argument("--lr", type=float, default=PAPER["lr"], help="peak learning rate. Default: 2e-5")
     g.add_argument("--batch_size", type=int, default=None, help="default: 32, 16 for CoLA")
     g.add_argument("--max_len", type=int, default=None, help="max tokens per example. Default: 128, 64 for CoLA/SST-2")
-    g.add_argument("--warmup", type=float, default=qatkd.TrainConfig.warmup, help="fraction of steps of linear warm-up. Default: 0.1")
-    g.add_argument("--optimizer", default=qatkd.TrainConfig.optimizer, choices=qatkd.OPTIMIZERS,
+    g.add_argument("--warmup", type=float, default=PAPER["warmup"], help="fraction of steps of linear warm-up. Default: 0.1")
+    g.add_argument("--optimizer", default="bertadam", choices=OPTIMIZERS,
                    help="bertadam: the official code's Adam without bias correction, gradients clipped per tensor "
                         "at 1.0; adamw: torch's AdamW with one global clip at 1.0. Default: bertadam")
     g.add_argument("--eval_every", type=int, default=None,
                    help="evaluate on dev every N steps (and at the end). Default: per task, e.g. 50 for MRPC")
-    g.add_argument("--max_steps", type=int, default=qatkd.TrainConfig.max_steps, help="stop after N steps (0: run all epochs)")
-    g.add_argument("--seed", type=int, default=qatkd.TrainConfig.seed, help="seed of QAT (data order, dropout). Default: 42")
+    g.add_argument("--max_steps", type=int, default=PAPER["max_steps"], help="stop after N steps (0: run all epochs)")
+    g.add_argument("--seed", type=int, default=PAPER["seed"], help="seed of QAT (data order, dropout). Default: 42")
     g.add_argument("--recompute", action="store_true",
                    help="recompute each student layer's forward in backward (activation checkpointing): the same "
                         "numbers in less memory, one more student forward per step")
     g = p.add_argument_group("teacher fine-tuning (when the teacher's head is untrained)")
-    g.add_argument("--teacher_epochs", type=float, default=qatkd.TrainConfig.epochs, help="Default: 3")
-    g.add_argument("--teacher_lr", type=float, default=qatkd.TrainConfig.lr, help="Default: 2e-5")
+    g.add_argument("--teacher_epochs", type=float, default=PAPER["epochs"], help="Default: 3")
+    g.add_argument("--teacher_lr", type=float, default=PAPER["lr"], help="Default: 2e-5 (MiniLM: 1e-4)")
     g.add_argument("--teacher_seed", type=int, default=42,
                    help="seed of teacher fine-tuning (the new head's initialisation, data order, dropout); one seed, "
                         "one cached teacher. Default: 42")
@@ -128,7 +128,7 @@ def build_parser():
     g.add_argument("--sweep", action="store_true",
                    help="run teacher, PTQ and QAT for each --sweep_kd mode and --seeds seed, and write one results "
                         "table (OUTPUT_DIR/sweep-TASK-wWaA.md and .csv); finished runs are reused")
-    g.add_argument("--sweep_kd", type=lambda s: s.split(","), default=list(qatkd.KD_MODES),
+    g.add_argument("--sweep_kd", type=lambda s: s.split(","), default=list(KD_MODES),
                    help="comma-separated KD modes for --sweep. Default: pred,score,map,output,unified")
     g.add_argument("--seeds", type=int_list, default=[42], help="comma-separated QAT seeds for --sweep. Default: 42")
     g.add_argument("--sweep_teacher_seeds", type=int_list, default=None,
@@ -177,6 +177,14 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if not (v > 0 and math.isfinite(v)):
             p.error(f"--{name} must be a positive number, got {v:g}")
+    for name in ("lr", "teacher_lr"):
+        v = getattr(args, name)
+        if v >= 1:
+            p.error(f"--{name} {v:g} makes Adam diverge on a Transformer; fine-tuning rates are about 1e-5 to 1e-4 "
+                    "(the paper: 2e-5)")
+        if v > 1e-2:
+            print(f"run.py: warning: --{name} {v:g} is far above the usual 1e-5 to 1e-4 for fine-tuning; training "
+                  "will likely diverge", file=sys.stderr)
     for name in ("map_coeff", "output_coeff", "gt_coeff"):  # loss weights: a negative one would be maximised
         v = getattr(args, name)
         if not (v >= 0 and math.isfinite(v)):
@@ -191,9 +199,9 @@ def parse_args(argv=None):
     if world > 1 and args.batch_size is not None and args.batch_size < world:
         p.error(f"--batch_size {args.batch_size} is the global batch and must be at least the number of "
                 f"processes ({world})")
-    bad = [k for k in args.sweep_kd if k not in qatkd.KD_MODES]
+    bad = [k for k in args.sweep_kd if k not in KD_MODES]
     if bad:
-        p.error(f"--sweep_kd: unknown KD mode {bad[0]!r}; use some of {','.join(qatkd.KD_MODES)}")
+        p.error(f"--sweep_kd: unknown KD mode {bad[0]!r}; use some of {','.join(KD_MODES)}")
     bad = [k for k in args.sweep_protocols if k not in PROTOCOLS]
     if bad:
         p.error(f"--sweep_protocols: unknown protocol {bad[0]!r}; use some of {','.join(PROTOCOLS)}")
@@ -209,21 +217,58 @@ def parse_args(argv=None):
         p.error(f"--text_columns takes one or two columns, got {len(args.text_columns)}")
     if args.benchmark and not args.task:
         p.error("--benchmark times a GLUE task's shapes: pass --task")
+    return args
+
+
+def task_defaults(args):
+    """--batch_size, --max_len and --eval_every left unset take the GLUE task's values (the original's),
+    or 32 and 128 for your own data (whose evaluation period follows its size, once it is read)."""
+    import data
+
     if args.task:
         task = data.TASKS[args.task]
         args.batch_size = args.batch_size or task.batch_size
         args.max_len = args.max_len or task.max_len
         args.eval_every = task.eval_every if args.eval_every is None else args.eval_every
-    else:  # your own data: the evaluation period follows its size (data.data_task), once it is read
+    else:
         args.batch_size, args.max_len = args.batch_size or 32, args.max_len or 128
     return args
 
 
+def offline_if_hub_unreachable(args):
+    """Where the run needs the Hugging Face hub (a hub teacher, GLUE without --data_dir, --dataset) and the
+    hub does not answer within 3 s, set HF_HUB_OFFLINE and HF_DATASETS_OFFLINE before transformers and
+    datasets are imported: what is cached loads, what is not fails at once instead of after a minute of
+    retries. Returns whether it did."""
+    import socket
+    from urllib.parse import urlparse
+
+    local_teacher = Path(args.teacher).exists() or args.teacher.startswith((".", "/", "~"))
+    needs_hub = not local_teacher or (args.task and not args.data_dir) or args.dataset
+    if not needs_hub or os.environ.get("HF_HUB_OFFLINE") or args.eval_export:
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+        return False
+    except OSError:
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+        return True
+
+
 def main(argv=None):
     args = parse_args(argv)
-    runtime.code_version()  # the code this process runs, read now
-    import transformers
+    offline_if_hub_unreachable(args)  # before transformers and datasets are imported: they read it then
+    try:
+        import torch
+        import transformers
 
+        import experiment
+        import runtime
+    except ImportError as e:  # run outside the project's environment
+        raise ImportError(f"{e}; install the requirements first (README: Set-up and tests)") from None
+    task_defaults(args)
+    runtime.code_version()  # the code this process runs, read now
     transformers.logging.set_verbosity_error()  # we say ourselves what is fine-tuned and loaded
     transformers.utils.logging.disable_progress_bar()
     runtime.keep_freed_memory()  # glibc: the same numbers, no page faults for each step's temporaries
@@ -249,5 +294,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
         sys.exit(f"run.py: error: {e}")
-    except KeyboardInterrupt as e:
-        sys.exit(f"run.py: {e or 'interrupted'}")
+    except KeyboardInterrupt as e:  # Ctrl-C: the checkpoint is saved; exit as a shell expects of SIGINT
+        print(f"run.py: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)

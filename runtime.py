@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -146,6 +147,50 @@ def stop_on_ctrl_c():
 # ---------------------------------------------------------------------------------------------
 
 
+class LineProgress:
+    """tqdm's interface for logs: where the output is not a terminal, a plain line every `every` seconds
+    (and a last one for anything that took longer), instead of a bar redrawn with carriage returns."""
+
+    def __init__(self, total=None, initial=0, desc="", every=60.0, **_):
+        self.total, self.n, self.desc, self.every, self.postfix = total, initial, desc, every, ""
+        self.start = self.printed = time.time()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if time.time() - self.start >= self.every:
+            self.line()
+
+    def update(self, n=1):
+        self.n += n
+        if time.time() - self.printed >= self.every:
+            self.line()
+
+    def set_postfix(self, **values):
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def write(self, text):
+        print(text, flush=True)
+
+    def line(self):
+        elapsed = time.time() - self.start
+        done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f} %)" if self.total else f"{self.n}"
+        left = (f", about {elapsed / self.n * (self.total - self.n) / 60:.0f} min left"
+                if self.total and self.n else "")
+        print(f"{self.desc}: {done}, {elapsed / 60:.1f} min{left}" + (f"; {self.postfix}" if self.postfix else ""),
+              file=sys.stderr, flush=True)
+        self.printed = time.time()
+
+
+def progress_bar(**kw):
+    """A progress display for train(progress=...) and data.evaluate: tqdm's bar on a terminal, else
+    plain lines now and then (LineProgress), so that a log file reads as text."""
+    from tqdm.auto import tqdm
+
+    return tqdm(dynamic_ncols=True, **kw) if sys.stderr.isatty() else LineProgress(**kw)
+
+
 def distributed():
     """(rank, world size) under torchrun once the process group is initialised; else (0, 1)."""
     import torch.distributed as dist
@@ -190,7 +235,7 @@ def sharded(loss_fn, ddp, rank, world):
 
 
 def run_training(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=print, desc="train",
-                 checkpoint=None, save_every=100, progress=None):
+                 checkpoint=None, save_every=100, progress=None, started=None):
     """qatkd.train, resumable and on several processes.
 
     checkpoint: a file path. If it exists, training continues from it (weights, optimizer, schedule,
@@ -199,10 +244,12 @@ def run_training(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc
     run ends exactly as an uninterrupted one.
     Under torchrun (process group initialised): every process draws the same global batch and trains
     on its own slice (sharded); each draws its own dropout (seeded from cfg.seed, its rank and the
-    step); only rank 0 evaluates, logs and saves.
+    step); only rank 0 evaluates, logs and saves. progress: the progress display (progress_bar by
+    default). started: the run's start (time.time()), kept in the checkpoint as the wall time so far.
     """
     from tqdm.auto import tqdm
 
+    progress = progress or progress_bar
     rank, world = distributed()
     opt, sched = qatkd.make_optimizer(model, cfg, cfg.total_steps(len(train_feats)))
     state = None
@@ -221,6 +268,8 @@ def run_training(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc
     with stop_on_ctrl_c() as interrupted:
 
         def after_step(state):
+            if started is not None:
+                state["wall_seconds"] = time.time() - started
             if main and checkpoint is not None and ((save_every and state["step"] % save_every == 0) or interrupted):
                 save_checkpoint(checkpoint, model, opt, sched, state)
             if interrupted:
@@ -242,7 +291,7 @@ def run_training(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc
 
 
 # arguments not compared when a run is resumed or reused by a sweep: they change no number
-NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "teacher_path", "code",
+NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "keep_checkpoint", "teacher_path", "code",
                 "recompute", "sweep", "sweep_kd", "seeds", "sweep_teacher_seeds", "sweep_protocols", "benchmark",
                 "bench_model", "bench_steps", "bench_warmup", "bench_memory", "bench_phase", "device")
 

@@ -1230,7 +1230,11 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     assert "fine-tuning it in full precision" in p.stdout
     assert "== summary: mrpc, KD map, W2A8, seed 42 ==" in p.stdout
     assert re.search(r"student last \(step +16\) +acc", p.stdout)
-    run_dir = out / "mrpc-map-w2a8-seed42"
+    assert "(f1: the F1 of class 'equivalent')" in p.stdout  # which class F1 means is said
+    assert "\r" not in p.stdout + p.stderr  # not a terminal: plain progress lines, no bar redrawn with \r
+    assert "2 epochs, lr 0.001" in p.stdout
+    run_dir = out / "mrpc-map-w2a8-seed42-lr0.001-ep2"  # -lrX -epN: not the paper's recipe
+    assert not (run_dir / "checkpoint.pt").exists()  # removed once the run has finished
     args = json.loads((run_dir / "args.json").read_text())
     assert args["kd"] == "map" and args["wbits"] == 2 and args["abits"] == 8
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -1244,7 +1248,7 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     assert set(metrics["teacher"]) == {"acc", "f1", "acc_and_f1"} and "ptq" in metrics
     # the attention-recovery table: printed, and per layer for PTQ and QAT in metrics.json
     assert "attention recovery on dev, per layer" in p.stdout
-    assert (run_dir / "attention_recovery.png").is_file() or p.stdout.count("matplotlib is not installed") == 1
+    assert (run_dir / "attention_recovery.png").is_file()  # matplotlib is in the requirements
     for stage in ("ptq", "qat"):
         rec = metrics["attention_recovery"][stage]
         assert set(rec) == set(diagnostics.DIAGNOSTICS) and all(len(v) == 2 for v in rec.values())
@@ -1263,8 +1267,10 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     assert data.evaluate(export.load_quantized(run_dir / "student_packed"), data.TASKS["mrpc"], dev, 8) == \
         metrics["last"]
     # a second run reuses the cached teacher; an existing run folder is refused without --overwrite
-    m2 = run.main([*map(str, common), "--kd", "score", "--max_steps", "3", "--eval_every", "0"])
-    assert m2["teacher"] == metrics["teacher"] and m2["steps"] == 3
+    m2 = run.main([*map(str, common), "--kd", "score", "--max_steps", "3", "--eval_every", "0", "--keep_checkpoint",
+                   "--save_every", "1"])
+    assert m2["teacher"] == metrics["teacher"] and m2["steps"] == 3 and m2["f1_class"] == "equivalent"
+    assert (out / "mrpc-score-w2a8-seed42-lr0.001" / "checkpoint.pt").is_file()  # kept, as asked
     p = run_py(*common, "--kd", "map", "--epochs", "2")
     assert p.returncode != 0 and "already holds a run; pass --resume to continue it, --overwrite" in p.stderr
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics  # nothing lost
@@ -1300,7 +1306,7 @@ def test_run_py_end_to_end_distilbert(tmp_path):
                "--batch_size", "8", "--teacher_epochs", "1", "--teacher_lr", "1e-3", "--lr", "1e-3", "--kd", "output",
                "--max_steps", "6", "--eval_every", "0")
     assert p.returncode == 0, p.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "mrpc-output-w2a8-seed42"
+    run_dir = tmp_path / "runs" / "mrpc-output-w2a8-seed42-lr0.001"
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "output" in r] == list(range(1, 7))
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -1404,10 +1410,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
               "--lr", "1e-3"]
     p = run_py(*common, "--output_dir", tmp_path / "a", env=CPU)
     assert p.returncode == 0, p.stderr[-2000:]
-    whole = tmp_path / "a" / "mrpc-map-w2a8-seed42"
+    whole = tmp_path / "a" / "mrpc-map-w2a8-seed42-lr0.001-ep5"
     assert not (whole / "checkpoint.pt").exists()  # removed once the run is complete
     # the same run, killed once a checkpoint is on disk and before the end
-    run_dir = tmp_path / "b" / "mrpc-map-w2a8-seed42"
+    run_dir = tmp_path / "b" / "mrpc-map-w2a8-seed42-lr0.001-ep5"
     (tmp_path / "b" / "teachers").mkdir(parents=True)
     os.symlink(tmp_path / "a" / "teachers" / os.listdir(tmp_path / "a" / "teachers")[0],
                tmp_path / "b" / "teachers" / os.listdir(tmp_path / "a" / "teachers")[0])
@@ -1422,6 +1428,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
     steps_logged = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert 5 <= max(steps_logged) < 100
     # resumed with the student's layers recomputed in backward: the same numbers, so the same run
+    wall_before = runtime.load_checkpoint(run_dir / "checkpoint.pt")["loop"]["wall_seconds"]
     p = run_py(*common, "--output_dir", tmp_path / "b", "--resume", "--recompute", env=CPU)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resuming" in p.stdout
@@ -1429,6 +1436,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
     b = json.loads((run_dir / "metrics.json").read_text())
     for key in ("best", "best_step", "last", "last_step", "steps", "ptq", "teacher", "attention_recovery"):
         assert a[key] == b[key], key
+    assert b["wall_seconds"] > wall_before > 0  # the whole run's wall time, not the resumed part's
     log_a = [json.loads(line) for line in (whole / "log.jsonl").read_text().splitlines()]
     log_b = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert log_a == log_b  # the log continues where the checkpoint left it, without repeats
@@ -1448,7 +1456,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_refuses_other_arguments(tmp_path, 
     ds = write_tiny_mrpc(tmp_path / "MRPC", 96, 16)
     common = ["--task", "mrpc", "--teacher", tiny_dir, "--data_dir", ds, "--output_dir", tmp_path,
               "--batch_size", "4", "--epochs", "50", "--eval_every", "0", "--save_every", "0", "--teacher_epochs", "1"]
-    run_dir = tmp_path / "mrpc-map-w2a8-seed42"
+    run_dir = tmp_path / "mrpc-map-w2a8-seed42-ep50"
     proc = subprocess.Popen([sys.executable, str(HERE / "run.py"), *map(str, common)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, cwd=HERE)
     deadline = time.time() + HANG_GUARD
@@ -1457,12 +1465,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_refuses_other_arguments(tmp_path, 
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=HANG_GUARD)
-    assert proc.returncode != 0
+    assert proc.returncode == 130  # as a shell expects of a program stopped by SIGINT
     last = err.strip().splitlines()[-1]
     assert re.fullmatch(r"run\.py: interrupted after step \d+; resume from .*checkpoint\.pt", last), last
     assert (run_dir / "checkpoint.pt").is_file()
-    p = run_py(*common, "--lr", "1e-3", "--resume")
-    assert p.returncode != 0 and "was started with other arguments: --lr 2e-05 (now 0.001)" in p.stderr
+    p = run_py(*common, "--map_coeff", "0.5", "--resume")
+    assert p.returncode != 0 and "was started with other arguments: --map_coeff 1.0 (now 0.5)" in p.stderr
     assert (run_dir / "checkpoint.pt").is_file()  # nothing lost
 
 
@@ -1509,6 +1517,13 @@ def snapshot(folder):
      "does not support model type 'mpnet'; supported: bert, roberta"),  # refused before any data is read
     (["--task", "mrpc", "--run_name", "x", "--teacher", "/no/such/dir"], "teacher directory /no/such/dir does not exist"),
     (["--task", "mrpc", "--kd", "map"], "already holds a run; pass --resume to continue it, --overwrite"),
+    # every input is checked before the run folder (mrpc-map-w2a8-seed42 holds a run)
+    (["--task", "mrpc", "--teacher", "/no/such/dir"], "teacher directory /no/such/dir does not exist"),
+    (["--task", "mrpc", "--data_dir", "{malformed}"], "train.tsv:3: expected at least 5"),
+    (["--task", "mrpc", "--teacher", "{no_weights}"], "holds a config but no weights (no model.safetensors or "
+                                                      "pytorch_model.bin); save the model into it with save_pretrained"),
+    (["--task", "mrpc", "--lr", "1e9"], "--lr 1e+09 makes Adam diverge on a Transformer; fine-tuning rates are about"),
+    (["--task", "mrpc", "--teacher_lr", "2"], "--teacher_lr 2 makes Adam diverge"),
     (["--task", "mrpc", "--resume"], "holds no checkpoint to resume from (it has finished)"),
     (["--task", "mrpc", "--run_name", "x", "--teacher", "{empty}"], "holds no model (no config.json)"),
     (["--task", "mrpc", "--run_name", "x", "--teacher", "{three_labels}"], "3-label head but task mrpc needs 2"),
@@ -1557,7 +1572,10 @@ def test_run_py_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_r
                 rows[row] = f"a cat\tthe dog\t{bad}"
             (folder / f"{name}.tsv").write_text("\n".join(rows) + "\n")
         stsb[f"stsb_{bad}"] = folder
-    paths = {"empty": tmp_path / "empty", "three_labels": tmp_path / "three_labels", "malformed": malformed,
+    no_weights = tmp_path / "no_weights"
+    classifier(tiny_dir).config.save_pretrained(no_weights)  # a config.json, and no weights beside it
+    paths = {"no_weights": no_weights, "empty": tmp_path / "empty", "three_labels": tmp_path / "three_labels",
+             "malformed": malformed,
              "empty_data": empty_data, "mpnet": tmp_path / "mpnet", "corrupt": corrupt, "latin1": latin1, **stsb}
     argv = [a.format(**paths) for a in argv]
     message = message.format(**paths)
@@ -1598,6 +1616,8 @@ def own_data_files(d):
         "fields.csv": good[:5] + ["a,b,c,1"] + good[5:],
         "nan.csv": ["text,label"] + [f"{w},{i / 3:.2f}" for i, w in enumerate(WORDS)] + ["the dog,nan"],
         "bad.jsonl": ['{"text": "a b", "label": 1}', '{"text": "c", "label": 0}', '{"text": "oops" "label": 1}'],
+        "lbl.csv": ["premise,hypothesis,lbl"] + [f"{w} film,a {w},{i % 2}" for i, w in enumerate(WORDS)],
+        "header_only.csv": ["text,label"],
         "mixed.jsonl": ['{"text": "a b", "label": 1}', '{"text": "c", "label": "neg"}'],
     }
     for name, lines in files.items():
@@ -1609,7 +1629,11 @@ def own_data_files(d):
 @pytest.mark.parametrize("argv, message", [
     (["--train_file", "/no/such.csv", "--validation_file", "{d}/good.csv"], "missing data file /no/such.csv"),
     (["--train_file", "{d}/good.csv", "--validation_file", "{d}/good.csv", "--label_column", "gold"],
-     "good.csv: no label column 'gold'; its columns are: text, label"),
+     "good.csv: no label column 'gold'; its columns are: text, label; pass --label_column with the one that holds"),
+    (["--train_file", "{d}/lbl.csv", "--validation_file", "{d}/lbl.csv"],  # not "cannot tell the text columns"
+     "lbl.csv: no label column 'label'; its columns are: premise, hypothesis, lbl; pass --label_column"),
+    (["--train_file", "{d}/header_only.csv", "--validation_file", "{d}/good.csv"],
+     "header_only.csv: no examples (the file holds a header only)"),
     (["--train_file", "{d}/good.csv", "--validation_file", "{d}/good.csv", "--text_columns", "text,other"],
      "good.csv: no column 'other'; its columns are: text, label"),
     (["--train_file", "{d}/empty_label.csv", "--validation_file", "{d}/good.csv"], "empty_label.csv:4: empty label"),
@@ -1802,6 +1826,89 @@ def test_run_py_missing_teacher_is_one_line(tmp_path):
     p = run_py("--task", "mrpc", "--teacher", tmp_path / "nope", "--data_dir", ds, "--output_dir", tmp_path)
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
         f"run.py: error: teacher directory {tmp_path / 'nope'} does not exist"]
+
+
+def test_help_imports_no_torch_and_offers_what_the_modules_define():
+    """--help parses without torch or transformers (their import is what took seconds); the choices and
+    defaults run.py writes out for that are the ones qatkd.py and data.py define."""
+    import run
+
+    p = subprocess.run([sys.executable, "-c", "import sys, run; run.build_parser().format_help(); "
+                        "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))"],
+                       capture_output=True, text=True, cwd=HERE, timeout=HANG_GUARD)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    assert run.TASKS == tuple(data.TASKS) and run.KD_MODES == qatkd.KD_MODES
+    assert run.WEIGHT_BITS == qatkd.WEIGHT_BITS and run.OPTIMIZERS == qatkd.OPTIMIZERS
+    assert all(getattr(qatkd.TrainConfig, k) == v for k, v in run.PAPER.items())
+
+
+def test_a_useless_teacher_is_said_before_qat(tmp_path, tiny_dir):
+    """data.useless names one-class predictions and chance scores; run.py says so loudly before QAT, with
+    the fixes, and records it in metrics.json."""
+    task, reg = data.TASKS["mrpc"], data.TASKS["stsb"]
+    labels = torch.tensor([0, 1, 1, 1])
+    assert "predicts one class ('equivalent') for all 4" in data.useless(task, torch.tensor([[0.0, 1]] * 4), labels)
+    chance = torch.tensor([[1.0, 0], [0, 1], [0, 1], [1, 0]])  # 2 of 4 right; always 'equivalent' gets 3
+    assert "no better than always predicting the most frequent class ('equivalent': 75.00)" in data.useless(
+        task, chance, labels)
+    assert data.useless(task, torch.tensor([[1.0, 0], [0, 1], [0, 1], [0, 1]]), labels) is None
+    assert "do not correlate" in data.useless(reg, torch.ones(4, 1), torch.arange(4.0))
+    assert data.useless(reg, torch.arange(4.0)[:, None], torch.arange(4.0)) is None
+    flat = classifier(tiny_dir)
+    with torch.no_grad():  # a trained head that says "not_equivalent" whatever the input
+        flat.classifier.weight.zero_()
+        flat.classifier.bias.copy_(torch.tensor([5.0, -5.0]))
+    flat.save_pretrained(tmp_path / "flat")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "flat")
+    p = run_py("--task", "mrpc", "--teacher", tmp_path / "flat", "--data_dir", write_tiny_mrpc(tmp_path / "d", 16, 12),
+               "--output_dir", tmp_path / "runs", "--batch_size", "8", "--max_steps", "1", "--eval_every", "0")
+    assert p.returncode == 0, p.stderr[-2000:]
+    warning = "WARNING: the teacher is useless: it predicts one class ('not_equivalent') for all 12 dev examples"
+    assert warning in p.stderr and "--teacher_lr" in p.stderr
+    assert p.stdout.index("teacher (full precision)") < p.stdout.index("before QAT")  # said before QAT
+    metrics = json.loads((tmp_path / "runs" / "mrpc-map-w2a8-seed42" / "metrics.json").read_text())
+    assert metrics["teacher_warning"].startswith("it predicts one class")
+
+
+def test_runs_and_teachers_are_named_by_the_data(tmp_path, tiny_dir):
+    """Different data with the same file name never share a run folder or a cached teacher; the same data
+    in another format reuses the teacher (and its run folder, by the same name, holds the same run)."""
+    rows = lambda seed: [{"text": " ".join(random.Random(seed + i).choices(WORDS, k=5)), "label": i % 2}  # noqa
+                         for i in range(24)]
+    for folder, seed in (("a", 0), ("b", 1)):
+        write_jsonl(tmp_path / folder / "rte_train.jsonl", rows(seed))
+        write_jsonl(tmp_path / folder / "rte_dev.jsonl", rows(seed + 100)[:8])
+    import csv
+
+    (tmp_path / "c").mkdir()
+    with open(tmp_path / "c" / "rte_train.csv", "w", newline="") as f:  # a's training data as CSV
+        csv.writer(f).writerows([["text", "label"]] + [[r["text"], r["label"]] for r in rows(0)])
+    common = ["--teacher", tiny_dir, "--output_dir", tmp_path / "runs", "--batch_size", "8", "--teacher_epochs", "1",
+              "--max_steps", "1", "--eval_every", "0"]
+    for train, dev in (("a/rte_train.jsonl", "a/rte_dev.jsonl"), ("b/rte_train.jsonl", "b/rte_dev.jsonl")):
+        p = run_py("--train_file", tmp_path / train, "--validation_file", tmp_path / dev, *common)
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert len(list((tmp_path / "runs").glob("rte_train-*-map-w2a8-seed42"))) == 2
+    assert len(list((tmp_path / "runs" / "teachers").iterdir())) == 2
+    p = run_py("--train_file", tmp_path / "c" / "rte_train.csv", "--validation_file", tmp_path / "a" / "rte_dev.jsonl",
+               *common)
+    assert p.returncode != 0 and "already holds a run" in p.stderr  # the same data: the same run
+    assert "reusing the teacher fine-tuned in" in p.stdout and len(list((tmp_path / "runs" / "teachers").iterdir())) == 2
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
+    """No HF_HUB_OFFLINE set and a hub that does not answer: run.py goes offline itself (no minute of
+    retries) and the default hub teacher fails in one line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))}
+    p = subprocess.run([sys.executable, str(HERE / "run.py"), "--task", "mrpc", "--data_dir",
+                        str(write_tiny_mrpc(tmp_path / "d", 8, 4)), "--output_dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=HERE, timeout=HANG_GUARD,
+                       env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens on port 9
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith(
+        "run.py: error: could not load teacher 'bert-base-uncased'"), p.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2109,7 +2216,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
                          env={**os.environ, **cpu})
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("== summary: mrpc") == 1  # only rank 0 reports
-    run = "mrpc-unified-w2a32-seed42"
+    run = "mrpc-unified-w2a32-seed42-lr0.001"
     teacher = next((tmp_path / "one" / "teachers").iterdir()).name
     for sub in (f"teachers/{teacher}", f"{run}/student"):
         a, b = load_file(tmp_path / "one" / sub / "model.safetensors"), load_file(tmp_path / "two" / sub / "model.safetensors")
@@ -2131,7 +2238,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     # without a slice of its own takes that example too, so an epoch has 5 steps, as in one process
     # The run folder holds a replaced run's stale checkpoint: --overwrite must keep every process from loading it
     short = write_tiny_mrpc(tmp_path / "MRPC33", 33, 8, words=(5, 5))
-    stale = tmp_path / "short" / "mrpc-map-w2a8-seed42"
+    stale = tmp_path / "short" / "mrpc-map-w2a8-seed42-ep2"
     stale.mkdir(parents=True)
     (stale / "args.json").write_text("{}")
     (stale / "checkpoint.pt").write_bytes(b"a replaced run's checkpoint")
@@ -2141,7 +2248,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
                             "--output_dir", str(tmp_path / "short"), "--overwrite"],
                            capture_output=True, text=True, cwd=HERE, timeout=HANG_GUARD, env={**os.environ, **cpu})
     assert three.returncode == 0, three.stderr[-3000:]
-    log = [json.loads(line) for line in (tmp_path / "short" / "mrpc-map-w2a8-seed42" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "short" / "mrpc-map-w2a8-seed42-ep2" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 11))
 
 
