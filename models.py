@@ -134,7 +134,7 @@ def load_student(path):
 
     bits = json.loads((Path(path) / "quantization.json").read_text())
     model = AutoModelForSequenceClassification.from_pretrained(path)
-    return qatkd.quantize_student(model, bits["wbits"], bits["abits"])
+    return qatkd.quantize_student(model, bits["wbits"], bits["abits"], act_scale=bits.get("act_scale", "batch"))
 
 
 def checkpointable(config):

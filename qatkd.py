@@ -20,7 +20,7 @@ Everything here is plain torch (and transformers for the encoders): the code tha
 formula its docstring states. Data, export and integer inference, diagnostics, files and
 processes live in the modules beside it. The official code (MarsJacobs/kd-qat-large-enc, derived
 from TernaryBERT) is the reference for what is computed; every deliberate difference is marked
-with a comment "DEVIATION (name)" where it is made, and README.md lists them by the same names.
+with a DEVIATION comment that names it where it is made, and README.md lists them by the same names.
 """
 
 from __future__ import annotations
@@ -121,6 +121,31 @@ def quantize_uniform(x, bits, per_row=False, clip=CLIP):
         top = xc.abs().amax((-1,) if per_row else tuple(range(xc.dim())), keepdim=True)
         s = n / top.clamp_min(n * torch.finfo(xc.dtype).tiny)
         return torch.round(xc * s) / s
+
+    return ClipSTE.apply(x, levels, clip)
+
+
+def quantize_per_example(x, bits, tokens, clip=CLIP):
+    """quantize_uniform with one scale per example, from its real tokens only: an example's codes then do
+    not depend on its batch neighbours or on padding, as a served model's must not.
+
+    tokens: [B, S], 1 = token, 0 = padding. x: [B, S, d] (a Linear's input), [B, H, S, X] or [B*H, S, X]
+    (attention's Q, K, V, P: the sequence in dim -2), or [B, d] (one vector per example):
+        s_b = (2^(k-1) - 1) / max |x_c| over example b's real tokens;     q = round(x_c * s_b) / s_b
+    (padding, left out of the max, is clamped to the same 2^k - 1 levels).
+    Gradient as quantize_uniform's.
+    """
+    B = tokens.shape[0]
+
+    def levels(xc):
+        n = 2 ** (bits - 1) - 1
+        if xc.dim() > 2 and xc.shape[-2] != tokens.shape[1]:
+            raise ValueError(f"per-example scales need the sequence in dim -2; got {tuple(xc.shape)} for {tuple(tokens.shape)}")
+        grid = xc.reshape(B, -1, *xc.shape[-2:]) if xc.dim() > 2 else xc.reshape(B, 1, 1, -1)  # [B, H, S, X]
+        real = tokens.to(xc.dtype)[:, None, :, None] if xc.dim() > 2 else 1.0
+        top = (grid.abs() * real).amax((1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
+        s = n / top.clamp_min(n * torch.finfo(xc.dtype).tiny)
+        return (torch.round(grid * s).clamp(-n, n) / s).reshape(xc.shape)
 
     return ClipSTE.apply(x, levels, clip)
 
@@ -347,7 +372,10 @@ def use_qatkd_attention(model):
     return model
 
 
-def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform):
+ACT_SCALES = ("batch", "example")
+
+
+def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_scale="batch"):
     """A quantized deep copy of a full-precision sequence classifier (the paper's W2A8 set-up).
 
     The same rule in every family (FAMILIES), as the original code quantizes BERT:
@@ -357,15 +385,23 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform):
     - inside self-attention, Q, K, V and the attention probabilities after dropout -> abits;
     - full precision: the head's final projection (Family.classifier), LayerNorms, biases, position,
       token-type and relative-position embeddings.
-    act_quant(x, bits): the activation quantizer of every Linear input and of Q, K, V, P. The latent
-    weights start as the teacher's; with wbits = abits = 32 the student computes what the teacher does.
+    act_quant(x, bits): the activation quantizer of every Linear input and of Q, K, V, P. act_scale
+    "batch": its scale per tensor over the whole batch, padding included (the original's); "example":
+    quantize_per_example, the batch's attention_mask taken from each call. The latent weights start as
+    the teacher's; with wbits = abits = 32 the student computes what the teacher does.
     """
     if wbits not in WEIGHT_BITS:
         raise ValueError(f"unsupported weight bit width {wbits}; use one of {WEIGHT_BITS}")
     if not (2 <= abits <= 16 or abits == 32):
         raise ValueError(f"unsupported activation bit width {abits}; use 2..16, or 32 for full precision")
+    if act_scale not in ACT_SCALES:
+        raise ValueError(f"unknown activation scale {act_scale!r}; use one of {ACT_SCALES}")
     family = model_family(teacher.config)
     student = use_qatkd_attention(copy.deepcopy(teacher))
+    if act_scale == "example":  # each call's tokens, for quantize_per_example
+        tokens = {}
+        student.register_forward_pre_hook(lambda _m, _a, kw: tokens.update(mask=token_mask(kw)), with_kwargs=True)
+        act_quant = lambda x, bits: quantize_per_example(x, bits, tokens["mask"])  # noqa: E731
     keep = student.get_submodule(family.classifier)
     for parent in list(student.modules()):
         for name, child in parent.named_children():
@@ -381,8 +417,14 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform):
     for m in self_attention_modules(student):
         # DEVIATION (activation bits): abits governs Q, K, V and P too; the original always quantizes those to 8 bits
         m.quantize_act = None if abits == 32 else (lambda t, bits=abits: act_quant(t, bits))
-    student.qatkd_bits = {"wbits": wbits, "abits": abits}
+    student.qatkd_bits = {"wbits": wbits, "abits": abits, "act_scale": act_scale}
     return student
+
+
+def token_mask(inputs):
+    """The [B, S] token mask of a model call's keyword inputs: attention_mask, or all ones."""
+    mask = inputs.get("attention_mask")
+    return torch.ones_like(inputs["input_ids"]) if mask is None else mask
 
 
 @dataclass

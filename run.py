@@ -83,10 +83,12 @@ def build_parser():
                         "the columns other than the label")
     g.add_argument("--label_column", default="label",
                    help="names or integers: classification (classes sorted); floats: regression. Default: label")
+    g = p.add_argument_group("outputs and runs")
     g.add_argument("--output_dir", default="runs",
                    help="root of all outputs: teachers/ (fine-tuned teachers) and one folder per run. Default: runs")
     g.add_argument("--run_name", default=None,
-                   help="folder of this run under --output_dir. Default: TASK-KD-wWaA-seedS")
+                   help="folder of this run under --output_dir. Default: TASK-KD-wWaA-seedS (your own data: "
+                        "NAME-FINGERPRINT-KD-wWaA-seedS), with -tseedT, -original, -lrX, -epN where they apply")
     g.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in the same folder (a sweep reruns runs made with other arguments)")
     g.add_argument("--mix_commits", action="store_true",
@@ -125,6 +127,7 @@ def build_parser():
     g.add_argument("--rank_samples", type=int, default=64,
                    help="dev examples for the ranking-loss and cover-length diagnostics (cost grows as length^3). "
                         "Default: 64")
+    g = p.add_argument_group("sweeps (one results table over runs)")
     g.add_argument("--sweep", action="store_true",
                    help="run teacher, PTQ and QAT for each --sweep_kd mode and --seeds seed, and write one results "
                         "table (OUTPUT_DIR/sweep-TASK-wWaA.md and .csv); finished runs are reused")

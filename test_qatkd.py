@@ -454,6 +454,36 @@ def test_student_quantizes_qkv_and_probs(tiny_dir):
     assert len(seen) == 4 * n_layers + len(linears)  # and every QuantLinear's input once
 
 
+def test_per_example_scales_do_not_depend_on_the_batch(tiny_dir):
+    """act_scale="example": an example's logits are the same alone, beside other examples, and padded;
+    quantize_per_example of one example equals quantize_uniform of its real tokens."""
+    x = torch.randn(3, 7, 5, requires_grad=True)
+    tokens = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    q = qatkd.quantize_per_example(x, 8, tokens)
+    for b, n in enumerate([7, 4, 2]):
+        assert torch.equal(q[b, :n], qatkd.quantize_uniform(x[b, :n], 8))
+    q.sum().backward()
+    assert torch.equal(x.grad, (x.abs() <= qatkd.CLIP).float())
+    teacher = classifier(tiny_dir).double()
+    for m in teacher.modules():  # biases off zero: ternary x 8-bit products of a zero-bias model sit on a
+        if isinstance(m, nn.Linear):  # lattice whose rounding ties flip with the last bit of a matmul
+            nn.init.normal_(m.bias, std=0.1)
+    student = qatkd.quantize_student(teacher, wbits=2, abits=4, act_scale="example").eval()
+    batch = make_batch([6, 3, 5])
+    def alone(model):
+        return torch.cat([model(**{k: v[b:b + 1, :n] for k, v in batch.items()}).logits
+                          for b, n in enumerate((6, 3, 5))])
+
+    padded = {k: torch.nn.functional.pad(v, (0, 5)) for k, v in batch.items()}
+    together = student(**batch).logits
+    assert torch.allclose(together, alone(student), atol=1e-5)
+    assert torch.allclose(together, student(**padded).logits, atol=1e-5)
+    batch_scale = qatkd.quantize_student(teacher, wbits=2, abits=4).eval()
+    assert not torch.allclose(batch_scale(**batch).logits, alone(batch_scale), atol=1e-5)  # the original's
+    with pytest.raises(ValueError, match="activation scale"):
+        qatkd.quantize_student(teacher, act_scale="token")
+
+
 def test_bad_bit_widths(tiny_dir):
     teacher = classifier(tiny_dir)
     with pytest.raises(ValueError, match="weight bit width 3"):
@@ -1774,6 +1804,20 @@ def test_own_data_reader_fuzzed(labels, fmt, garbage, tmp_path_factory):
         assert len(ds["train"]) == len(labels)
 
 
+def test_readme_deviations_and_code_comments_name_the_same_deviations():
+    """Each deviation from the original code is marked in the code by a comment "DEVIATION (name)" and
+    listed in README's Deviations by the same **name**; neither list has one the other lacks."""
+    in_code = set()
+    for path in HERE.glob("*.py"):
+        if path.name != "test_qatkd.py":
+            in_code |= set(re.findall(r"DEVIATION \(([^)]+)\)", path.read_text()))
+    readme = (HERE / "README.md").read_text()
+    section = readme[readme.index("## Deviations from the original code"):]
+    section = section[:section.index("\n## ", 5)]
+    in_readme = set(re.findall(r"^\d+\. \*\*([^*]+)\*\*", section, flags=re.M))
+    assert in_code == in_readme and len(in_code) >= 12, (in_code ^ in_readme)
+
+
 def test_readme_flag_table_matches_help():
     """README's Flags table lists exactly the flags of run.py --help (not the hidden internal ones)."""
     import argparse
@@ -1783,7 +1827,7 @@ def test_readme_flag_table_matches_help():
     flags = {o for a in run.build_parser()._actions for o in a.option_strings
              if o.startswith("--") and o != "--help" and a.help != argparse.SUPPRESS}
     readme = (HERE / "README.md").read_text()
-    table = readme[readme.index("### Flags"):]
+    table = readme[readme.index("## Flags"):]
     table = table[:table.index("\n\n", table.index("|---|"))]
     documented = set(re.findall(r"`(--[a-z_]+)`", table))
     assert documented == flags, (sorted(flags - documented), sorted(documented - flags))
