@@ -10,6 +10,7 @@ exported student on a dev set. run.py parses the arguments and calls these.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -17,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -39,10 +41,11 @@ def recipe_suffix(args):
 
 def default_run_name(args):
     """TASK-KD-wWaA-seedS, then -tseedT for a teacher seed other than 42, -original for the original
-    padding protocol and the recipe_suffix: runs that differ in what they compute never share a folder."""
+    padding protocol, the recipe_suffix and -actexample: runs that differ in what they compute never share a folder."""
     return (f"{args.data_name}-{args.kd}-w{args.wbits}a{args.abits}-seed{args.seed}"
             + (f"-tseed{args.teacher_seed}" if args.teacher_seed != 42 else "")
-            + ("-original" if args.original_padding else "") + recipe_suffix(args))
+            + ("-original" if args.original_padding else "") + recipe_suffix(args)
+            + ("-actexample" if getattr(args, "act_scale", None) == "example" else ""))
 
 
 @dataclass
@@ -136,7 +139,7 @@ def is_main():
 def student_for(env, args):
     """The quantized student of a run; with --recompute each layer is recomputed in backward
     (transformers' activation checkpointing, non-reentrant: the same numbers in less memory)."""
-    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
+    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits, act_scale=args.act_scale or "batch")
     if args.recompute:
         student.activation_checkpointing_enable({"use_reentrant": False})
     return student
@@ -241,7 +244,7 @@ def recovery(env, student, args):
 
 def ptq_baseline(env, args):
     """The quantized student before any training: dev score and attention-recovery diagnostics."""
-    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits)
+    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits, act_scale=args.act_scale or "batch")
     metrics = evaluate(env, student, args, "eval PTQ")
     print(f"student W{args.wbits}A{args.abits} before QAT    {fmt(metrics)}")
     return {"metrics": metrics, "recovery": recovery(env, student, args)}
@@ -384,24 +387,35 @@ def eval_export(args):
     """--eval_export DIR: the exported student on the task's dev set, as it would be deployed: dev
     metrics, examples per second (batches of --batch_size, dynamic padding), the loaded model's
     weight bytes and the process's peak resident memory."""
-    if not (Path(args.eval_export) / "model.safetensors").is_file():
-        raise FileNotFoundError(f"--eval_export: {args.eval_export} holds no exported student (model.safetensors); "
-                                "run.py writes one to RUN_DIR/student_packed")
+    folder = Path(args.eval_export)
+    onnx = (folder / "model.onnx").is_file()
+    if not onnx and not (folder / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--eval_export: {folder} holds no exported student (model.safetensors or model.onnx); "
+                                "run.py writes one to RUN_DIR/student_packed, --export_onnx to student_packed_onnx")
+    if not onnx and "qatkd" not in safetensors_metadata(folder / "model.safetensors"):
+        raise ValueError(f"--eval_export: {folder} holds a full-precision model, not an exported student; pass "
+                         "RUN_DIR/student_packed")
     from transformers import AutoTokenizer
 
     start = time.time()
-    model = export.load_quantized(args.eval_export, backend=args.backend, device=args.device)
+    act_scale = args.act_scale or models.deploy_act_scale(folder)
+    model = (export.OnnxStudent(folder) if onnx else
+             export.load_quantized(folder, backend=args.backend, device=args.device, act_scale=act_scale))
+    backend = "ONNX Runtime" if onnx else f"{args.backend} backend"
     load_seconds = time.time() - start
+    if not args.task and not args.train_file and not args.dataset:  # --validation_file alone: classes by name
+        args.train_file = args.validation_file
     task, examples = load_data(args)
     task, examples, _ = data.align_labels(task, examples, model.config.id2label)
     tokenizer = AutoTokenizer.from_pretrained(args.eval_export)
     dev = {k: data.tokenize(v, tokenizer, args.max_len) for k, v in examples.items() if k != "train"}
     start = time.time()
-    metrics = data.evaluate(model, task, dev, args.batch_size, tokenizer.pad_token_id or 0, f"eval {args.backend}")
+    metrics = data.evaluate(model, task, dev, args.batch_size, tokenizer.pad_token_id or 0, f"eval {backend}")
     seconds = time.time() - start
     n = sum(len(v) for v in dev.values())
     weight_bytes = model_bytes(model)
-    print(f"{args.eval_export} ({args.backend} backend, W{model.qatkd_bits['wbits']}A{model.qatkd_bits['abits']}) "
+    print(f"{args.eval_export} ({backend}, W{model.qatkd_bits['wbits']}A{model.qatkd_bits['abits']}, activation scales "
+          f"per {model.qatkd_bits['act_scale']}) "
           f"on {task.name} dev: {fmt(metrics)}")
     print(f"{n / seconds:.1f} examples per second ({n} examples, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, malloc: {runtime.malloc_settings()}); weights {weight_bytes / 1e6:.1f} MB "
@@ -410,8 +424,70 @@ def eval_export(args):
             "peak_memory_mb": runtime.peak_memory_mb()}
 
 
+def predict(args):
+    """--predict DIR: a student's answers on new text (--text A [B], or each row of --input FILE): the label
+    and every class's probability (the score, for regression), as JSON Lines on stdout or in
+    FILE-predictions.jsonl beside the input file."""
+    from transformers import AutoTokenizer
+
+    if not Path(args.predict).is_dir():
+        raise FileNotFoundError(f"--predict: no student folder {args.predict}")
+    model = models.load_any_student(args.predict, args.backend, args.act_scale or models.deploy_act_scale(args.predict),
+                                    args.device)
+    tokenizer = AutoTokenizer.from_pretrained(args.predict)
+    if args.text:
+        pairs = [(args.text[0], args.text[1] if len(args.text) > 1 else None, 0)]
+        out = None
+    else:
+        table, where = data.read_data_file(args.input)
+        columns = args.text_columns or data.default_text_columns(table.column_names, args.label_column)
+        for c in columns:
+            if c not in table.column_names:
+                raise ValueError(f"{args.input}: no column {c!r}; its columns are: {', '.join(table.column_names)}; "
+                                 "pass --text_columns a[,b]")
+        for i, row in enumerate(table):
+            if any(not isinstance(row[c], str) or not row[c].strip() for c in columns):
+                raise ValueError(f"{where(i)}: empty or non-text {' or '.join(columns)}")
+        pairs = [(row[columns[0]], row[columns[1]] if len(columns) > 1 else None, 0) for row in table]
+        out = Path(args.input).with_name(Path(args.input).stem + "-predictions.jsonl")
+    feats = data.tokenize(pairs, tokenizer, args.max_len)
+    progress = None if out else (lambda **kw: contextlib.nullcontext(SimpleNamespace(update=lambda n: None)))
+    logits = data.predict(model, {"input": feats}, args.batch_size, tokenizer.pad_token_id or 0, "predict",
+                          progress=progress)["input"][0]
+    rows = export.predictions(model, logits)
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    if out is None:
+        print(lines, end="")
+    else:
+        with runtime.atomic_path(out) as tmp:
+            Path(tmp).write_text(lines)
+        print(f"{len(rows)} predictions in {out}")
+    return rows
+
+
+def safetensors_metadata(path):
+    """The metadata of a safetensors file (export_quantized writes "qatkd" there)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def export_onnx(args):
+    """--export_onnx DIR: the exported student in DIR as an ONNX graph in DIR_onnx/."""
+    folder = Path(args.export_onnx)
+    if not (folder / "model.safetensors").is_file() or "qatkd" not in safetensors_metadata(folder / "model.safetensors"):
+        raise FileNotFoundError(f"--export_onnx: {folder} holds no exported student; pass RUN_DIR/student_packed")
+    out = folder.with_name(folder.name + "_onnx")
+    path = export.export_onnx(folder, out, act_scale=args.act_scale or models.deploy_act_scale(folder))
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); evaluate it with --eval_export {out}")
+    return path
+
+
 def model_bytes(model):
     """Bytes of a model's parameters and buffers, and of the integer backend's prepacked weights."""
+    if isinstance(model, export.OnnxStudent):
+        return model.file.stat().st_size  # ONNX Runtime holds its initializers
     tensors = list(model.parameters()) + list(model.buffers())
     prepacked = [p for m in model.modules() for p, _ in getattr(m, "packed", [])]
     return sum(t.numel() * t.element_size() for t in tensors) + sum(p.numel() for p in prepacked)

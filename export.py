@@ -5,7 +5,9 @@
                        are, in one safetensors file (no pickle)
     load_quantized     rebuilds it: backend "fake" (fp32 weights set to the quantized values: logits
                        bit-identical to the student's) or "int8" (integer matrix products: IntLinear,
-                       IntEmbedding)
+                       IntEmbedding), with activation scales per batch (the original's) or per example
+    export_onnx        the same integer student as an ONNX graph (MatMulInteger on int8 codes), for ONNX
+                       Runtime; OnnxStudent runs it, called like the PyTorch model
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 import qatkd
 from qatkd import CLIP, QuantEmbedding, QuantLinear
-from runtime import atomic_path
+from runtime import atomic_path, write_json
 
 def pack_bits(codes, bits):
     """Pack non-negative integer codes (< 2^bits, bits in 1, 2, 4, 8) into uint8, 8 // bits per byte.
@@ -110,8 +113,13 @@ def export_quantized(student, path, tokenizer=None):
     return sizes
 
 
-def load_quantized(path, backend="fake", device="cpu"):
+def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=None):
     """Rebuild an exported student.
+
+    act_scale: None (as it was trained), "batch" (one scale per tensor over the batch, padding
+    included: the original's) or "example" (one per example over its real tokens: a prediction that
+    depends on its input only, as a served model's must). kernel: IntLinear's integer matmul (None:
+    the device's best, int8_kernel).
 
     backend "fake": dequantized fp32 weights, activations fake-quantized as in training; logits
     bit-identical to the trained student's. Weights are set to the exact quantized values (wbits=32
@@ -132,6 +140,13 @@ def load_quantized(path, backend="fake", device="cpu"):
         meta = json.loads(f.metadata()["qatkd"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     wbits, abits = meta["wbits"], meta["abits"]
+    act_scale = act_scale or meta.get("act_scale", "batch")
+    if act_scale not in qatkd.ACT_SCALES:
+        raise ValueError(f"unknown activation scale {act_scale!r}; use one of {qatkd.ACT_SCALES}")
+    config = AutoConfig.from_pretrained(path)
+    if act_scale == "example" and not qatkd.model_family(config).per_example:
+        raise ValueError(f"per-example activation scales are not available for {config.model_type} (its "
+                         "relative-position embeddings share the Linear layers of the tokens); use act_scale batch")
     if backend == "int8" and abits > 8:
         raise ValueError(f"the int8 backend needs activations of 8 bits or fewer; this student has {abits}")
     state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale"))}
@@ -139,13 +154,18 @@ def load_quantized(path, backend="fake", device="cpu"):
              for key, shape in meta["shapes"].items()}
     if backend == "fake":
         state.update({key: codes_to_weight(c, tensors[key + ".scale"], wbits) for key, c in codes.items()})
-    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
+    model = AutoModelForSequenceClassification.from_config(config)
     model.load_state_dict(state, strict=backend == "fake")
     model.to(device)  # the integer kernels are chosen for the device the codes live on
     if backend == "fake":
-        student = qatkd.quantize_student(model, 32, abits)
+        student = qatkd.quantize_student(model, 32, abits, act_scale=act_scale)
     else:
         student = qatkd.use_qatkd_attention(model)
+        tokens = None
+        if act_scale == "example":  # each call's token mask, for IntLinear and Q, K, V, P
+            tokens = {}
+            student.register_forward_pre_hook(lambda _m, _a, kw: tokens.update(mask=qatkd.token_mask(kw)),
+                                              with_kwargs=True)
         for key, c in codes.items():
             name = key.removesuffix(".weight")
             parent, child = (name.rsplit(".", 1) + [""])[:2] if "." in name else ("", name)
@@ -154,11 +174,13 @@ def load_quantized(path, backend="fake", device="cpu"):
             if isinstance(old, nn.Embedding):
                 new = IntEmbedding(c, scale, wbits)
             else:
-                new = IntLinear(*signed_codes(c, scale, wbits), old.bias, abits)
+                new = IntLinear(*signed_codes(c, scale, wbits), old.bias, abits,
+                                None if tokens is None else (lambda: tokens["mask"]), kernel)
             setattr(student.get_submodule(parent), child, new)
         for m in qatkd.self_attention_modules(student):  # Q, K, V and P fake-quantized, as in training
-            m.quantize_act = lambda t: qatkd.quantize_uniform(t, abits)
-    student.qatkd_bits = {"wbits": wbits, "abits": abits}
+            m.quantize_act = ((lambda t: qatkd.quantize_uniform(t, abits)) if tokens is None else
+                              (lambda t: qatkd.quantize_per_example(t, abits, tokens["mask"])))
+    student.qatkd_bits = {"wbits": wbits, "abits": abits, "act_scale": act_scale}
     return student.eval()
 
 
@@ -188,8 +210,35 @@ def int8_kernel(device):
 def int_codes(x, s, n, shift, dtype):
     """IntLinear's activation codes: round(clamp(x * s, -n, n)) + shift, as dtype (int8 with shift 0, or
     uint8 with shift 128 for oneDNN). Clamping x * s to [-n, n] gives the codes of round(clamp(x, -2.5,
-    2.5) * s), the training-time quantizer's. x: any shape; s: a float."""
+    2.5) * s), the training-time quantizer's. x: any shape; s: a float, or a tensor that broadcasts
+    against x (one scale per example)."""
     return (x * s).clamp_(-n, n).round_().add_(shift).to(dtype)
+
+
+@torch.library.custom_op("qatkd::matmul_integer", mutates_args=())
+def matmul_integer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [..., K] x int8 [K, N] -> int32 [..., N], exact: ONNX's MatMulInteger (export_onnx
+    translates it to that node), an int32 matmul when run in PyTorch."""
+    return a.to(torch.int32) @ b.to(torch.int32)
+
+
+@matmul_integer.register_fake
+def _(a, b):
+    return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
+
+
+def activation_scale(x, n, tokens=None):
+    """The activation quantizer's scale s = n / min(max |x|, 2.5), as a tensor in x's dtype.
+
+    tokens None: one per tensor (quantize_uniform's). tokens [B, S] (1 = token): one per example over
+    its real tokens (quantize_per_example's); x [B, S, d] -> s [B, 1, 1], x [B, d] -> s [B, 1].
+    """
+    if tokens is None:
+        top = x.abs().max()
+    else:
+        real = tokens.to(x.dtype)[:, :, None] if x.dim() == 3 else 1.0
+        top = (x.abs() * real).amax(tuple(range(1, x.dim())), keepdim=True)
+    return n / top.clamp(max=CLIP).clamp_min(n * torch.finfo(x.dtype).tiny)
 
 
 class IntLinear(nn.Module):
@@ -198,50 +247,74 @@ class IntLinear(nn.Module):
     x: [..., in] float -> y: [..., out] float. W_q: int8 codes [out, in] with W = W_q * c (c: the
     weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) are the activation's int8
     codes with exactly the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor,
-    symmetric). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as uint8 X_q + 128
-    and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its uint8 x int8
-    products are summed in pairs in int16 and could saturate for |W_q| > 64, so 8-bit weights are
-    split as W_q = 128 W_hi + W_lo (two exact GEMMs).
+    symmetric; per example over its real tokens when tokens, a function returning the batch's [B, S]
+    token mask, is given). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
+    uint8 X_q + 128 and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its
+    uint8 x int8 products are summed in pairs in int16 and could saturate for |W_q| > 64, so 8-bit
+    weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs). Under torch.export (export_onnx)
+    the same arithmetic runs as graph ops around matmul_integer.
     """
 
-    def __init__(self, q, step, bias, abits=8):
+    def __init__(self, q, step, bias, abits=8, tokens=None, kernel=None):
+        # tokens is a function, not the mask holder itself: torch.export replaces dict attributes by copies
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.abits, self.step, self.kernel = abits, step, int8_kernel(q.device)
+        self.abits, self.step, self.tokens = abits, step, tokens
+        self.kernel = kernel or int8_kernel(q.device)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         if self.kernel == "onednn":  # prepacked once; kept as attributes (opaque tensors: not in the state dict)
             hi = torch.round(q.to(torch.float32) / 128).to(torch.int8) if q.abs().max() > 64 else None
             parts = [(q, 1)] if hi is None else [((q.to(torch.int16) - 128 * hi.to(torch.int16)).to(torch.int8), 1),
                                                    (hi, 128)]
-            self.packed = [(torch.ops.onednn.qlinear_prepack(p, None), f) for p, f in parts]
+            self.packed = [(torch.ops.onednn.qlinear_prepack(p, None), f)
+                           for p, f in parts]
         else:
             self.register_buffer("q", q.contiguous())
 
     def forward(self, x):
         n = 2 ** (self.abits - 1) - 1
-        lo, hi = torch.aminmax(x)
-        m = float(torch.maximum(-lo, hi))
-        s = n / max(min(m, CLIP), n * torch.finfo(x.dtype).tiny)  # the activation quantizer's scale, per tensor
-        s = float(torch.tensor(s, dtype=x.dtype))  # in x's precision, as uniform_scale computes it
+        tokens = None if self.tokens is None else self.tokens()
+        if torch.compiler.is_exporting():  # ONNX: graph ops, MatMulInteger for X_q W_q^T
+            s = activation_scale(x, n, tokens)
+            codes = (x * s).clamp(-n, n).round().to(torch.int8)
+            acc = matmul_integer(codes, self.q.t()).to(x.dtype)
+            # per example: c first, then / s_x, as below (ONNX Runtime fuses a Mul after MatMulInteger into
+            # MatMulIntegerToFloat, which gets a per-example [B, 1, 1] scale wrong)
+            y = acc * (self.step / s) if tokens is None else acc * self.step / s
+            return y if self.bias is None else y + self.bias
+        if tokens is None:
+            lo, hi = torch.aminmax(x)
+            m = float(torch.maximum(-lo, hi))
+            s = n / max(min(m, CLIP), n * torch.finfo(x.dtype).tiny)  # the activation quantizer's scale, per tensor
+            s = float(torch.tensor(s, dtype=x.dtype))  # in x's precision, as uniform_scale computes it
+            factor = self.step / s  # y = (X_q W_q^T) * c / s_x + b
+        else:
+            s = activation_scale(x, n, tokens)  # [B, 1, 1] or [B, 1]
+            factor = self.step
         onednn = self.kernel == "onednn"
         codes = int_codes(x, s, n, 128 if onednn else 0, torch.uint8 if onednn else torch.int8)
-        factor = self.step / s  # y = (X_q W_q^T) * c / s_x + b
         if onednn:
             qx, ones, zeros = codes, torch.ones(1), torch.zeros(1, dtype=torch.long)
             y = None
             for packed, f in self.packed:
                 part = torch.ops.onednn.qlinear_pointwise(qx, factor * f, 128, packed, ones, zeros,
-                                                          self.bias if y is None else None, 1.0, 0, torch.float32,
-                                                          "none", [], "")
+                                                          self.bias if y is None and tokens is None else None,
+                                                          1.0, 0, torch.float32, "none", [], "")
                 y = part if y is None else y + part
+        else:
+            flat = codes.reshape(-1, self.in_features)
+            acc = torch._int_mm(flat, self.q.t()) if self.kernel == "int_mm" else flat.int() @ self.q.int().t()
+            y = (acc.float() * factor).reshape(*x.shape[:-1], self.out_features)
+            if tokens is None:
+                return y if self.bias is None else y + self.bias
+        if tokens is None:
             return y
-        flat = codes.reshape(-1, self.in_features)
-        acc = torch._int_mm(flat, self.q.t()) if self.kernel == "int_mm" else flat.int() @ self.q.int().t()
-        y = (acc.float() * factor).reshape(*x.shape[:-1], self.out_features)
+        y = y / s  # per example: X_q W_q^T c, then / s_x, then + b
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, abits={self.abits}, {self.kernel}"
+        scale = "per tensor" if self.tokens is None else "per example"
+        return f"in_features={self.in_features}, out_features={self.out_features}, abits={self.abits}, {scale}, {self.kernel}"
 
 
 class IntEmbedding(nn.Module):
@@ -267,3 +340,106 @@ class IntEmbedding(nn.Module):
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.bits}-bit codes"
+
+
+class _Logits(nn.Module):
+    """model(input_ids, attention_mask[, token_type_ids]) -> logits, the signature an ONNX graph takes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kw = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits
+
+
+ONNX_UNSUPPORTED = {"deberta-v2": "torch.export cannot trace its relative-position attention with a dynamic length"}
+
+
+def export_onnx(path, out, act_scale="example"):
+    """The packed student at path/ (export_quantized) as an ONNX graph at out (model.onnx beside a
+    copy of config and tokenizer): what load_quantized(path, "int8") computes.
+
+    Inputs input_ids, attention_mask (and token_type_ids where the family has them), int64 [B, S],
+    batch and length dynamic; output logits [B, C]. Every quantized Linear is an int8 weight
+    initializer [in, out] and a MatMulInteger on the activation's int8 codes (per example over the
+    real tokens with act_scale "example", per tensor with "batch"), rescaled once; the word embedding
+    is gathered from its packed codes. Returns the path of model.onnx.
+    """
+    import shutil
+
+    import onnx
+    from onnxscript import opset18 as op
+
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type in ONNX_UNSUPPORTED:
+        raise ValueError(f"no ONNX export for {model_type}: {ONNX_UNSUPPORTED[model_type]}; use --eval_export / "
+                         "--predict with the int8 backend")
+    student = load_quantized(path, backend="int8", act_scale=act_scale, kernel="plain")
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if student.config.type_vocab_size > 0 else [])
+    example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    graph = torch.onnx.export(_Logits(student).eval(), example, dynamo=True, verbose=False, input_names=names,
+                              output_names=["logits"], dynamic_shapes={k: {0: batch, 1: length} for k in names},
+                              custom_translation_table={
+                                  torch.ops.qatkd.matmul_integer.default: lambda a, b: op.MatMulInteger(a, b),
+                                  torch.ops.aten.__rshift__.Tensor: lambda a, b: op.BitShift(a, b, direction="RIGHT")})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "model.onnx") as tmp:
+        graph.save(str(tmp))
+        onnx.checker.check_model(str(tmp))
+    for f in Path(path).iterdir():
+        if f.name != "model.safetensors" and f.is_file():
+            shutil.copy(f, out / f.name)
+    write_json(out / "quantization.json", student.qatkd_bits)
+    return out / "model.onnx"
+
+
+class OnnxStudent:
+    """A student exported by export_onnx, run by ONNX Runtime (CPU) and called like the PyTorch model:
+    model(input_ids=..., attention_mask=...[, token_type_ids=...]).logits -> [B, C] float tensor."""
+
+    def __init__(self, path, threads=None):
+        import onnxruntime as ort
+        from transformers import AutoConfig
+
+        path = Path(path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.file = path / "model.onnx"
+        self.session = ort.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.config = AutoConfig.from_pretrained(path)
+        self.qatkd_bits = json.loads((path / "quantization.json").read_text())
+        self.device, self.training = torch.device("cpu"), False
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        if token_type_ids is None:  # as transformers does: all segment 0
+            token_type_ids = torch.zeros_like(input_ids)
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        logits = self.session.run(["logits"], {k: feed[k].cpu().numpy() for k in self.inputs})[0]
+        return SimpleNamespace(logits=torch.from_numpy(logits))
+
+    __call__ = forward
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+
+def predictions(model, logits):
+    """Rows of a prediction: {"label", "probabilities": {class: p}} for a classifier (classes by
+    model.config.id2label), {"score"} for a regression head (one output)."""
+    if logits.shape[-1] == 1:
+        return [{"score": float(v)} for v in logits[:, 0]]
+    names = [model.config.id2label[i] for i in range(logits.shape[-1])]
+    probs = logits.float().softmax(-1)
+    return [{"label": names[int(p.argmax())], "probabilities": {n: round(float(v), 6) for n, v in zip(names, p)}}
+            for p in probs]

@@ -128,13 +128,49 @@ def save_student(student, path, tokenizer=None):
     save_model(student, path, tokenizer, {"quantization.json": student.qatkd_bits})
 
 
-def load_student(path):
-    """Rebuild a student saved by save_student: the architecture, its latent weights, re-quantized."""
+def load_student(path, act_scale=None):
+    """Rebuild a student saved by save_student: the architecture, its latent weights, re-quantized
+    (activation scales as trained, or act_scale: "batch" or "example")."""
     from transformers import AutoModelForSequenceClassification
 
     bits = json.loads((Path(path) / "quantization.json").read_text())
     model = AutoModelForSequenceClassification.from_pretrained(path)
-    return qatkd.quantize_student(model, bits["wbits"], bits["abits"], act_scale=bits.get("act_scale", "batch"))
+    return qatkd.quantize_student(model, bits["wbits"], bits["abits"], act_scale=act_scale or bits.get("act_scale", "batch"))
+
+
+def deploy_act_scale(path):
+    """The activation scales a student is served with: per example (an answer independent of its batch),
+    or per batch for a family that has no per-example scales (DeBERTa)."""
+    from transformers import AutoConfig
+
+    if not (Path(path) / "config.json").is_file():
+        return "example"  # not a model folder: load_any_student says so
+    return "example" if qatkd.model_family(AutoConfig.from_pretrained(path)).per_example else "batch"
+
+
+def load_any_student(path, backend="int8", act_scale="example", device="cpu"):
+    """A trained or exported student from its folder, for inference: an ONNX graph (model.onnx, export_onnx),
+    a packed student (student_packed/, export_quantized) or a trained one (student/, save_student).
+    Anything else is refused in one line."""
+    import export
+
+    path = Path(path)
+    if (path / "model.onnx").is_file():
+        return export.OnnxStudent(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no student folder {path}; pass RUN_DIR/student, RUN_DIR/student_packed or an "
+                                "ONNX export (student_packed_onnx)")
+    if (path / "quantization.json").is_file():
+        return load_student(path, act_scale).to(device).eval()
+    if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            packed = "qatkd" in (f.metadata() or {})
+        if packed:
+            return export.load_quantized(path, backend=backend, device=device, act_scale=act_scale)
+    raise ValueError(f"{path} is not a qatkd student (no quantization.json, packed codes or model.onnx); pass "
+                     "RUN_DIR/student, RUN_DIR/student_packed or an ONNX export")
 
 
 def checkpointable(config):

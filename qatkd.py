@@ -299,6 +299,8 @@ class Family:
     classifier  the task head's final projection, which stays full precision
     pre_ln      pre-LayerNorm layers: Y = X + MHA(LN(X)); else Y = LN(MHA(X) + X)
     interface   attention runs through transformers' attention interface (else deberta_attention)
+    per_example every quantized input belongs to one example (DeBERTa's relative-position embeddings
+                go through the same Linear layers as the tokens: no per-example scale for them)
     """
 
     attention: str
@@ -307,6 +309,7 @@ class Family:
     tap: str = "output"
     pre_ln: bool = False
     interface: bool = True
+    per_example: bool = True
 
 
 # DEVIATION (other families): the original quantizes BERT only; every family here follows its rule, and a
@@ -322,7 +325,7 @@ FAMILIES = {
     "albert": Family("AlbertAttention", "AlbertAttention"),  # one shared layer; its attention ends with the LayerNorm
     # pre-LN: the residual stream after attention is the input of the FFN's LayerNorm
     "modernbert": Family("ModernBertAttention", "ModernBertEncoderLayer.mlp_norm", tap="input", pre_ln=True),
-    "deberta-v2": Family("DisentangledSelfAttention", "DebertaV2SelfOutput", interface=False),  # also DeBERTa-v3
+    "deberta-v2": Family("DisentangledSelfAttention", "DebertaV2SelfOutput", interface=False, per_example=False),  # also DeBERTa-v3
 }
 
 
@@ -397,6 +400,9 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
     if act_scale not in ACT_SCALES:
         raise ValueError(f"unknown activation scale {act_scale!r}; use one of {ACT_SCALES}")
     family = model_family(teacher.config)
+    if act_scale == "example" and not family.per_example:
+        raise ValueError(f"per-example activation scales are not available for {teacher.config.model_type} (its "
+                         "relative-position embeddings share the Linear layers of the tokens); use act_scale batch")
     student = use_qatkd_attention(copy.deepcopy(teacher))
     if act_scale == "example":  # each call's tokens, for quantize_per_example
         tokens = {}
@@ -789,7 +795,7 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
     with progress(total=total, initial=state["step"], desc=desc) as bar:
         for epoch, batch in training_batches(train_feats, cfg, state["step"], next(model.parameters()).device):
             loss, terms = loss_fn(model, batch)
-            values = {"loss": float(loss), **{k: float(v) for k, v in terms.items()}}
+            values = {"loss": loss.item(), **{k: float(v) for k, v in terms.items()}}
             if not math.isfinite(values["loss"]):
                 bad = [k for k in terms if not math.isfinite(values[k])] or ["total"]
                 raise FloatingPointError(f"loss is {values['loss']} at step {state['step'] + 1} (term: {', '.join(bad)})")

@@ -61,6 +61,11 @@ def build_parser():
                    help="weight of the attention-output loss. Default: 1")
     g.add_argument("--gt_coeff", type=float, default=0.0,
                    help="add this times the ground-truth cross-entropy to the KD loss (paper: 0). Default: 0")
+    g.add_argument("--act_scale", default=None, choices=("batch", "example"),
+                   help="activation scales: batch (one per tensor over the whole batch, padding included: the "
+                        "original's) or example (one per example over its real tokens: an answer that does not "
+                        "depend on its batch). Default: batch for training, example for --eval_export and "
+                        "--export_onnx")
     g.add_argument("--original_padding", action="store_true",
                    help="the original code's protocol: pad every training and evaluation batch to --max_len and "
                         "average the rep/output/score MSEs over padding too (default: batches padded to their "
@@ -156,10 +161,21 @@ def build_parser():
     g.add_argument("--bench_inference", action="store_true",
                    help="time inference only: teacher, fake-quant student, exported integer student (ratios to the "
                         "teacher)")
-    g = p.add_argument_group("deployment (no training: evaluates an exported student, student_packed/)")
+    g = p.add_argument_group("deployment (no training: an exported student, student_packed/)")
     g.add_argument("--eval_export", default=None, metavar="DIR",
                    help="evaluate the exported student in DIR on the task's dev set: metric, examples per second, "
                         "memory")
+    g.add_argument("--export_onnx", default=None, metavar="DIR",
+                   help="write the exported student in DIR (student_packed/) as an ONNX graph for ONNX Runtime to "
+                        "DIR_onnx/ (model.onnx, config, tokenizer); --eval_export DIR_onnx evaluates it")
+    g.add_argument("--predict", default=None, metavar="DIR",
+                   help="a student's answers on new text: DIR is RUN_DIR/student, RUN_DIR/student_packed or an ONNX "
+                        "export; with --text A [B] (printed) or --input FILE (FILE-predictions.jsonl)")
+    g.add_argument("--text", nargs="+", default=None, metavar="TEXT",
+                   help="--predict: one text, or the two texts of a pair")
+    g.add_argument("--input", default=None, metavar="FILE",
+                   help="--predict: a CSV/TSV/JSON Lines file; text columns as --text_columns (a label column "
+                        "is ignored)")
     g.add_argument("--backend", default="int8", choices=("int8", "fake"),
                    help="int8: integer inference; fake: fp32 weights, fake-quantized activations. Default: int8")
     return p
@@ -211,10 +227,19 @@ def parse_args(argv=None):
     args.sweep_teacher_seeds = args.sweep_teacher_seeds or [args.teacher_seed]
     sources = [f for f, on in (("--task", args.task), ("--train_file", args.train_file), ("--dataset", args.dataset))
                if on]
-    if len(sources) != 1:
+    if args.predict and bool(args.text) == bool(args.input):
+        p.error("--predict takes --text A [B] or --input FILE (one of them)")
+    if args.text and len(args.text) > 2:
+        p.error(f"--text takes one text or the two of a pair, got {len(args.text)}")
+    if (args.text or args.input) and not args.predict:
+        p.error("--text and --input go with --predict DIR")
+    deploy = args.eval_export or args.export_onnx or args.predict
+    if deploy and not sources and args.validation_file:  # an exported student needs only the data it evaluates
+        sources = ["--validation_file"]
+    if len(sources) != 1 and not (args.export_onnx or args.predict):
         p.error("pass one of --task (GLUE), --train_file with --validation_file, or --dataset"
                 + (f"; got {' and '.join(sources)}" if sources else ""))
-    if bool(args.train_file) != bool(args.validation_file):
+    if bool(args.train_file) != bool(args.validation_file) and not (deploy and args.validation_file):
         p.error("--train_file and --validation_file go together")
     if args.text_columns is not None and not 1 <= len(args.text_columns) <= 2:
         p.error(f"--text_columns takes one or two columns, got {len(args.text_columns)}")
@@ -248,7 +273,7 @@ def offline_if_hub_unreachable(args):
 
     local_teacher = Path(args.teacher).exists() or args.teacher.startswith((".", "/", "~"))
     needs_hub = not local_teacher or (args.task and not args.data_dir) or args.dataset
-    if not needs_hub or os.environ.get("HF_HUB_OFFLINE") or args.eval_export:
+    if not needs_hub or os.environ.get("HF_HUB_OFFLINE") or args.eval_export or args.export_onnx or args.predict:
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -281,6 +306,10 @@ def main(argv=None):
             import bench
 
             return bench.benchmark(args, sys.argv[1:] if argv is None else [str(a) for a in argv])
+        if args.export_onnx:
+            return experiment.export_onnx(args)
+        if args.predict:
+            return experiment.predict(args)
         if args.eval_export:
             return experiment.eval_export(args)
         if args.sweep:
