@@ -795,7 +795,7 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
     with progress(total=total, initial=state["step"], desc=desc) as bar:
         for epoch, batch in training_batches(train_feats, cfg, state["step"], next(model.parameters()).device):
             loss, terms = loss_fn(model, batch)
-            values = {"loss": loss.item(), **{k: float(v) for k, v in terms.items()}}
+            values = {k: float(v.detach()) for k, v in {"loss": loss, **terms}.items()}
             if not math.isfinite(values["loss"]):
                 bad = [k for k in terms if not math.isfinite(values[k])] or ["total"]
                 raise FloatingPointError(f"loss is {values['loss']} at step {state['step'] + 1} (term: {', '.join(bad)})")
