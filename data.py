@@ -260,6 +260,9 @@ def examples_from_tables(tables, text_columns=None, label_column="label"):
             raise ValueError(f"{at(0).split(':')[0]}: no label column {label_column!r}; its columns are: "
                              f"{', '.join(table.column_names)}; pass --label_column with the one that holds the labels")
     text_columns = tuple(text_columns or default_text_columns(train_table.column_names, label_column))
+    if label_column in text_columns:
+        raise ValueError(f"--text_columns {','.join(text_columns)} includes the label column {label_column!r}: the "
+                         "model would read the answer; pass only the text columns")
     for table, at in tables.values():
         for c in text_columns:
             if c not in table.column_names:

@@ -416,7 +416,7 @@ def eval_export(args):
     weight_bytes = model_bytes(model)
     print(f"{args.eval_export} ({backend}, W{model.qatkd_bits['wbits']}A{model.qatkd_bits['abits']}, activation scales "
           f"per {model.qatkd_bits['act_scale']}) "
-          f"on {task.name} dev: {fmt(metrics)}")
+          f"on {args.validation_file or task.name + ' dev'}: {fmt(metrics)}")
     print(f"{n / seconds:.1f} examples per second ({n} examples, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, malloc: {runtime.malloc_settings()}); weights {weight_bytes / 1e6:.1f} MB "
           f"in memory; loaded in {load_seconds:.1f} s; peak resident memory {runtime.peak_memory_mb():.0f} MiB")
@@ -440,15 +440,21 @@ def predict(args):
         out = None
     else:
         table, where = data.read_data_file(args.input)
-        columns = args.text_columns or data.default_text_columns(table.column_names, args.label_column)
+        columns = args.text_columns
+        if not columns:
+            rest = [c for c in table.column_names if c != args.label_column]
+            if args.label_column not in table.column_names and len(rest) == 2 and "sentence1" not in rest:
+                raise ValueError(f"{args.input}: cannot tell whether {rest[0]!r} and {rest[1]!r} are a pair of texts or "
+                                 f"a text and its label (no column {args.label_column!r}); pass --text_columns")
+            columns = data.default_text_columns(table.column_names, args.label_column)
         for c in columns:
             if c not in table.column_names:
                 raise ValueError(f"{args.input}: no column {c!r}; its columns are: {', '.join(table.column_names)}; "
                                  "pass --text_columns a[,b]")
         for i, row in enumerate(table):
-            if any(not isinstance(row[c], str) or not row[c].strip() for c in columns):
-                raise ValueError(f"{where(i)}: empty or non-text {' or '.join(columns)}")
-        pairs = [(row[columns[0]], row[columns[1]] if len(columns) > 1 else None, 0) for row in table]
+            if any(row[c] is None for c in columns):  # as in training: missing text refused, "" kept
+                raise ValueError(f"{where(i)}: empty text in column {next(c for c in columns if row[c] is None)!r}")
+        pairs = [(str(row[columns[0]]), str(row[columns[1]]) if len(columns) > 1 else None, 0) for row in table]
         out = Path(args.input).with_name(Path(args.input).stem + "-predictions.jsonl")
     feats = data.tokenize(pairs, tokenizer, args.max_len)
     progress = None if out else (lambda **kw: contextlib.nullcontext(SimpleNamespace(update=lambda n: None)))

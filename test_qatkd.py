@@ -1412,7 +1412,12 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
     rows = run.main(["--predict", str(onnx_dir), "--input", str(dev), "--text_columns", "a,b"])
     written = [json.loads(line) for line in (tmp_path / "dev-predictions.jsonl").read_text().splitlines()]
     assert written == rows and len(rows) == 10
+    with pytest.raises(ValueError, match="includes the label column 'label'"):  # the answer as an input
+        data.load_data_files(dev, dev, ["a", "label"])
+    unlabelled = tmp_path / "pairs.csv"
+    unlabelled.write_text("text,sentiment\ngood day,positive\n")
     for argv, message in ((["--predict", str(tmp_path), "--text", "x"], "is not a qatkd student"),
+                          (["--predict", str(onnx_dir), "--input", str(unlabelled)], "cannot tell whether 'text' and"),
                           (["--predict", str(onnx_dir), "--input", str(dev), "--text_columns", "a,c"], "no column 'c'"),
                           (["--predict", str(onnx_dir)], "--predict takes --text A [B] or --input FILE"),
                           (["--export_onnx", str(run_dir / "student")], "holds no exported student")):
