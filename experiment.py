@@ -208,7 +208,7 @@ def run_qat(env, args, ptq=None):
     print(f"student last (step {result['last_step']:>5})    {fmt(result['last'])}")
     if metrics["f1_class"] is not None:
         print(f"(f1: the F1 of class {metrics['f1_class']!r})")
-    print(f"{result['steps']} steps, {result['seconds_per_step']:.2f} s per training step, wall time "
+    print(f"{result['steps']} step{'s' * (result['steps'] != 1)}, {result['seconds_per_step']:.2f} s per training step, wall time "
           f"{metrics['wall_seconds'] / 60:.1f} min, peak memory {metrics['peak_memory_mb'] / 1024:.1f} GB; "
           f"outputs in {run_dir}")
     return metrics

@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -382,11 +384,15 @@ def export_onnx(path, out, act_scale="example"):
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if student.config.type_vocab_size > 0 else [])
     example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
-    graph = torch.onnx.export(_Logits(student).eval(), example, dynamo=True, verbose=False, input_names=names,
-                              output_names=["logits"], dynamic_shapes={k: {0: batch, 1: length} for k in names},
-                              custom_translation_table={
-                                  torch.ops.qatkd.matmul_integer.default: lambda a, b: op.MatMulInteger(a, b),
-                                  torch.ops.aten.__rshift__.Tensor: lambda a, b: op.BitShift(a, b, direction="RIGHT")})
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # the exporter's notes on optional packages
+    with warnings.catch_warnings():  # and its deprecation and axis-naming notes: nothing a user can act on
+        warnings.simplefilter("ignore")
+        graph = torch.onnx.export(
+            _Logits(student).eval(), example, dynamo=True, verbose=False, input_names=names, output_names=["logits"],
+            dynamic_shapes={k: {0: batch, 1: length} for k in names},
+            custom_translation_table={
+                torch.ops.qatkd.matmul_integer.default: lambda a, b: op.MatMulInteger(a, b),
+                torch.ops.aten.__rshift__.Tensor: lambda a, b: op.BitShift(a, b, direction="RIGHT")})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.onnx") as tmp:

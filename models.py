@@ -26,7 +26,9 @@ def teacher_config(name_or_path):
     path = Path(name_or_path)
     looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not path.is_dir():
-        raise FileNotFoundError(f"teacher directory {name_or_path} does not exist")
+        raise FileNotFoundError(f"teacher {name_or_path} is a file, not a model folder; pass the folder that holds "
+                                "config.json and the weights" if path.exists() else
+                                f"teacher directory {name_or_path} does not exist")
     if looks_local and not (path / "config.json").is_file():
         raise FileNotFoundError(f"teacher directory {name_or_path} holds no model (no config.json)")
     if looks_local and not any((path / f).is_file() for f in WEIGHT_FILES):

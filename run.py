@@ -237,7 +237,9 @@ def parse_args(argv=None):
     if deploy and not sources and args.validation_file:  # an exported student needs only the data it evaluates
         sources = ["--validation_file"]
     if len(sources) != 1 and not (args.export_onnx or args.predict):
-        p.error("pass one of --task (GLUE), --train_file with --validation_file, or --dataset"
+        p.error(("--eval_export needs the data it evaluates: pass --task (GLUE), --validation_file or --dataset"
+                 if args.eval_export and not sources else
+                 "pass one of --task (GLUE), --train_file with --validation_file, or --dataset")
                 + (f"; got {' and '.join(sources)}" if sources else ""))
     if bool(args.train_file) != bool(args.validation_file) and not (deploy and args.validation_file):
         p.error("--train_file and --validation_file go together")

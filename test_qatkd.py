@@ -1780,6 +1780,7 @@ def own_data_files(d):
     (["--task", "mrpc", "--train_file", "{d}/good.csv", "--validation_file", "{d}/good.csv"],
      "pass one of --task (GLUE), --train_file with --validation_file, or --dataset; got --task and --train_file"),
     ([], "pass one of --task (GLUE), --train_file with --validation_file, or --dataset"),
+    (["--eval_export", "{d}"], "--eval_export needs the data it evaluates: pass --task (GLUE), --validation_file"),
 ])
 def test_own_data_bad_input_is_one_line_and_loses_nothing(argv, message, earlier_run, tmp_path, tiny_dir, capsys):
     """In process, as run.py's table above; one case below goes through the command line."""
@@ -1789,6 +1790,12 @@ def test_own_data_bad_input_is_one_line_and_loses_nothing(argv, message, earlier
                            capsys)
     assert len(lines) == 1 and message in lines[0], lines
     assert snapshot(earlier_run) == before
+
+
+def test_teacher_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\nx,1\n")
+    with pytest.raises(FileNotFoundError, match="train.csv is a file, not a model folder"):
+        models.teacher_config(str(tmp_path / "train.csv"))
 
 
 def test_own_data_bad_input_through_the_command_line(earlier_run, tmp_path, tiny_dir):
