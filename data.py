@@ -392,7 +392,7 @@ def fingerprint(task, examples):
     return hashlib.sha1(repr((task.names or task.labels, examples)).encode()).hexdigest()[:16]
 
 
-def align_labels(task, data, id2label):
+def align_labels(task, data, id2label, model="teacher"):
     """Put the data's classes in a trained head's order, matched by name (case and _/-/space ignored).
 
     id2label: {index: name} of the teacher's config. Generic names (LABEL_0, LABEL_1, ...) say
@@ -414,8 +414,11 @@ def align_labels(task, data, id2label):
             task = dataclasses.replace(task, labels=tuple(task.labels[i] for i in order), positive=new[task.positive],
                                        names=None if task.names is None else tuple(task.names[i] for i in order))
             return task, {k: [(a, b, new[y]) for a, b, y in v] for k, v in data.items()}, True
-    raise ValueError(f"the teacher's labels ({', '.join(heads)}) do not match the data's "
-                     f"({', '.join(task.names or task.labels)}); pass a teacher trained on these classes")
+    ours = [str(c) for c in task.names or task.labels]
+    listed = lambda xs: ", ".join(xs[:8]) + (f", ... ({len(xs)} in all)" if len(xs) > 8 else "")  # noqa: E731
+    raise ValueError(f"the {model}'s labels ({listed(heads)}) do not match the data's ({listed(ours)}); "
+                     + ("pass a teacher trained on these classes" if model == "teacher" else
+                        f"evaluate the {model} on data with its classes (check --label_column)"))
 
 
 def tokenize(examples, tokenizer, max_len):

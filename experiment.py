@@ -124,8 +124,9 @@ def setup(args, check_run=True):
         env.teacher_warning = data.useless(task, *next(iter(predictions.values())))
         if env.teacher_warning:
             print(f"\nWARNING: the teacher is useless: {env.teacher_warning}; QAT would distil it faithfully into a "
-                  "useless student. Likely fixes: fine-tune it longer or faster (--teacher_epochs, --teacher_lr; "
-                  "MiniLM needs 1e-4), check --label_column and the data, or pass a teacher fine-tuned on this task"
+                  "useless student. Likely fixes: fine-tune it longer or faster (--teacher_epochs, --teacher_lr"
+                  + ("; MiniLM needs 1e-4" if args.teacher_lr < 1e-4 else "") + "), check --label_column and the "
+                  "data, or pass a teacher fine-tuned on this task"
                   + (f"; delete the cached teacher {teacher_path} to fine-tune again" if not trained else "") + "\n",
                   file=sys.stderr, flush=True)
     return env
@@ -406,7 +407,7 @@ def eval_export(args):
     if not args.task and not args.train_file and not args.dataset:  # --validation_file alone: classes by name
         args.train_file = args.validation_file
     task, examples = load_data(args)
-    task, examples, _ = data.align_labels(task, examples, model.config.id2label)
+    task, examples, _ = data.align_labels(task, examples, model.config.id2label, "student")
     tokenizer = AutoTokenizer.from_pretrained(args.eval_export)
     dev = {k: data.tokenize(v, tokenizer, args.max_len) for k, v in examples.items() if k != "train"}
     start = time.time()

@@ -924,6 +924,11 @@ def test_teacher_labels_are_aligned_by_name(tmp_path, tiny_dir):
     with pytest.raises(ValueError, match=r"the teacher's labels \(positive, negative\) do not match the data's "
                                          r"\(not_equivalent, equivalent\)"):
         data.align_labels(task, glue, wrong.config.id2label)
+    with pytest.raises(ValueError, match=r"the student's labels .* evaluate the student on data with its classes"):
+        data.align_labels(task, glue, wrong.config.id2label, "student")
+    many = dataclasses.replace(task, names=None, labels=tuple(f"c{i}" for i in range(40)))
+    with pytest.raises(ValueError, match=r"c7, \.\.\. \(40 in all\)\)"):  # a long list is cut, not pasted whole
+        data.align_labels(many, glue, wrong.config.id2label)
     # generic names leave the data's order
     assert data.align_labels(task, glue, {0: "LABEL_0", 1: "LABEL_1"})[2] is False
 
