@@ -399,6 +399,8 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
         raise ValueError(f"unsupported activation bit width {abits}; use 2..16, or 32 for full precision")
     if act_scale not in ACT_SCALES:
         raise ValueError(f"unknown activation scale {act_scale!r}; use one of {ACT_SCALES}")
+    if act_scale == "example" and act_quant is not quantize_uniform:
+        raise ValueError("act_scale='example' quantizes with quantize_per_example; pass act_quant or act_scale, not both")
     family = model_family(teacher.config)
     if act_scale == "example" and not family.per_example:
         raise ValueError(f"per-example activation scales are not available for {teacher.config.model_type} (its "

@@ -482,6 +482,8 @@ def test_per_example_scales_do_not_depend_on_the_batch(tiny_dir):
     assert not torch.allclose(batch_scale(**batch).logits, alone(batch_scale), atol=1e-5)  # the original's
     with pytest.raises(ValueError, match="activation scale"):
         qatkd.quantize_student(teacher, act_scale="token")
+    with pytest.raises(ValueError, match="pass act_quant or act_scale, not both"):  # never silently ignored
+        qatkd.quantize_student(teacher, act_quant=lambda x, bits: x, act_scale="example")
 
 
 def test_bad_bit_widths(tiny_dir):
