@@ -38,6 +38,7 @@ class Task:
     max_len: int = 128
     batch_size: int = 32
     eval_every: int = 50
+    ti_steps: int = 60  # Teacher Intervention's first phase (its paper: 60 steps, 120 for CoLA)
     scores: tuple = ()  # metrics besides accuracy: "f1" (of the positive class), "acc_and_f1", "mcc", "macro_f1"
     names: tuple | None = None  # the classes' names, as a trained head's config.id2label may call them
     positive: int = 1  # the class whose F1 "f1" reports
@@ -55,7 +56,7 @@ PAIR_F1 = ("f1", "acc_and_f1")
 TASKS = {
     t.name: t
     for t in [  # label names as in the hub's nyu-mll/glue; settings of the original code (main.py:392-401)
-        Task("cola", BINARY, metric="mcc", max_len=64, batch_size=16, eval_every=50, scores=("mcc",),
+        Task("cola", BINARY, metric="mcc", max_len=64, batch_size=16, eval_every=50, ti_steps=120, scores=("mcc",),
              names=("unacceptable", "acceptable"), hub_keys=("sentence",), tsv_columns=(3, None, 1)),
         Task("sst2", BINARY, metric="acc", max_len=64, batch_size=32, eval_every=100, names=("negative", "positive"),
              hub_keys=("sentence",), tsv_columns=("sentence", None, "label")),

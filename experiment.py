@@ -34,9 +34,11 @@ RECIPE_TAGS = (("lr", 2e-5, "lr"), ("epochs", 3.0, "ep"))
 
 
 def recipe_suffix(args):
-    """-lrX and -epN for a learning rate or a number of epochs other than the paper's (2e-5, 3)."""
-    return "".join(f"-{tag}{getattr(args, name):g}" for name, default, tag in RECIPE_TAGS
-                   if getattr(args, name) != default)
+    """-lrX and -epN for a learning rate or a number of epochs other than the paper's (2e-5, 3); -tiMODESTEPS
+    with Teacher Intervention."""
+    return ("".join(f"-{tag}{getattr(args, name):g}" for name, default, tag in RECIPE_TAGS
+                    if getattr(args, name) != default)
+            + (f"-ti{args.ti}{args.ti_steps}" if getattr(args, "ti", None) else ""))
 
 
 def default_run_name(args):
@@ -84,6 +86,12 @@ def setup(args, check_run=True):
         raise ValueError(f"--recompute: transformers has no activation checkpointing for {config.model_type}; "
                          "run without --recompute")
     task, examples = load_data(args)
+    if args.ti:
+        steps = qatkd.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                                  max_steps=args.max_steps).total_steps(len(examples["train"]))
+        if args.ti_steps >= steps:
+            raise ValueError(f"--ti_steps {args.ti_steps} leaves no steps for Teacher Intervention's second phase: "
+                             f"QAT has {steps} steps here; pass a smaller --ti_steps")
     runtime.set_seed(args.teacher_seed)  # an untrained head is initialised at random: seeded, one seed one teacher
     teacher, tokenizer, trained = models.load_teacher(args.teacher, task)
     teacher_path, cache = args.teacher, None
@@ -219,7 +227,8 @@ def train_config(env, args):
     return qatkd.TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
                              eval_every=env.task.eval_every if args.eval_every is None else args.eval_every,
                              max_steps=args.max_steps, seed=args.seed, pad_id=env.pad_id,
-                             optimizer=args.optimizer, pad_to=pad_to(args) or 0)
+                             optimizer=args.optimizer, pad_to=pad_to(args) or 0, ti=args.ti or "",
+                             ti_steps=args.ti_steps if args.ti else 0)
 
 
 def qat_loss(env, args):

@@ -222,28 +222,33 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
         Q, K, V <- Q_a(Q), Q_a(K), Q_a(V)
         A = Q K^T / sqrt(d_h)                  scores                            [B, H, S, S]
         P = softmax(A + mask)                  attention map                     [B, H, S, S]
-        ctx = Q_a(dropout(P)) V                P is quantized after dropout
-    While forward_internals runs, (A, P) are recorded: the scores without the additive mask, the map
-    before dropout and quantization, as the KD losses read them. Returns (ctx as [B, S, H, d_h], P).
+        C = Q_a(dropout(P)) V                  context; P is quantized after dropout  [B, H, S, d_h]
+    Teacher Intervention (phase 1, forward_internals' feed): "map" puts the teacher's P_t in place of P
+    in the context (C = Q_a(dropout(P_t)) V), "context" its C_t in place of C; A and P stay the
+    student's own, for the losses. While forward_internals runs, (A, P, C) are recorded: the scores
+    without the additive mask, the map before dropout and quantization. Returns (C as [B, S, H, d_h], P).
     """
     quant = getattr(module, "quantize_act", None) or (lambda t: t)
+    mode, teacher = getattr(module, "qatkd_feed", (None, None))
     q, k, v = quant(query), quant(key), quant(value)
     scaling = q.size(-1) ** -0.5 if scaling is None else scaling
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
-    record_attention(module, scores, probs)
-    ctx = torch.matmul(quant(F.dropout(probs, p=dropout, training=module.training)), v)
+    ctx = torch.matmul(quant(F.dropout(next(teacher) if mode == "map" else probs, p=dropout, training=module.training)), v)
+    ctx = next(teacher) if mode == "context" else ctx
+    record_attention(module, scores, probs, ctx)
     return ctx.transpose(1, 2).contiguous(), probs
 
 
-def record_attention(module, scores, probs):
-    """While forward_internals runs: append (A, P) to module.qatkd_record, each None unless kept."""
+def record_attention(module, scores, probs, ctx):
+    """While forward_internals runs: append (A, P, C) to module.qatkd_record, each None unless kept."""
     record = getattr(module, "qatkd_record", None)
     if record is not None:
         keep = module.qatkd_keep
         # DEVIATION (masked scores): the scores are recorded without the additive mask; the original records
         # them with it and zeroes entries <= -100 in its score loss; score_loss masks padded keys explicitly
-        record.append((scores if "scores" in keep else None, probs if "probs" in keep else None))
+        record.append(tuple(t if name in keep else None for t, name in
+                            ((scores, "scores"), (probs, "probs"), (ctx, "context"))))
 
 
 def deberta_attention(module, hidden_states, attention_mask, output_attentions=False, query_states=None,
@@ -255,8 +260,8 @@ def deberta_attention(module, hidden_states, attention_mask, output_attentions=F
     hidden_states: [B, S, d]; attention_mask: [B, 1, S, S] (1 = both tokens valid).
         Q, K, V <- Q_a(Q), Q_a(K), Q_a(V)                          [B*H, S, d_h]
         A = Q K^T / sqrt(3 d_h) + c2p(Q) + p2c(K)                  content and relative-position terms
-        P = softmax(A masked);  ctx = Q_a(dropout(P)) V            [B, H, S, S]
-    (A, P) is recorded as in qat_attention. Returns (ctx [B, S, d], P or None).
+        P = softmax(A masked);  C = Q_a(dropout(P)) V              [B, H, S, S], [B, H, S, d_h]
+    Teacher Intervention and the record (A, P, C) as in qat_attention. Returns (ctx [B, S, d], P or None).
     DEVIATION (other families): the relative-position keys and queries (c2p, p2c) are quantized-weight
     projections of the position embeddings, not quantized again as activations: they depend on no input.
     """
@@ -274,10 +279,12 @@ def deberta_attention(module, hidden_states, attention_mask, output_attentions=F
         scores = scores + module.disentangled_attention_bias(q, k, relative_pos, rel, scale_factor)
     scores = scores.view(-1, heads, scores.size(-2), scores.size(-1))  # [B, H, S, S]
     probs = torch.softmax(scores.masked_fill(~attention_mask.bool(), torch.finfo(q.dtype).min), dim=-1)
-    record_attention(module, scores, probs)
-    dropped = F.dropout(probs, p=module.dropout.p, training=module.training)
+    mode, teacher = getattr(module, "qatkd_feed", (None, None))  # Teacher Intervention, as in qat_attention
+    dropped = F.dropout(next(teacher) if mode == "map" else probs, p=module.dropout.p, training=module.training)
     ctx = torch.matmul(quant(dropped.view(-1, probs.size(-2), probs.size(-1))), v)  # [B*H, S, d_h]
-    ctx = ctx.view(-1, heads, ctx.size(-2), ctx.size(-1)).permute(0, 2, 1, 3).contiguous()
+    ctx = next(teacher) if mode == "context" else ctx.view(probs.shape[:-1] + ctx.shape[-1:])  # [B, H, S, d_h]
+    record_attention(module, scores, probs, ctx)
+    ctx = ctx.permute(0, 2, 1, 3).contiguous()
     return ctx.view(*ctx.shape[:-2], -1), (probs if output_attentions else None)
 
 
@@ -301,31 +308,42 @@ class Family:
     interface   attention runs through transformers' attention interface (else deberta_attention)
     per_example every quantized input belongs to one example (DeBERTa's relative-position embeddings
                 go through the same Linear layers as the tokens: no per-example scale for them)
+    proj        the attention's output projection W_O ("Class.attribute"), read or replaced by Teacher
+                Intervention
+    qkv         the attention module's Q, K, V projections (one name: fused, output [Q | K | V])
     """
 
     attention: str
     output: str
+    proj: str
     classifier: str = "classifier"
     tap: str = "output"
     pre_ln: bool = False
     interface: bool = True
     per_example: bool = True
+    qkv: tuple = ("query", "key", "value")
 
 
 # DEVIATION (other families): the original quantizes BERT only; every family here follows its rule, and a
 # head's hidden dense layer (RoBERTa, ELECTRA, DistilBERT, ModernBERT, DeBERTa) is quantized as BERT's pooler
 FAMILIES = {
-    "bert": Family("BertSelfAttention", "BertSelfOutput"),
-    "roberta": Family("RobertaSelfAttention", "RobertaSelfOutput", "classifier.out_proj"),
-    "xlm-roberta": Family("XLMRobertaSelfAttention", "XLMRobertaSelfOutput", "classifier.out_proj"),
-    "camembert": Family("CamembertSelfAttention", "CamembertSelfOutput", "classifier.out_proj"),
-    "electra": Family("ElectraSelfAttention", "ElectraSelfOutput", "classifier.out_proj"),
-    "mobilebert": Family("MobileBertSelfAttention", "MobileBertSelfOutput"),
-    "distilbert": Family("DistilBertSelfAttention", "TransformerBlock.sa_layer_norm"),
-    "albert": Family("AlbertAttention", "AlbertAttention"),  # one shared layer; its attention ends with the LayerNorm
+    "bert": Family("BertSelfAttention", "BertSelfOutput", "BertSelfOutput.dense"),
+    "roberta": Family("RobertaSelfAttention", "RobertaSelfOutput", "RobertaSelfOutput.dense", "classifier.out_proj"),
+    "xlm-roberta": Family("XLMRobertaSelfAttention", "XLMRobertaSelfOutput", "XLMRobertaSelfOutput.dense",
+                          "classifier.out_proj"),
+    "camembert": Family("CamembertSelfAttention", "CamembertSelfOutput", "CamembertSelfOutput.dense",
+                        "classifier.out_proj"),
+    "electra": Family("ElectraSelfAttention", "ElectraSelfOutput", "ElectraSelfOutput.dense", "classifier.out_proj"),
+    "mobilebert": Family("MobileBertSelfAttention", "MobileBertSelfOutput", "MobileBertSelfOutput.dense"),
+    "distilbert": Family("DistilBertSelfAttention", "TransformerBlock.sa_layer_norm", "DistilBertSelfAttention.out_lin",
+                         qkv=("q_lin", "k_lin", "v_lin")),
+    # one shared layer; its attention ends with the LayerNorm
+    "albert": Family("AlbertAttention", "AlbertAttention", "AlbertAttention.dense"),
     # pre-LN: the residual stream after attention is the input of the FFN's LayerNorm
-    "modernbert": Family("ModernBertAttention", "ModernBertEncoderLayer.mlp_norm", tap="input", pre_ln=True),
-    "deberta-v2": Family("DisentangledSelfAttention", "DebertaV2SelfOutput", interface=False, per_example=False),  # also DeBERTa-v3
+    "modernbert": Family("ModernBertAttention", "ModernBertEncoderLayer.mlp_norm", "ModernBertAttention.Wo", tap="input",
+                         pre_ln=True, qkv=("Wqkv",)),
+    "deberta-v2": Family("DisentangledSelfAttention", "DebertaV2SelfOutput", "DebertaV2SelfOutput.dense",
+                         interface=False, per_example=False, qkv=("query_proj", "key_proj", "value_proj")),  # also v3
 }
 
 
@@ -446,6 +464,8 @@ class Internals:
     attn_probs     N   x [B, H, S, S]   softmax probabilities, before dropout and quantization
     attn_outputs   N   x [B, S, d]      attention sub-layer output Y, the FFN's input: post-LN
                                         families LN(MHA(X) + X); pre-LN (ModernBERT) X + MHA(LN(X))
+    attn_context   N   x [B, H, S, d_h] context C = Q_a(dropout(P)) V, per head      (Teacher Intervention)
+    attn_proj      N   x [B, S, d]      W_O C + b, before dropout, residual and LayerNorm (Teacher Intervention)
     (an attn_* list is None when forward_internals did not keep it)
     """
 
@@ -454,6 +474,8 @@ class Internals:
     attn_scores: list | None
     attn_probs: list | None
     attn_outputs: list | None
+    attn_context: list | None = None
+    attn_proj: list | None = None
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -465,39 +487,84 @@ def model_inputs(model, batch):
     return {k: batch[k] for k in MODEL_INPUTS if k in batch and k in accepted}
 
 
-def forward_internals(model, batch, keep=("scores", "probs", "outputs")):
+def forward_internals(model, batch, keep=("scores", "probs", "outputs"), feed=None):
     """Run a teacher or student on batch (a dict with input_ids, attention_mask [, token_type_ids]).
 
     keep: which attention internals to record; a tensor per layer that the loss does not read need
     not stay in memory (KD_ATTENTION says which each loss reads). The internals leave the model two
     ways: each self-attention module holds a list, qatkd_record, for the length of the call, and its
-    attention function appends (scores, probs) to it; a hook on the Family's output module collects
-    the attention sub-layer outputs. A model wrapped in DistributedDataParallel is called as is.
+    attention function appends (scores, probs, context) to it; hooks on the Family's output module and
+    output projection collect the attention sub-layer outputs and W_O C + b. A model wrapped in
+    DistributedDataParallel is called as is.
+    feed: Teacher Intervention (phase 1), (mode, the teacher's Internals of this batch): see intervene.
     """
     net, model = model, getattr(model, "module", model)
     family = model_family(model.config)
     use_qatkd_attention(model)
-    record, outputs, hooks = [], [], []
+    record, outputs, projected, hooks = [], [], [], []
     for m in (modules_of(model, family.output) if "outputs" in keep else ()):
         if family.tap == "input":
             hooks.append(m.register_forward_pre_hook(lambda _m, args: outputs.append(args[0])))
         else:
             hooks.append(m.register_forward_hook(lambda _m, _i, out: outputs.append(
                 out[0] if isinstance(out, tuple) else out)))
+    for m in (modules_of(model, family.proj) if "proj" in keep else ()):
+        hooks.append(m.register_forward_hook(lambda _m, _i, out: projected.append(out)))
     attention = self_attention_modules(model)
     try:
+        hooks += intervene(model, *feed) if feed else []
         for m in attention:
             m.qatkd_record, m.qatkd_keep = record, keep
         out = net(**model_inputs(model, batch), output_hidden_states=True)
     finally:
         for m in attention:
             del m.qatkd_record, m.qatkd_keep
+            m.__dict__.pop("qatkd_feed", None)
         for h in hooks:
             h.remove()
+    scores, probs, context = zip(*record) if record else ((), (), ())
     return Internals(out.logits, list(out.hidden_states),
-                     [s for s, _ in record] if "scores" in keep else None,
-                     [p for _, p in record] if "probs" in keep else None,
-                     outputs if "outputs" in keep else None)
+                     list(scores) if "scores" in keep else None, list(probs) if "probs" in keep else None,
+                     outputs if "outputs" in keep else None, list(context) if "context" in keep else None,
+                     projected if "proj" in keep else None)
+
+
+# Teacher Intervention (Kim et al., EACL 2023): which teacher tensor each mode feeds into the student
+TI_FEED = {"map": "probs", "context": "context", "output": "proj"}
+
+
+def intervene(student, mode, teacher):
+    """Feed the teacher's tensors into the student's forward pass, layer by layer (TI's phase 1).
+
+    teacher: the teacher's Internals of the same batch, holding TI_FEED[mode]. In layer i:
+        map      C = Q_a(dropout(P_t[i])) V            Q, K read a detached input; V the live one
+        context  C = C_t[i]                            Q, K, V read a detached input
+        output   W_O C + b = O_t[i]  (then the student's own dropout, residual and LayerNorm; Q, K, V detached)
+    The student's own scores and map are still computed (from the detached Q, K) for the losses, so Q
+    and K learn only through the attention loss, and the layer input gets no gradient through them.
+    Returns the hooks (forward_internals removes them after the call).
+    DeBERTa: its query and key projections also project the relative-position embeddings; those read
+    a detached input as well during phase 1.
+    """
+    if mode not in TI_FEED:
+        raise ValueError(f"unknown Teacher Intervention mode {mode!r}; use one of {tuple(TI_FEED)}")
+    family, tensors = model_family(student.config), getattr(teacher, f"attn_{TI_FEED[mode]}")
+    if tensors is None:
+        raise ValueError(f"Teacher Intervention {mode!r} needs the teacher's {TI_FEED[mode]}: keep it in forward_internals")
+    feed, hooks = iter(tensors), []  # one tensor per layer, taken in the order the layers run
+    detach = lambda _m, args: (args[0].detach(),) + args[1:]  # noqa: E731
+    for attn in self_attention_modules(student):
+        projections = [getattr(attn, name) for name in family.qkv]
+        if mode == "map" and len(projections) == 1:  # fused [Q | K | V]: Q, K from the detached input
+            hooks.append(projections[0].register_forward_hook(lambda m, args, out: torch.cat(
+                [m.forward(args[0].detach())[..., :2 * out.size(-1) // 3], out[..., 2 * out.size(-1) // 3:]], -1)))
+        else:
+            hooks += [p.register_forward_pre_hook(detach) for p in projections[:2 if mode == "map" else 3]]
+        if mode != "output":
+            attn.qatkd_feed = (mode, feed)
+    if mode == "output":
+        hooks += [m.register_forward_hook(lambda _m, _i, _out: next(feed)) for m in modules_of(student, family.proj)]
+    return hooks
 
 
 # =============================================================================================
@@ -655,10 +722,35 @@ class TrainConfig:
     seed: int = 42  # data order; dropout draws from the global generator, seeded by the caller
     pad_id: int = 0
     pad_to: int = 0  # 0: pad each batch to its longest example; else to this length (the original: max_len)
+    ti: str = ""  # Teacher Intervention (TI_MODES) for the first ti_steps steps, then a fresh optimizer; "": none
+    ti_steps: int = 0
 
     def total_steps(self, n_train):
         steps = math.ceil(self.epochs * math.ceil(n_train / self.batch_size))
         return min(steps, self.max_steps) if self.max_steps else steps
+
+    def phase_steps(self, total, step):
+        """The number of steps of the optimizer and schedule that train step `step` (0-based): all of
+        them, or with Teacher Intervention phase 1's ti_steps and phase 2's total - ti_steps."""
+        return total if not self.ti else self.ti_steps if step < self.ti_steps else total - self.ti_steps
+
+
+TI_MODES = ("gradual",) + tuple(TI_FEED)
+
+
+def ti_mode(ti, step, ti_steps):
+    """Teacher Intervention's mode at training step `step` (0-based); None in phase 2 or without TI.
+
+    A single mode (map, context, output) holds for all of phase 1. gradual, the paper's: output for
+    the first ti_steps / 6 steps, context for the next ti_steps / 6, map for the remaining 2/3
+    (ti_steps 60: steps 0-9, 10-19, 20-59). Unclear in the authors' code for a ti_steps that 6 does
+    not divide: here ti_steps // 6 each.
+    """
+    if not ti or step >= ti_steps:
+        return None
+    if ti != "gradual":
+        return ti
+    return "output" if step < ti_steps // 6 else "context" if step < 2 * (ti_steps // 6) else "map"
 
 
 class BertAdam(torch.optim.Optimizer):
@@ -775,13 +867,15 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
     """The training loop of teacher fine-tuning and QAT (official main.py).
 
     Each step: loss, terms = loss_fn(model, batch); backward; (AdamW: one global gradient clip);
-    opt.step(); sched.step(); log({"step", "epoch", "lr", "loss", term: value ...}). A non-finite loss
+    opt.step(); sched.step(); log({"step", "epoch", "lr", "loss", term: value ...}). With Teacher
+    Intervention (cfg.ti) the first cfg.ti_steps steps call loss_fn(model, batch, mode) (ti_mode), and
+    phase 2 starts with a fresh optimizer and schedule over the remaining steps. A non-finite loss
     stops training with FloatingPointError naming the step and the term. Every cfg.eval_every steps
     and after the last step, evaluate_fn() -> {metric: value} is logged, and the last and the best
     evaluations are kept (best on `metric`: the first best, never an undefined NaN).
     opt, sched, state: an optimizer, schedule and loop state to continue from (runtime.py restores
-    them from a checkpoint); by default new ones (make_optimizer, new_loop_state). after_step(state)
-    runs after every step (runtime.py checkpoints there). progress(total=, initial=, desc=): the
+    them from a checkpoint); by default new ones (make_optimizer, new_loop_state). after_step(state,
+    opt, sched) runs after every step (runtime.py checkpoints there). progress(total=, initial=, desc=): the
     progress bar, tqdm's by default. Returns the loop state, with seconds_per_step (training time
     per step, evaluations excluded).
     """
@@ -789,14 +883,19 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
 
     progress = progress or (lambda **kw: tqdm(dynamic_ncols=True, **kw))
     total = cfg.total_steps(len(train_feats))
-    if opt is None:
-        opt, sched = make_optimizer(model, cfg, total)
+    if cfg.ti and not 0 < cfg.ti_steps < total:
+        raise ValueError(f"Teacher Intervention's {cfg.ti_steps} phase-1 steps leave no phase 2 in {total} steps")
     state = state or new_loop_state()
+    if opt is None:
+        opt, sched = make_optimizer(model, cfg, cfg.phase_steps(total, state["step"]))
     start = time.time() - state["seconds"]
     model.train()
     with progress(total=total, initial=state["step"], desc=desc) as bar:
         for epoch, batch in training_batches(train_feats, cfg, state["step"], next(model.parameters()).device):
-            loss, terms = loss_fn(model, batch)
+            if cfg.ti and state["step"] == cfg.ti_steps:  # TI phase 2: ordinary KD-QAT with a fresh optimizer
+                opt, sched = make_optimizer(model, cfg, total - cfg.ti_steps)
+            mode = ti_mode(cfg.ti, state["step"], cfg.ti_steps)
+            loss, terms = loss_fn(model, batch, mode) if mode else loss_fn(model, batch)
             values = {k: float(v.detach()) for k, v in {"loss": loss, **terms}.items()}
             if not math.isfinite(values["loss"]):
                 bad = [k for k in terms if not math.isfinite(values[k])] or ["total"]
@@ -810,7 +909,8 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
             state["step"] += 1
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}")
-            log({"step": state["step"], "epoch": epoch, "lr": sched.get_last_lr()[0], **values})
+            log({"step": state["step"], "epoch": epoch, "lr": sched.get_last_lr()[0], **values,
+                 **({"ti": mode} if mode else {})})
             if evaluate_fn is not None and ((cfg.eval_every and state["step"] % cfg.eval_every == 0)
                                             or state["step"] == total):
                 # DEVIATION (evaluation): the original's last evaluation is at step total - 1, and a run whose metric never
@@ -818,7 +918,7 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
                 evaluate_and_select(evaluate_fn, metric, state, log, bar.write)
             state["seconds"] = time.time() - start
             if after_step is not None:
-                after_step(state)
+                after_step(state, opt, sched)
     return {**state, "seconds_per_step": (state["seconds"] - state["eval_seconds"]) / max(1, state["step"])}
 
 
@@ -859,6 +959,9 @@ def qat_loss_fn(teacher, kd="map", map_coeff=1.0, output_coeff=1.0, gt_coeff=0.0
                 include_padding=False):
     """loss_fn(student, batch) for train(): the teacher's forward without a graph, the student's, kd_loss.
 
+    loss_fn(student, batch, intervention): Teacher Intervention's phase 1 (a TI_FEED mode): the same
+    losses, the teacher's tensors fed into the student's forward pass (intervene).
+
     gt_coeff > 0 adds gt_coeff * the cross-entropy (MSE for regression) with the labels; the paper
     distils only (0). DEVIATION (ground-truth loss): the original's ground-truth term is a summed NLL, and its regression
     branch compares with the teacher's logits; here it is a mean over the batch, against the labels.
@@ -867,10 +970,11 @@ def qat_loss_fn(teacher, kd="map", map_coeff=1.0, output_coeff=1.0, gt_coeff=0.0
         raise ValueError(f"unknown KD mode {kd!r}; use one of {KD_MODES}")
     teacher.eval()
 
-    def loss_fn(student, b):
+    def loss_fn(student, b, intervention=None):
+        keep = KD_ATTENTION[kd]
         with torch.no_grad():  # the teacher is fixed: no graph, no saved activations
-            t = forward_internals(teacher, b, KD_ATTENTION[kd])
-        s = forward_internals(student, b, KD_ATTENTION[kd])
+            t = forward_internals(teacher, b, keep + ((TI_FEED[intervention],) if intervention else ()))
+        s = forward_internals(student, b, keep, feed=(intervention, t) if intervention else None)
         loss, terms = kd_loss(s, t, b["attention_mask"], kd, map_coeff, output_coeff, regression, include_padding)
         if gt_coeff:
             logits = s.logits.squeeze(-1) if regression else s.logits

@@ -26,6 +26,7 @@ TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")  # data.T
 KD_MODES = ("pred", "score", "map", "output", "unified")  # qatkd.KD_MODES
 WEIGHT_BITS = (1, 2, 4, 8, 32)  # qatkd.WEIGHT_BITS
 OPTIMIZERS = ("bertadam", "adamw")  # qatkd.OPTIMIZERS
+TI_MODES = ("gradual", "map", "context", "output")  # qatkd.TI_MODES
 PAPER = {"epochs": 3.0, "lr": 2e-5, "warmup": 0.1, "seed": 42, "max_steps": 0}  # qatkd.TrainConfig's defaults
 
 
@@ -66,6 +67,13 @@ def build_parser():
                         "original's) or example (one per example over its real tokens: an answer that does not "
                         "depend on its batch). Default: batch for training, example for --eval_export and "
                         "--export_onnx")
+    g.add_argument("--ti", default=None, choices=TI_MODES,
+                   help="Teacher Intervention (Kim et al., EACL 2023): for the first --ti_steps steps the "
+                        "teacher's attention outputs (output), contexts (context) or maps (map) replace the "
+                        "student's in every layer; gradual (the paper's): output, context, then map. Then "
+                        "ordinary QAT with a fresh optimizer for the remaining steps. Default: none")
+    g.add_argument("--ti_steps", type=int, default=None,
+                   help="steps of the intervention phase. Default: 60, 120 for CoLA")
     g.add_argument("--original_padding", action="store_true",
                    help="the original code's protocol: pad every training and evaluation batch to --max_len and "
                         "average the rep/output/score MSEs over padding too (default: batches padded to their "
@@ -208,6 +216,10 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if not (v >= 0 and math.isfinite(v)):
             p.error(f"--{name} must be 0 or more, got {v:g}")
+    if args.ti_steps is not None and not args.ti:
+        p.error("--ti_steps is the length of Teacher Intervention's first phase: pass --ti too")
+    if args.ti_steps is not None and args.ti_steps < 1:
+        p.error(f"--ti_steps must be at least 1, got {args.ti_steps}")
     if not 0 <= args.warmup < 1:
         p.error(f"--warmup is the fraction of steps that warm up: 0 or more and below 1, got {args.warmup:g}")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
@@ -251,8 +263,8 @@ def parse_args(argv=None):
 
 
 def task_defaults(args):
-    """--batch_size, --max_len and --eval_every left unset take the GLUE task's values (the original's),
-    or 32 and 128 for your own data (whose evaluation period follows its size, once it is read)."""
+    """--batch_size, --max_len, --eval_every and --ti_steps left unset take the GLUE task's values (the
+    original's), or 32, 128 and 60 for your own data (whose evaluation period follows its size, once it is read)."""
     import data
 
     if args.task:
@@ -262,6 +274,8 @@ def task_defaults(args):
         args.eval_every = task.eval_every if args.eval_every is None else args.eval_every
     else:
         args.batch_size, args.max_len = args.batch_size or 32, args.max_len or 128
+    if args.ti:
+        args.ti_steps = args.ti_steps or (data.TASKS[args.task].ti_steps if args.task else data.Task.ti_steps)
     return args
 
 

@@ -221,11 +221,11 @@ def sharded(loss_fn, ddp, rank, world):
     with fewer examples than processes gives a process without a slice the batch's last example."""
     import torch.distributed as dist
 
-    def loss_on_slice(_model, batch):
+    def loss_on_slice(_model, batch, *intervention):
         n = len(batch["labels"])
         rows = torch.arange(n).tensor_split(world)[rank]
         rows = rows if len(rows) else torch.tensor([n - 1])
-        loss, terms = loss_fn(ddp, {k: v[rows.to(v.device)] for k, v in batch.items()})
+        loss, terms = loss_fn(ddp, {k: v[rows.to(v.device)] for k, v in batch.items()}, *intervention)
         values = torch.stack([loss.detach(), *(torch.as_tensor(v).detach() for v in terms.values())])
         dist.all_reduce(values)
         values /= world
@@ -251,15 +251,16 @@ def run_training(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc
 
     progress = progress or progress_bar
     rank, world = distributed()
-    opt, sched = qatkd.make_optimizer(model, cfg, cfg.total_steps(len(train_feats)))
-    state = None
-    if checkpoint is not None and Path(checkpoint).is_file():
-        saved = load_checkpoint(checkpoint)
+    saved = load_checkpoint(checkpoint) if checkpoint is not None and Path(checkpoint).is_file() else None
+    state = saved["loop"] if saved else None
+    # the optimizer of the step to come (Teacher Intervention: phase 1's or phase 2's)
+    opt, sched = qatkd.make_optimizer(model, cfg, cfg.phase_steps(cfg.total_steps(len(train_feats)),
+                                                                  state["step"] if state else 0))
+    if saved:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
-        state = saved["loop"]
     main = rank == 0
     if world > 1:
         torch.manual_seed(cfg.seed + 10_000 * rank + (state or {}).get("step", 0))
@@ -267,7 +268,7 @@ def run_training(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc
         progress = progress if main else functools.partial(tqdm, disable=True)
     with stop_on_ctrl_c() as interrupted:
 
-        def after_step(state):
+        def after_step(state, opt, sched):
             if started is not None:
                 state["wall_seconds"] = time.time() - started
             if main and checkpoint is not None and ((save_every and state["step"] % save_every == 0) or interrupted):

@@ -3,6 +3,7 @@
     pytest -q -rs        (CI=1 makes Hypothesis derandomized, so a red CI reproduces)
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -287,38 +288,39 @@ def test_patched_student(arch, tmp_path):
     assert len(q.weight.unique()) > 3 and len(qatkd.quantize_weight(q.weight, 2).unique()) == 3
 
 
-def attention_output_by_hand(model, layer, x, probs, abits):
+def attention_output_by_hand(model, layer, x, probs, abits, projected=None):
     """The attention sub-layer output Y of `layer`, written out from the layer's own sub-modules.
 
     x: the layer's input [B, S, d]; probs: its attention map [B, H, S, S] (eval mode: no dropout).
     ctx = Q_a(P) Q_a(V); then post-LN families LN(W_O ctx + X), pre-LN ModernBERT X + W_O ctx.
+    projected: a tensor [B, S, d] that stands for W_O ctx + b (Teacher Intervention's output mode).
     """
     mt, H = model.config.model_type, probs.shape[1]
     qa = (lambda t: t) if abits >= 32 else (lambda t: qatkd.quantize_uniform(t, abits))  # noqa: E731
 
-    def context(v):  # v: [B, S, H * d_h] -> ctx [B, S, H * d_h]
+    def out(w_o, v):  # v: [B, S, H * d_h] -> W_O ctx + b [B, S, d]
         v = v.view(*v.shape[:2], H, -1).transpose(1, 2)
-        return (qa(probs) @ qa(v)).transpose(1, 2).reshape(*x.shape[:2], -1)
+        return w_o((qa(probs) @ qa(v)).transpose(1, 2).reshape(*x.shape[:2], -1)) if projected is None else projected
 
     if mt in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "deberta-v2"):
         att = model.base_model.encoder.layer[layer].attention
         v = att.self.value_proj(x) if mt == "deberta-v2" else att.self.value(x)
-        return att.output.LayerNorm(att.output.dense(context(v)) + x)
+        return att.output.LayerNorm(out(att.output.dense, v) + x)
     if mt == "mobilebert":
         block = model.base_model.encoder.layer[layer]
         _, _, v_in, residual = block.bottleneck(x) if block.use_bottleneck else [x] * 4
-        return block.attention.output.LayerNorm(block.attention.output.dense(context(block.attention.self.value(v_in)))
+        return block.attention.output.LayerNorm(out(block.attention.output.dense, block.attention.self.value(v_in))
                                                 + residual)
     if mt == "distilbert":
         block = model.base_model.transformer.layer[layer]
-        return block.sa_layer_norm(block.attention.out_lin(context(block.attention.v_lin(x))) + x)
+        return block.sa_layer_norm(out(block.attention.out_lin, block.attention.v_lin(x)) + x)
     if mt == "albert":
         att = model.base_model.encoder.albert_layer_groups[0].albert_layers[0].attention  # shared by every layer
-        return att.LayerNorm(x + att.dense(context(att.value(x))))
+        return att.LayerNorm(x + out(att.dense, att.value(x)))
     if mt == "modernbert":
         block = model.base_model.layers[layer]
         v = block.attn.Wqkv(block.attn_norm(x)).view(*x.shape[:2], 3, -1)[:, :, 2]
-        return x + block.attn.Wo(context(v))
+        return x + out(block.attn.Wo, v)
     raise AssertionError(f"no hand-written attention output for {mt}")
 
 
@@ -409,6 +411,71 @@ def test_family_internals(arch, tmp_path):
             opt.step()
             losses.append(loss.item())
         assert losses[-1] < 0.8 * losses[0], (arch, kd, losses)
+
+
+def attention_grads(student, layer=0):
+    """{"Q", "K", "V", "O": sum of |gradient|} of `layer`'s Q, K, V projection weights and W_O (fused [Q|K|V]: thirds)."""
+    family = qatkd.FAMILIES[student.config.model_type]
+    attn = qatkd.self_attention_modules(student)
+    attn = attn[min(layer, len(attn) - 1)]  # ALBERT: one shared module
+    grads = [getattr(attn, name).weight.grad for name in family.qkv]
+    if len(grads) == 1:
+        grads = [None] * 3 if grads[0] is None else list(grads[0].chunk(3))
+    w_o = qatkd.modules_of(student, family.proj)
+    grads.append(w_o[min(layer, len(w_o) - 1)].weight.grad)
+    return {k: 0.0 if g is None else float(g.abs().sum()) for k, g in zip("QKVO", grads)}
+
+
+@pytest.mark.parametrize("arch", list(FAMILY_CONFIGS))
+def test_teacher_intervention_in_every_family(arch, tmp_path):
+    """Every family, every Teacher Intervention mode: each layer's attention sub-layer output equals the
+    one written out by hand with the teacher's map, context or W_O C + b in place of the student's; the
+    student's own map is still its own; the detached inputs get no gradient through the forward path."""
+    model_dir = write_tiny_model(tmp_path / arch, arch, dropout=0.0)
+    torch.manual_seed(0)
+    teacher, tok, _ = models.load_teacher(str(model_dir), data.TASKS["mrpc"])
+    teacher.eval()
+    b = family_batch(tok)
+    keep = ("scores", "probs", "outputs", "context", "proj")
+    with torch.no_grad():
+        t = qatkd.forward_internals(teacher, b, keep)
+        student = qatkd.quantize_student(teacher, 2, 8).eval()
+        plain = qatkd.forward_internals(student, b, keep)
+    w_o = qatkd.modules_of(student, qatkd.FAMILIES[arch].proj)
+    for mode in ("map", "context", "output"):
+        with torch.no_grad():
+            s = qatkd.forward_internals(student, b, keep, feed=(mode, t))
+        assert torch.equal(s.attn_probs[0], plain.attn_probs[0])  # the student's own map, for the losses
+        assert not torch.allclose(s.attn_probs[0], t.attn_probs[0], atol=1e-3)
+        assert not torch.allclose(s.logits, plain.logits, atol=1e-4)
+        for layer, x in enumerate(s.hidden_states[:-1]):
+            projected = None  # map: C = Q_a(P_t) Q_a(V(x)), by hand with the teacher's map
+            if mode == "context":  # W_O C_t + b
+                c = t.attn_context[layer]
+                projected = w_o[min(layer, len(w_o) - 1)](c.transpose(1, 2).reshape(*x.shape[:2], -1))
+            if mode == "output":
+                projected = t.attn_proj[layer]
+            with torch.no_grad():
+                by_hand = attention_output_by_hand(student, layer, x, t.attn_probs[layer], 8, projected)
+            assert torch.allclose(s.attn_outputs[layer], by_hand, atol=1e-5, rtol=1e-5), (arch, mode, layer)
+
+    student.train()
+    b["labels"] = torch.tensor([1, 0, 1])
+    # (mode, kd, weights without gradient, weights with): Q and K learn only through the attention loss
+    for mode, kd, zero, nonzero in (("map", "pred", "QK", "VO"), ("map", "map", "", "QKVO"),
+                                    ("context", "map", "V", "QKO"), ("output", "pred", "QKVO", ""),
+                                    ("output", "score", "VO", "QK")):
+        student.zero_grad(set_to_none=True)
+        loss, _ = qatkd.qat_loss_fn(teacher, kd)(student, b, mode)
+        loss.backward()
+        g = attention_grads(student)
+        assert all(g[k] == 0 for k in zero) and all(g[k] > 0 for k in nonzero), (arch, mode, kd, g)
+    # the map of layer 1 sends no gradient to the layer's input (Q, K detached), without TI it does
+    for feed in (("map", t), ("context", t), None):
+        s = qatkd.forward_internals(student, b, ("probs",), feed)
+        loss = qatkd.map_loss(s.attn_probs[1:2], t.attn_probs[1:2], b["attention_mask"])
+        (grad,) = torch.autograd.grad(loss, s.hidden_states[1], allow_unused=True)
+        assert (grad is not None and grad.abs().max() > 0) == (feed is None), (arch, feed and feed[0])
 
 
 def test_quantization_rule_is_the_same_in_every_family(tmp_path):
@@ -1033,6 +1100,50 @@ def test_seed_fixes_the_run(tiny_dir, tmp_path):
     assert l1 == l2 and all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+def test_teacher_intervention_phases_and_resume(tiny_dir, tmp_path):
+    """Teacher Intervention's schedule: gradual is output, context, then map; phase 1 and phase 2 take
+    the baseline's steps together, each with its own warm-up and decay (a fresh optimizer); a run
+    interrupted just before, at and just after the phase boundary resumes to the same weights."""
+    from transformers import AutoTokenizer
+
+    assert [qatkd.ti_mode("gradual", k, 60) for k in (0, 9, 10, 19, 20, 59, 60)] == \
+        ["output", "output", "context", "context", "map", "map", None]
+    assert qatkd.ti_mode("context", 59, 60) == "context" and qatkd.ti_mode("", 0, 60) is None
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    feats = data.tokenize(data.load_glue(data.TASKS["mrpc"], write_tiny_mrpc(tmp_path / "d", 64, 8))["train"], tok, 32)
+    cfg = qatkd.TrainConfig(epochs=1, batch_size=8, seed=3, lr=1e-3, ti="gradual", ti_steps=6)  # 8 steps: 6 + 2
+    teacher = classifier(tiny_dir)
+    qat = qatkd.qat_loss_fn(teacher, "map")
+
+    def run(stop=None, checkpoint=None):
+        runtime.set_seed(3)
+        student, log, calls = qatkd.quantize_student(teacher), [], []
+
+        def loss_fn(model, b, *mode):  # Ctrl-C when step `stop` begins
+            calls.append(mode)
+            if len(calls) == stop:
+                raise KeyboardInterrupt
+            return qat(model, b, *mode)
+
+        with contextlib.suppress(KeyboardInterrupt):
+            runtime.run_training(student, loss_fn, feats, cfg, log=log.append, checkpoint=checkpoint, save_every=1)
+        return [r for r in log if "loss" in r], student.state_dict(), calls
+
+    log, weights, calls = run()
+    assert len(log) == cfg.total_steps(len(feats)) == 8
+    assert [r.get("ti") for r in log] == ["output", "context"] + ["map"] * 4 + [None] * 2
+    assert calls == [("output",), ("context",)] + [("map",)] * 4 + [()] * 2
+    phases = [qatkd.warmup_linear(k, 6, 0.1) for k in range(1, 7)] + [qatkd.warmup_linear(k, 2, 0.1) for k in (1, 2)]
+    assert [r["lr"] for r in log] == pytest.approx([1e-3 * m for m in phases])
+    for stop in (6, 7, 8):  # the checkpoint holds step 5 (phase 1), 6 (the boundary), 7 (phase 2)
+        checkpoint = tmp_path / f"ckpt{stop}.pt"
+        first, _, _ = run(stop, checkpoint)
+        assert len(first) == stop - 1
+        rest, resumed, _ = run(None, checkpoint)
+        assert [r["loss"] for r in first + rest] == [r["loss"] for r in log], stop
+        assert all(torch.equal(resumed[k], weights[k]) for k in weights), stop
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. attention-recovery diagnostics
 # ---------------------------------------------------------------------------------------------
@@ -1308,6 +1419,11 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
                    "--save_every", "1"])
     assert m2["teacher"] == metrics["teacher"] and m2["steps"] == 3 and m2["f1_class"] == "equivalent"
     assert (out / "mrpc-score-w2a8-seed42-lr0.001" / "checkpoint.pt").is_file()  # kept, as asked
+    # Teacher Intervention: its own run folder, phase 1 marked in the log, the two phases take --max_steps together
+    m3 = run.main([*map(str, common), "--kd", "map", "--ti", "output", "--ti_steps", "2", "--max_steps", "5",
+                   "--eval_every", "0"])
+    ti_log = (out / "mrpc-map-w2a8-seed42-lr0.001-tioutput2" / "log.jsonl").read_text().splitlines()
+    assert m3["steps"] == 5 and [json.loads(r).get("ti") for r in ti_log if '"loss"' in r] == ["output"] * 2 + [None] * 3
     p = run_py(*common, "--kd", "map", "--epochs", "2")
     assert p.returncode != 0 and "already holds a run; pass --resume to continue it, --overwrite" in p.stderr
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics  # nothing lost
@@ -1669,6 +1785,10 @@ def snapshot(folder):
     (["--task", "mrpc", "--lr", "-1"], "--lr must be a positive number, got -1"),
     (["--task", "mrpc", "--warmup", "2"], "--warmup is the fraction of steps that warm up: 0 or more and below 1"),
     (["--task", "mrpc", "--map_coeff", "-1"], "--map_coeff must be 0 or more, got -1"),
+    (["--task", "mrpc", "--ti_steps", "5"], "--ti_steps is the length of Teacher Intervention's first phase: pass --ti"),
+    (["--task", "mrpc", "--ti", "map", "--ti_steps", "0"], "--ti_steps must be at least 1, got 0"),
+    (["--task", "mrpc", "--run_name", "x", "--ti", "gradual"],
+     "--ti_steps 60 leaves no steps for Teacher Intervention's second phase: QAT has 3 steps here"),
     (["--task", "mrpc", "--run_name", "x", "--teacher", "{corrupt}"],
      "could not load teacher {corrupt}: SafetensorError"),
     (["--task", "mrpc", "--run_name", "x", "--data_dir", "{latin1}"], "train.tsv:3: not valid UTF-8; save the file as"),
@@ -1994,6 +2114,7 @@ def test_help_imports_no_torch_and_offers_what_the_modules_define():
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
     assert run.TASKS == tuple(data.TASKS) and run.KD_MODES == qatkd.KD_MODES
     assert run.WEIGHT_BITS == qatkd.WEIGHT_BITS and run.OPTIMIZERS == qatkd.OPTIMIZERS
+    assert run.TI_MODES == qatkd.TI_MODES
     assert all(getattr(qatkd.TrainConfig, k) == v for k, v in run.PAPER.items())
 
 
