@@ -203,7 +203,7 @@ def kd_loss_step(teacher, student, batch, kd):
         t = qatkd.forward_internals(teacher, batch)
     s = qatkd.forward_internals(student, batch)
     s = qatkd.Internals(*[[x.detach().requires_grad_() for x in v] if isinstance(v, list) else
-                          v.detach().requires_grad_() for v in vars(s).values()])
+                          v if v is None else v.detach().requires_grad_() for v in vars(s).values()])
     return lambda: qatkd.kd_loss(s, t, batch["attention_mask"], kd)[0].backward()
 
 
