@@ -291,8 +291,9 @@ def run_training(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc
 # ---------------------------------------------------------------------------------------------
 
 
-# arguments not compared when a run is resumed or reused by a sweep: they change no number
-NOT_COMPARED = ("resume", "overwrite", "mix_commits", "save_every", "keep_checkpoint", "teacher_path", "code",
+# arguments not compared when a run is resumed or reused by a sweep: they change no number (--recipe sets
+# --lr, which is compared)
+NOT_COMPARED = ("recipe", "resume", "overwrite", "mix_commits", "save_every", "keep_checkpoint", "teacher_path", "code",
                 "recompute", "sweep", "sweep_kd", "seeds", "sweep_teacher_seeds", "sweep_protocols", "benchmark",
                 "bench_model", "bench_steps", "bench_warmup", "bench_memory", "bench_phase", "device")
 

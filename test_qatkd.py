@@ -2049,6 +2049,17 @@ def test_readme_deviations_and_code_comments_name_the_same_deviations():
     assert in_code == in_readme and len(in_code) >= 12, (in_code ^ in_readme)
 
 
+def test_recipe_sets_what_is_not_given():
+    """--recipe best sets --lr 1e-4 (the run folder says so: -lr0.0001); an explicit --lr wins; paper keeps 2e-5."""
+    import run
+
+    assert run.parse_args(["--task", "mrpc"]).lr == 2e-5 == run.PAPER["lr"]
+    best = run.parse_args(["--task", "mrpc", "--recipe", "best"])
+    assert best.lr == 1e-4 and experiment.recipe_suffix(best) == "-lr0.0001"
+    assert run.parse_args(["--task", "mrpc", "--recipe", "best", "--lr", "3e-5"]).lr == 3e-5
+    assert "recipe" in runtime.NOT_COMPARED  # it changes only flags that are compared
+
+
 def test_readme_flag_table_matches_help():
     """README's Flags table lists exactly the flags of run.py --help (not the hidden internal ones)."""
     import argparse
