@@ -385,8 +385,8 @@ def write_sweep_table(args, metric, rows, teachers, seconds):
     suffix = ("" if args.sweep_protocols == ["default"] else "-" + "+".join(args.sweep_protocols)) + (
         "" if args.sweep_teacher_seeds == [42] else "-tseeds" + "+".join(map(str, args.sweep_teacher_seeds)))
     stem = Path(args.output_dir) / f"sweep-{args.data_name}-w{args.wbits}a{args.abits}{suffix}{recipe_suffix(args)}"
-    stem.with_suffix(".md").write_text(note + "\n\n" + md + "\n")
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+    stem.with_name(stem.name + ".md").write_text(note + "\n\n" + md + "\n")  # not with_suffix: -lr2.5e-05 has a dot
+    with open(stem.with_name(stem.name + ".csv"), "w", newline="") as f:
         csv.writer(f).writerows([head] + table)
     print(f"\n== sweep: {args.data_name}, {metric} on dev, mean ± std over seeds ==\n{note}\n\n{md}\n"
           f"written to {stem}.md and {stem}.csv")

@@ -1629,7 +1629,7 @@ def test_sweep_over_protocols_and_teacher_seeds(tmp_path, tiny_dir):
     table = run.main(["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(ds), "--output_dir",
                       str(tmp_path), "--batch_size", "8", "--max_len", "40", "--teacher_epochs", "1", "--max_steps", "2",
                       "--eval_every", "0", "--sweep", "--sweep_kd", "map", "--seeds", "1", "--sweep_teacher_seeds",
-                      "42,7", "--sweep_protocols", "default,original", "--rank_samples", "4"])
+                      "42,7", "--sweep_protocols", "default,original", "--rank_samples", "4", "--lr", "2.5e-5"])
     assert [r[:3] for r in table] == [
         ["42", "-", "teacher (FP)"], ["42", "default", "PTQ W2A8"], ["42", "default", "QAT map"],
         ["42", "original", "PTQ W2A8"], ["42", "original", "QAT map"],
@@ -1640,12 +1640,13 @@ def test_sweep_over_protocols_and_teacher_seeds(tmp_path, tiny_dir):
     assert table[0][4] != table[5][4] or table[1][4] != table[6][4]  # two different teachers
     for name, protocol in (("mrpc-map-w2a8-seed1", "default"), ("mrpc-map-w2a8-seed1-original", "original"),
                            ("mrpc-map-w2a8-seed1-tseed7", "default"), ("mrpc-map-w2a8-seed1-tseed7-original", "original")):
-        metrics = json.loads((tmp_path / name / "metrics.json").read_text())
+        metrics = json.loads((tmp_path / f"{name}-lr2.5e-05" / "metrics.json").read_text())
         assert metrics["protocol"] == protocol and metrics["teacher_seed"] == (7 if "tseed7" in name else 42)
-    assert (tmp_path / "sweep-mrpc-w2a8-default+original-tseeds42+7.md").is_file()
+    for ext in ("md", "csv"):  # the recipe's dots survive in the table's name
+        assert (tmp_path / f"sweep-mrpc-w2a8-default+original-tseeds42+7-lr2.5e-05.{ext}").is_file()
     # the two protocols train differently (padding to --max_len, losses over padding)
-    log = [json.loads(line) for line in (tmp_path / "mrpc-map-w2a8-seed1-original" / "log.jsonl").read_text().splitlines()]
-    default = [json.loads(line) for line in (tmp_path / "mrpc-map-w2a8-seed1" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "mrpc-map-w2a8-seed1-original-lr2.5e-05" / "log.jsonl").read_text().splitlines()]
+    default = [json.loads(line) for line in (tmp_path / "mrpc-map-w2a8-seed1-lr2.5e-05" / "log.jsonl").read_text().splitlines()]
     assert log[0]["rep"] != default[0]["rep"]
 
 
