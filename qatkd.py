@@ -234,8 +234,9 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     scaling = q.size(-1) ** -0.5 if scaling is None else scaling
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
-    ctx = torch.matmul(quant(F.dropout(next(teacher) if mode == "map" else probs, p=dropout, training=module.training)), v)
-    ctx = next(teacher) if mode == "context" else ctx
+    used = next(teacher) if mode == "map" else probs  # Teacher Intervention "map": the teacher's P_t
+    ctx = torch.matmul(quant(F.dropout(used, p=dropout, training=module.training)), v)
+    ctx = next(teacher) if mode == "context" else ctx  # Teacher Intervention "context": the teacher's C_t
     record_attention(module, scores, probs, ctx)
     return ctx.transpose(1, 2).contiguous(), probs
 
@@ -875,8 +876,8 @@ def train(model, loss_fn, train_feats, cfg, evaluate_fn=None, metric="acc", log=
     evaluations are kept (best on `metric`: the first best, never an undefined NaN).
     opt, sched, state: an optimizer, schedule and loop state to continue from (runtime.py restores
     them from a checkpoint); by default new ones (make_optimizer, new_loop_state). after_step(state,
-    opt, sched) runs after every step (runtime.py checkpoints there). progress(total=, initial=, desc=): the
-    progress bar, tqdm's by default. Returns the loop state, with seconds_per_step (training time
+    opt, sched) runs after every step (runtime.py checkpoints there). progress(total=, initial=,
+    desc=): the progress bar, tqdm's by default. Returns the loop state, with seconds_per_step (training time
     per step, evaluations excluded).
     """
     from tqdm.auto import tqdm

@@ -442,6 +442,15 @@ def test_teacher_intervention_in_every_family(arch, tmp_path):
         student = qatkd.quantize_student(teacher, 2, 8).eval()
         plain = qatkd.forward_internals(student, b, keep)
     w_o = qatkd.modules_of(student, qatkd.FAMILIES[arch].proj)
+    for model, out, abits in ((teacher, t, 32), (student, plain, 8)):  # the recorded C and W_O C + b themselves
+        for layer, x in enumerate(out.hidden_states[:-1]):
+            c, proj = out.attn_context[layer], out.attn_proj[layer]
+            w = qatkd.modules_of(model, qatkd.FAMILIES[arch].proj)
+            with torch.no_grad():
+                assert torch.allclose(w[min(layer, len(w) - 1)](c.transpose(1, 2).reshape(*x.shape[:2], -1)), proj,
+                                      atol=1e-5), (arch, layer)
+                by_hand = attention_output_by_hand(model, layer, x, out.attn_probs[layer], abits, proj)
+            assert torch.allclose(out.attn_outputs[layer], by_hand, atol=1e-5, rtol=1e-5), (arch, layer)
     for mode in ("map", "context", "output"):
         with torch.no_grad():
             s = qatkd.forward_internals(student, b, keep, feed=(mode, t))
