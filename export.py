@@ -177,13 +177,16 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
                 new = IntEmbedding(c, scale, wbits)
             else:
                 new = IntLinear(*signed_codes(c, scale, wbits), old.bias, abits,
-                                None if tokens is None else (lambda: tokens["mask"]), kernel)
+                                None if tokens is None else (lambda: tokens["mask"]), kernel, wbits)
             setattr(student.get_submodule(parent), child, new)
         for m in qatkd.self_attention_modules(student):  # Q, K, V and P fake-quantized, as in training
             m.quantize_act = ((lambda t: qatkd.quantize_uniform(t, abits)) if tokens is None else
                               (lambda t: qatkd.quantize_per_example(t, abits, tokens["mask"])))
     student.qatkd_bits = {"wbits": wbits, "abits": abits, "act_scale": act_scale}
     return student.eval()
+
+
+SIGNED_OFFSET = {1: 1, 2: 1, 4: 7, 8: 127}  # W_q = code - offset (1 bit: 2 * code - 1), the codes of weight_codes
 
 
 def signed_codes(codes, scale, bits):
@@ -219,9 +222,11 @@ def int_codes(x, s, n, shift, dtype):
 
 @torch.library.custom_op("qatkd::matmul_integer", mutates_args=())
 def matmul_integer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 [..., K] x int8 [K, N] -> int32 [..., N], exact: ONNX's MatMulInteger (export_onnx
-    translates it to that node), an int32 matmul when run in PyTorch."""
-    return a.to(torch.int32) @ b.to(torch.int32)
+    """(uint8 [..., K] - 128) x int8 [K, N] -> int32 [..., N], exact: ONNX's MatMulInteger with
+    a_zero_point 128 (export_onnx translates it to that node), an int32 matmul when run in PyTorch.
+    The activation travels as uint8 X_q + 128 because ONNX Runtime's CPU kernel for uint8 x int8 is
+    the fast one (VNNI); its int8 x int8 path is several times slower."""
+    return (a.to(torch.int32) - 128) @ b.to(torch.int32)
 
 
 @matmul_integer.register_fake
@@ -257,14 +262,16 @@ class IntLinear(nn.Module):
     the same arithmetic runs as graph ops around matmul_integer.
     """
 
-    def __init__(self, q, step, bias, abits=8, tokens=None, kernel=None):
+    def __init__(self, q, step, bias, abits=8, tokens=None, kernel=None, wbits=8):
         # tokens is a function, not the mask holder itself: torch.export replaces dict attributes by copies
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.abits, self.step, self.tokens = abits, step, tokens
+        self.abits, self.step, self.tokens, self.wbits = abits, step, tokens, wbits
         self.kernel = kernel or int8_kernel(q.device)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        if self.kernel == "onednn":  # prepacked once; kept as attributes (opaque tensors: not in the state dict)
+        if self.kernel == "onnx":  # packed wbits codes (>= 0), unpacked by graph ops that ONNX Runtime folds at load
+            self.register_buffer("codes", pack_bits((q.to(torch.int16) + SIGNED_OFFSET[wbits]) // (1 + (wbits == 1)), wbits))
+        elif self.kernel == "onednn":  # prepacked once; kept as attributes (opaque tensors: not in the state dict)
             hi = torch.round(q.to(torch.float32) / 128).to(torch.int8) if q.abs().max() > 64 else None
             parts = [(q, 1)] if hi is None else [((q.to(torch.int16) - 128 * hi.to(torch.int16)).to(torch.int8), 1),
                                                    (hi, 128)]
@@ -278,8 +285,8 @@ class IntLinear(nn.Module):
         tokens = None if self.tokens is None else self.tokens()
         if torch.compiler.is_exporting():  # ONNX: graph ops, MatMulInteger for X_q W_q^T
             s = activation_scale(x, n, tokens)
-            codes = (x * s).clamp(-n, n).round().to(torch.int8)
-            acc = matmul_integer(codes, self.q.t()).to(x.dtype)
+            codes = int_codes(x, s, n, 128, torch.uint8)
+            acc = matmul_integer(codes, self.weight_codes().t()).to(x.dtype)
             # per example: c first, then / s_x, as below (ONNX Runtime fuses a Mul after MatMulInteger into
             # MatMulIntegerToFloat, which gets a per-example [B, 1, 1] scale wrong)
             y = acc * (self.step / s) if tokens is None else acc * self.step / s
@@ -304,8 +311,8 @@ class IntLinear(nn.Module):
                                                           1.0, 0, torch.float32, "none", [], "")
                 y = part if y is None else y + part
         else:
-            flat = codes.reshape(-1, self.in_features)
-            acc = torch._int_mm(flat, self.q.t()) if self.kernel == "int_mm" else flat.int() @ self.q.int().t()
+            flat, q = codes.reshape(-1, self.in_features), self.weight_codes()
+            acc = torch._int_mm(flat, q.t()) if self.kernel == "int_mm" else flat.int() @ q.int().t()
             y = (acc.float() * factor).reshape(*x.shape[:-1], self.out_features)
             if tokens is None:
                 return y if self.bias is None else y + self.bias
@@ -313,6 +320,13 @@ class IntLinear(nn.Module):
             return y
         y = y / s  # per example: X_q W_q^T c, then / s_x, then + b
         return y if self.bias is None else y + self.bias
+
+    def weight_codes(self):
+        """W_q, int8 [out, in]."""
+        if self.kernel != "onnx":
+            return self.q
+        c = unpack_bits(self.codes, self.wbits, self.out_features * self.in_features).to(torch.int16)
+        return (c * (1 + (self.wbits == 1)) - SIGNED_OFFSET[self.wbits]).to(torch.int8).reshape(self.out_features, -1)
 
     def extra_repr(self):
         scale = "per tensor" if self.tokens is None else "per example"
@@ -372,6 +386,7 @@ def export_onnx(path, out, act_scale="example"):
     import shutil
 
     import onnx
+    import onnxscript.optimizer
     from onnxscript import opset18 as op
 
     from transformers import AutoConfig
@@ -380,7 +395,7 @@ def export_onnx(path, out, act_scale="example"):
     if model_type in ONNX_UNSUPPORTED:
         raise ValueError(f"no ONNX export for {model_type}: {ONNX_UNSUPPORTED[model_type]}; use --eval_export / "
                          "--predict with the int8 backend")
-    student = load_quantized(path, backend="int8", act_scale=act_scale, kernel="plain")
+    student = load_quantized(path, backend="int8", act_scale=act_scale, kernel="onnx")
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if student.config.type_vocab_size > 0 else [])
     example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
@@ -388,15 +403,22 @@ def export_onnx(path, out, act_scale="example"):
     with warnings.catch_warnings():  # and its deprecation and axis-naming notes: nothing a user can act on
         warnings.simplefilter("ignore")
         graph = torch.onnx.export(
-            _Logits(student).eval(), example, dynamo=True, verbose=False, input_names=names, output_names=["logits"],
+            _Logits(student).eval(), example, dynamo=True, optimize=False, verbose=False, input_names=names,
+            output_names=["logits"],
             dynamic_shapes={k: {0: batch, 1: length} for k in names},
             custom_translation_table={
-                torch.ops.qatkd.matmul_integer.default: lambda a, b: op.MatMulInteger(a, b),
+                torch.ops.qatkd.matmul_integer.default: lambda a, b: op.MatMulInteger(
+                    a, b, op.Constant(value=onnx.helper.make_tensor("zero_point", onnx.TensorProto.UINT8, [], [128]))),
                 torch.ops.aten.__rshift__.Tensor: lambda a, b: op.BitShift(a, b, direction="RIGHT")})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # folds constants, but not the packed weight codes (ONNX Runtime unpacks them once, at load): a small file
+    onnxscript.optimizer.optimize(graph.model, input_size_limit=16)
+    model = graph.model_proto
+    for node in model.graph.node:  # the exporter's per-node stack traces (this machine's paths): a third of the file
+        del node.metadata_props[:]
     with atomic_path(out / "model.onnx") as tmp:
-        graph.save(str(tmp))
+        onnx.save(model, str(tmp))
         onnx.checker.check_model(str(tmp))
     for f in Path(path).iterdir():
         if f.name != "model.safetensors" and f.is_file():

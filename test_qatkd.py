@@ -1463,8 +1463,8 @@ def test_eval_export_reports_metric_speed_and_memory(tmp_path, tiny_dir):
 
 @pytest.mark.parametrize("wbits", [1, 2, 4, 8])
 def test_onnx_student_computes_what_the_int8_backend_computes(wbits, tmp_path):
-    """export_onnx: a graph that passes onnx.checker, with int8 weight initializers and MatMulInteger
-    nodes, whose logits in ONNX Runtime equal the int8 backend's (per-example scales) for any batch
+    """export_onnx: a graph that passes onnx.checker, with the weights' codes packed (wbits per code) and
+    MatMulInteger nodes, whose logits in ONNX Runtime equal the int8 backend's (per-example scales) for any batch
     size and length, and do not depend on the batch: each example alone gives the same logits."""
     import onnx
 
@@ -1477,7 +1477,11 @@ def test_onnx_student_computes_what_the_int8_backend_computes(wbits, tmp_path):
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     assert sum(n.op_type == "MatMulInteger" for n in graph.graph.node) == 6 * teacher.config.num_hidden_layers + 1
-    assert any(i.data_type == onnx.TensorProto.INT8 for i in graph.graph.initializer)  # the weights' codes
+    codes = [i for i in graph.graph.initializer if i.name.endswith(".dense.codes") or i.name.endswith(".query.codes")]
+    assert codes and all(i.data_type == onnx.TensorProto.UINT8 for i in codes)  # the weights' codes, packed
+    layer = teacher.bert.encoder.layer[0]
+    square, wide = layer.attention.self.query.weight.numel(), layer.intermediate.dense.weight.numel()
+    assert sum(math.prod(i.dims) for i in codes) == (2 * square + 2 * wide + square) * wbits // 8  # + the pooler
     ort_student = export.OnnxStudent(tmp_path / "onnx")
     int8 = export.load_quantized(tmp_path / "packed", "int8", act_scale="example")
     for lengths, pad in (([6, 3, 5], None), ([9], None), ([4, 7, 2, 8], 12)):
