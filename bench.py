@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import statistics
 import sys
 import threading
@@ -96,9 +95,7 @@ def phase_memory(build, device):
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 20
     else:
-        status = Path("/proc/self/status")
-        peak = (int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024 if status.exists()
-                else runtime.peak_memory_mb())
+        peak = runtime.peak_memory_mb()
     print(json.dumps({"peak_memory_mb": peak, **(heap() if heap else {})}))
 
 
@@ -344,3 +341,127 @@ def bench_report(args, name, params, where, rows):
     summary = "" if args.bench_inference else f"map QAT / FP step: {seconds[f'QAT map {wa}'] / seconds[reference]:.2f}x; "
     print(f"\n{md}\n{summary}written to {stem}.md and {stem}.json")
     return rows
+
+
+SERVING = {  # --serving: what is compared, each in a fresh process
+    "teacher, PyTorch fp32": "teacher-pytorch",
+    "teacher, ONNX Runtime fp32": "teacher-onnx",
+    "teacher, ONNX Runtime quantize_dynamic int8": "teacher-onnx-int8",
+    "student, PyTorch int8 backend": "student-int8",
+    "student, ONNX Runtime": "student-onnx",
+}
+
+
+def teacher_onnx(teacher_dir):
+    """The fine-tuned teacher as ONNX in TEACHER/onnx/: model.onnx (fp32, torch's TorchScript-based
+    exporter, opset 17: quantize_dynamic's shape inference rejects the dynamo exporter's graph) and
+    model_int8.onnx (onnxruntime.quantization.quantize_dynamic, int8 weights: no training, no data).
+    Made once, reused."""
+    import logging
+    import shutil
+    import warnings
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from transformers import AutoModelForSequenceClassification
+
+    out = Path(teacher_dir) / "onnx"
+    if not (out / "model_int8.onnx").is_file():
+        out.mkdir(exist_ok=True)
+        model = AutoModelForSequenceClassification.from_pretrained(teacher_dir, attn_implementation="eager").eval()
+        names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.config.type_vocab_size > 0 else [])
+        with warnings.catch_warnings(), runtime.atomic_path(out / "model.onnx") as tmp:
+            warnings.simplefilter("ignore")  # the exporter's deprecation notes
+            torch.onnx.export(export._Logits(model), tuple(torch.ones(2, 8, dtype=torch.long) for _ in names), str(tmp),
+                              dynamo=False, input_names=names, output_names=["logits"], opset_version=17,
+                              dynamic_axes={k: {0: "batch", 1: "length"} for k in names})
+        logging.getLogger().setLevel(logging.ERROR)  # not its advice to pre-process: the graph is used as exported
+        with runtime.atomic_path(out / "model_int8.onnx") as tmp:
+            quantize_dynamic(str(out / "model.onnx"), str(tmp), weight_type=QuantType.QInt8)
+        for f in Path(teacher_dir).iterdir():
+            if f.is_file() and f.suffix in (".json", ".txt", ".model"):
+                shutil.copy(f, out / f.name)
+    return out
+
+
+def serving(args, argv=()):
+    """--serving RUN_DIR: the table a user deciding how to ship needs. The run's teacher (PyTorch fp32,
+    ONNX Runtime fp32, ONNX Runtime's dynamic int8 quantization of it) and its student (int8 backend,
+    ONNX Runtime; per-example activation scales), each alone in a fresh process: dev metrics, file
+    bytes, weight bytes in memory, latency at batch 1 (median over the first 200 dev examples, after
+    10 untimed), throughput at batch 32 (the dev set in file order, after one untimed batch), peak
+    resident memory. Writes RUN_DIR/serving.{md,json}."""
+    import subprocess
+
+    from tqdm.auto import tqdm
+
+    run = Path(args.serving)
+    teacher = Path(json.loads((run / "metrics.json").read_text())["teacher_path"])
+    teacher_onnx(teacher)
+    if not (run / "student_packed_onnx" / "model.onnx").is_file():
+        export.export_onnx(run / "student_packed", run / "student_packed_onnx")
+    rows = []
+    for name, kind in tqdm(SERVING.items(), desc="serving: a process per model", dynamic_ncols=True):
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve().with_name("run.py")), *argv, "--serving_model", kind],
+                           capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"--serving: the process for {name} failed: {p.stderr[-2000:]}")
+        rows.append({"model": name, **json.loads(p.stdout.strip().splitlines()[-1])})
+    metric = next(iter(rows[0]["metrics"]))
+    where = f"{runtime.cpu_name()}, {rows[0]['threads']} threads, code {runtime.code_version()}"
+    head = ["model", " / ".join(list(rows[0]["metrics"])[:2]), "file MB", "weights in memory MB", "latency, batch 1 (ms)",
+            "throughput, batch 32 (examples/s)", "peak resident memory (MiB)"]
+    table = [[r["model"], " / ".join(f"{100 * v:.2f}" for v in list(r["metrics"].values())[:2]), f"{r['file_bytes'] / 1e6:.1f}",
+              f"{r['weight_bytes'] / 1e6:.1f}", f"{r['latency_ms']:.1f}", f"{r['examples_per_second']:.1f}",
+              f"{r['peak_memory_mb']:.0f}"] for r in rows]
+    md = "\n".join([f"{run.name} on {args.data_name} dev ({metric} first); {where}", "",
+                    "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in table])
+    (run / "serving.md").write_text(md + "\n")
+    runtime.write_json(run / "serving.json", {"where": where, "rows": rows})
+    print(f"\n{md}\n\nwritten to {run / 'serving.md'} and serving.json")
+    return rows
+
+
+def serving_model(args):
+    """The child of --serving: one model (args.serving_model) measured; its row as JSON on the last line."""
+    import statistics
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import experiment
+
+    run = Path(args.serving)
+    teacher = Path(json.loads((run / "metrics.json").read_text())["teacher_path"])
+    kind = args.serving_model
+    folder = {"teacher-pytorch": teacher, "teacher-onnx": teacher / "onnx", "teacher-onnx-int8": teacher / "onnx",
+              "student-int8": run / "student_packed", "student-onnx": run / "student_packed_onnx"}[kind]
+    file = folder / {"teacher-pytorch": "model.safetensors", "teacher-onnx-int8": "model_int8.onnx",
+                     "student-int8": "model.safetensors"}.get(kind, "model.onnx")
+    if kind == "teacher-pytorch":
+        model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    elif kind == "student-int8":
+        model = export.load_quantized(folder, "int8", act_scale="example")
+    else:
+        model = export.OnnxStudent(folder, file=file.name)
+    if not args.task and not args.train_file and not args.dataset:  # --validation_file alone: classes by name
+        args.train_file = args.validation_file
+    task, examples = experiment.load_data(args)
+    task, examples, _ = data.align_labels(task, examples, model.config.id2label, "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    dev = data.tokenize(examples[next(k for k in examples if k != "train")], tokenizer, args.max_len)
+    pad = tokenizer.pad_token_id or 0
+    with torch.inference_mode():
+        ones, latency = list(qatkd.batches(dev[:210], 1, pad)), []
+        for i, b in enumerate(ones):
+            start = time.perf_counter()
+            model(**qatkd.model_inputs(model, b))
+            latency += [time.perf_counter() - start] if i >= 10 else []
+        batches = list(qatkd.batches(dev, 32, pad))
+        model(**qatkd.model_inputs(model, batches[0]))
+        start = time.perf_counter()
+        logits = [model(**qatkd.model_inputs(model, b)).logits for b in batches]
+        seconds = time.perf_counter() - start
+    metrics = data.task_metrics(task, torch.cat(logits).float(), torch.cat([b["labels"] for b in batches]))
+    weights = model.weight_bytes() if isinstance(model, export.OnnxStudent) else experiment.model_bytes(model)
+    print(json.dumps({"metrics": metrics, "file_bytes": file.stat().st_size, "weight_bytes": weights,
+                      "latency_ms": 1000 * statistics.median(latency), "examples_per_second": len(dev) / seconds,
+                      "peak_memory_mb": runtime.peak_memory_mb(), "threads": torch.get_num_threads()}))

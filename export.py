@@ -431,20 +431,37 @@ class OnnxStudent:
     """A student exported by export_onnx, run by ONNX Runtime (CPU) and called like the PyTorch model:
     model(input_ids=..., attention_mask=...[, token_type_ids=...]).logits -> [B, C] float tensor."""
 
-    def __init__(self, path, threads=None):
+    def __init__(self, path, threads=None, file="model.onnx"):
         import onnxruntime as ort
         from transformers import AutoConfig
 
         path = Path(path)
-        options = ort.SessionOptions()
+        self.options = ort.SessionOptions()
         if threads:
-            options.intra_op_num_threads = threads
-        self.file = path / "model.onnx"
-        self.session = ort.InferenceSession(str(self.file), options, providers=["CPUExecutionProvider"])
+            self.options.intra_op_num_threads = threads
+        self.file = path / file
+        self.session = ort.InferenceSession(str(self.file), self.options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.config = AutoConfig.from_pretrained(path)
-        self.qatkd_bits = json.loads((path / "quantization.json").read_text())
+        bits = path / "quantization.json"  # absent for a model qatkd did not quantize (bench.teacher_onnx)
+        self.qatkd_bits = json.loads(bits.read_text()) if bits.is_file() else None
         self.device, self.training = torch.device("cpu"), False
+
+    def weight_bytes(self):
+        """Bytes of the initializers ONNX Runtime holds after its graph optimizations (the student's packed
+        codes unpacked, constants folded), before its kernels prepack them."""
+        import tempfile
+
+        import onnx
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            self.options.log_severity_level = 3  # not the note that the optimized graph suits this CPU only
+            ort.InferenceSession(str(self.file), self.options, providers=["CPUExecutionProvider"])
+            self.options.optimized_model_filepath = ""
+            graph = onnx.load(str(Path(tmp) / "optimized.onnx")).graph
+        return sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         if token_type_ids is None:  # as transformers does: all segment 0

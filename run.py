@@ -190,6 +190,12 @@ def build_parser():
     g.add_argument("--input", default=None, metavar="FILE",
                    help="--predict: a CSV/TSV/JSON Lines file; text columns as --text_columns (a label column "
                         "is ignored)")
+    g.add_argument("--serving", default=None, metavar="RUN_DIR",
+                   help="the comparison for shipping: the run's teacher (PyTorch, ONNX Runtime fp32 and its dynamic "
+                        "int8 quantization) and student (int8 backend, ONNX Runtime) on the dev set: metric, file and "
+                        "weight bytes, latency at batch 1, throughput at batch 32, peak memory, each model in a "
+                        "fresh process; RUN_DIR/serving.md. Data: the run's, unless given")
+    g.add_argument("--serving_model", default=None, help=argparse.SUPPRESS)  # internal: a child of --serving
     g.add_argument("--backend", default="int8", choices=("int8", "fake"),
                    help="int8: integer inference; fake: fp32 weights, fake-quantized activations. Default: int8")
     return p
@@ -245,6 +251,19 @@ def parse_args(argv=None):
     if bad:
         p.error(f"--sweep_protocols: unknown protocol {bad[0]!r}; use some of {','.join(PROTOCOLS)}")
     args.sweep_teacher_seeds = args.sweep_teacher_seeds or [args.teacher_seed]
+    if args.serving:
+        run = Path(args.serving)
+        missing = [f for f in ("args.json", "metrics.json", "student_packed/model.safetensors") if not (run / f).is_file()]
+        if missing:
+            p.error(f"--serving: {run} is not a finished run folder (no {missing[0]}); pass RUN_DIR, e.g. "
+                    "runs/mrpc-map-w2a8-seed42")
+        if not (args.task or args.train_file or args.dataset or args.validation_file):  # the run's own data
+            import json
+
+            saved = json.loads((run / "args.json").read_text())
+            for k in ("task", "data_dir", "train_file", "validation_file", "dataset", "dataset_config",
+                      "validation_split", "text_columns", "label_column"):
+                setattr(args, k, saved.get(k, getattr(args, k)))
     sources = [f for f, on in (("--task", args.task), ("--train_file", args.train_file), ("--dataset", args.dataset))
                if on]
     if args.predict and bool(args.text) == bool(args.input):
@@ -253,7 +272,7 @@ def parse_args(argv=None):
         p.error(f"--text takes one text or the two of a pair, got {len(args.text)}")
     if (args.text or args.input) and not args.predict:
         p.error("--text and --input go with --predict DIR")
-    deploy = args.eval_export or args.export_onnx or args.predict
+    deploy = args.eval_export or args.export_onnx or args.predict or args.serving
     if deploy and not sources and args.validation_file:  # an exported student needs only the data it evaluates
         sources = ["--validation_file"]
     if len(sources) != 1 and not (args.export_onnx or args.predict):
@@ -297,7 +316,8 @@ def offline_if_hub_unreachable(args):
 
     local_teacher = Path(args.teacher).exists() or args.teacher.startswith((".", "/", "~"))
     needs_hub = not local_teacher or (args.task and not args.data_dir) or args.dataset
-    if not needs_hub or os.environ.get("HF_HUB_OFFLINE") or args.eval_export or args.export_onnx or args.predict:
+    if not needs_hub or os.environ.get("HF_HUB_OFFLINE") or args.eval_export or args.export_onnx or args.predict \
+            or args.serving:
         return False
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -330,6 +350,12 @@ def main(argv=None):
             import bench
 
             return bench.benchmark(args, sys.argv[1:] if argv is None else [str(a) for a in argv])
+        if args.serving:
+            import bench
+
+            args.data_name = args.task or Path(args.validation_file or args.dataset).stem
+            return bench.serving_model(args) if args.serving_model else bench.serving(
+                args, sys.argv[1:] if argv is None else [str(a) for a in argv])
         if args.export_onnx:
             return experiment.export_onnx(args)
         if args.predict:

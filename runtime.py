@@ -350,10 +350,25 @@ def check_run_dir(run_dir, args):
                               "it, or another --run_name")
 
 
+def cpu_name():
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform.processor() says."""
+    import platform
+
+    info = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in info.read_text().splitlines()
+             if line.startswith("model name")] if info.exists() else []
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
 def peak_memory_mb():
-    """Peak resident memory of this process so far (Linux and macOS), in MiB."""
+    """Peak resident memory of this process so far, in MiB: VmHWM on Linux (ru_maxrss there keeps the
+    peak of a parent that started this process by fork and exec), ru_maxrss on macOS."""
+    import re
     import resource
 
+    status = Path("/proc/self/status")
+    if status.exists():
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
 

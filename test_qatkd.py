@@ -1519,7 +1519,8 @@ def test_deberta_has_no_onnx_export_and_no_per_example_scales(tmp_path):
 
 def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tiny_dir):
     """--export_onnx, --eval_export of the ONNX graph (the int8 backend's metrics, per-example scales),
-    --predict on text and on a file from any student folder; bad input refused in one line."""
+    --predict on text and on a file from any student folder, --serving; bad input refused in one line."""
+    import bench
     import run
 
     ds = write_tiny_mrpc(tmp_path / "MRPC", 32, 16)
@@ -1545,6 +1546,16 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
         assert set(answers[folder.name][0]["probabilities"]) == {"not_equivalent", "equivalent"}
         assert math.isclose(sum(answers[folder.name][0]["probabilities"].values()), 1, abs_tol=1e-4)
     assert answers["student_packed"][0]["label"] == answers["student_packed_onnx"][0]["label"]
+    # the comparison for shipping, on the run's own data: each model in a process of its own
+    rows = {r["model"]: r for r in run.main(["--serving", str(run_dir)])}
+    assert list(rows) == list(bench.SERVING) and (run_dir / "serving.md").is_file()
+    teacher, int8_teacher = rows["teacher, PyTorch fp32"], rows["teacher, ONNX Runtime quantize_dynamic int8"]
+    assert rows["teacher, ONNX Runtime fp32"]["metrics"] == teacher["metrics"]
+    assert rows["student, ONNX Runtime"]["metrics"] == rows["student, PyTorch int8 backend"]["metrics"] == int8["metrics"]
+    assert rows["student, PyTorch int8 backend"]["file_bytes"] == (packed / "model.safetensors").stat().st_size
+    assert int8_teacher["file_bytes"] < rows["teacher, ONNX Runtime fp32"]["file_bytes"]
+    assert int8_teacher["weight_bytes"] < teacher["weight_bytes"]
+    assert all(r["latency_ms"] > 0 and r["examples_per_second"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
     rows = run.main(["--predict", str(onnx_dir), "--input", str(dev), "--text_columns", "a,b"])
     written = [json.loads(line) for line in (tmp_path / "dev-predictions.jsonl").read_text().splitlines()]
     assert written == rows and len(rows) == 10
@@ -1556,7 +1567,8 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
                           (["--predict", str(onnx_dir), "--input", str(unlabelled)], "cannot tell whether 'text' and"),
                           (["--predict", str(onnx_dir), "--input", str(dev), "--text_columns", "a,c"], "no column 'c'"),
                           (["--predict", str(onnx_dir)], "--predict takes --text A [B] or --input FILE"),
-                          (["--export_onnx", str(run_dir / "student")], "holds no exported student")):
+                          (["--export_onnx", str(run_dir / "student")], "holds no exported student"),
+                          (["--serving", str(tmp_path)], "is not a finished run folder (no args.json)")):
         p = run_py(*argv)
         assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
 
