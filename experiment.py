@@ -35,19 +35,19 @@ RECIPE_TAGS = (("lr", 2e-5, "lr"), ("epochs", 3.0, "ep"))
 
 def recipe_suffix(args):
     """-lrX and -epN for a learning rate or a number of epochs other than the paper's (2e-5, 3); -tiMODESTEPS
-    with Teacher Intervention."""
+    with Teacher Intervention; -actexample for per-example activation scales."""
     return ("".join(f"-{tag}{getattr(args, name):g}" for name, default, tag in RECIPE_TAGS
                     if getattr(args, name) != default)
-            + (f"-ti{args.ti}{args.ti_steps}" if getattr(args, "ti", None) else ""))
+            + (f"-ti{args.ti}{args.ti_steps}" if getattr(args, "ti", None) else "")
+            + ("-actexample" if getattr(args, "act_scale", None) == "example" else ""))
 
 
 def default_run_name(args):
     """TASK-KD-wWaA-seedS, then -tseedT for a teacher seed other than 42, -original for the original
-    padding protocol, the recipe_suffix and -actexample: runs that differ in what they compute never share a folder."""
+    padding protocol, then the recipe_suffix: runs that differ in what they compute never share a folder."""
     return (f"{args.data_name}-{args.kd}-w{args.wbits}a{args.abits}-seed{args.seed}"
             + (f"-tseed{args.teacher_seed}" if args.teacher_seed != 42 else "")
-            + ("-original" if args.original_padding else "") + recipe_suffix(args)
-            + ("-actexample" if getattr(args, "act_scale", None) == "example" else ""))
+            + ("-original" if args.original_padding else "") + recipe_suffix(args))
 
 
 @dataclass

@@ -221,17 +221,33 @@ def int_codes(x, s, n, shift, dtype):
 
 
 @torch.library.custom_op("qatkd::matmul_integer", mutates_args=())
-def matmul_integer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(uint8 [..., K] - 128) x int8 [K, N] -> int32 [..., N], exact: ONNX's MatMulInteger with
-    a_zero_point 128 (export_onnx translates it to that node), an int32 matmul when run in PyTorch.
-    The activation travels as uint8 X_q + 128 because ONNX Runtime's CPU kernel for uint8 x int8 is
-    the fast one (VNNI); its int8 x int8 path is several times slower."""
-    return (a.to(torch.int32) - 128) @ b.to(torch.int32)
+def matmul_integer(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """IntLinear under torch.export: round(x) [..., K] (x within [-127, 127]) times int8 w [K, N], the
+    int32 sum times c (a scalar tensor) -> float [..., N]. Exact up to the one rounding of the float
+    product. export_onnx writes it as three ONNX Runtime kernels:
+        QuantizeLinear(x, 1, 128) -> uint8 X_q + 128      (round half to even, as here)
+        MatMulInteger(., w, a_zero_point 128) -> int32   (ONNX Runtime's fast kernel is uint8 x int8;
+                                                            int8 x int8 is several times slower)
+        DequantizeLinear(., c) -> float(sum) * c
+    """
+    return (x.round().to(torch.int32) @ w.to(torch.int32)).to(x.dtype) * c
 
 
 @matmul_integer.register_fake
-def _(a, b):
-    return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
+def _(x, w, c):
+    return x.new_empty((*x.shape[:-1], w.shape[-1]))
+
+
+def onnx_matmul_integer(x, w, c):
+    """matmul_integer's ONNX nodes (export_onnx's translation table)."""
+    import onnx
+    from onnxscript import opset18 as op
+
+    def const(value, dtype):
+        return op.Constant(value=onnx.helper.make_tensor("c", dtype, [], [value]))
+
+    codes = op.QuantizeLinear(x, const(1.0, onnx.TensorProto.FLOAT), const(128, onnx.TensorProto.UINT8))
+    return op.DequantizeLinear(op.MatMulInteger(codes, w, const(128, onnx.TensorProto.UINT8)), c)
 
 
 def activation_scale(x, n, tokens=None):
@@ -243,8 +259,9 @@ def activation_scale(x, n, tokens=None):
     if tokens is None:
         top = x.abs().max()
     else:
-        real = tokens.to(x.dtype)[:, :, None] if x.dim() == 3 else 1.0
-        top = (x.abs() * real).amax(tuple(range(1, x.dim())), keepdim=True)
+        top = x.abs().amax(-1, keepdim=True)  # [B, S, 1] or [B, 1]
+        if x.dim() == 3:  # then over the real tokens: padding left out
+            top = (top * tokens.to(x.dtype)[:, :, None]).amax(1, keepdim=True)
     return n / top.clamp(max=CLIP).clamp_min(n * torch.finfo(x.dtype).tiny)
 
 
@@ -285,11 +302,9 @@ class IntLinear(nn.Module):
         tokens = None if self.tokens is None else self.tokens()
         if torch.compiler.is_exporting():  # ONNX: graph ops, MatMulInteger for X_q W_q^T
             s = activation_scale(x, n, tokens)
-            codes = int_codes(x, s, n, 128, torch.uint8)
-            acc = matmul_integer(codes, self.weight_codes().t()).to(x.dtype)
-            # per example: c first, then / s_x, as below (ONNX Runtime fuses a Mul after MatMulInteger into
-            # MatMulIntegerToFloat, which gets a per-example [B, 1, 1] scale wrong)
-            y = acc * (self.step / s) if tokens is None else acc * self.step / s
+            xs, w = (x * s).clamp(-n, n), self.weight_codes().t()  # X_q = round(xs)
+            # per example: * c, then / s_x, as below (one factor c / s_x of shape [B, 1, 1] would not be a scalar)
+            y = matmul_integer(xs, w, self.step / s) if tokens is None else matmul_integer(xs, w, x.new_tensor(self.step)) / s
             return y if self.bias is None else y + self.bias
         if tokens is None:
             lo, hi = torch.aminmax(x)
@@ -407,8 +422,7 @@ def export_onnx(path, out, act_scale="example"):
             output_names=["logits"],
             dynamic_shapes={k: {0: batch, 1: length} for k in names},
             custom_translation_table={
-                torch.ops.qatkd.matmul_integer.default: lambda a, b: op.MatMulInteger(
-                    a, b, op.Constant(value=onnx.helper.make_tensor("zero_point", onnx.TensorProto.UINT8, [], [128]))),
+                torch.ops.qatkd.matmul_integer.default: onnx_matmul_integer,
                 torch.ops.aten.__rshift__.Tensor: lambda a, b: op.BitShift(a, b, direction="RIGHT")})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

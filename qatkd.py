@@ -143,7 +143,7 @@ def quantize_per_example(x, bits, tokens, clip=CLIP):
             raise ValueError(f"per-example scales need the sequence in dim -2; got {tuple(xc.shape)} for {tuple(tokens.shape)}")
         grid = xc.reshape(B, -1, *xc.shape[-2:]) if xc.dim() > 2 else xc.reshape(B, 1, 1, -1)  # [B, H, S, X]
         real = tokens.to(xc.dtype)[:, None, :, None] if xc.dim() > 2 else 1.0
-        top = (grid.abs() * real).amax((1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
+        top = (grid.abs().amax(-1, keepdim=True) * real).amax((1, 2, 3), keepdim=True)  # [B, 1, 1, 1]
         s = n / top.clamp_min(n * torch.finfo(xc.dtype).tiny)
         return (torch.round(grid * s).clamp(-n, n) / s).reshape(xc.shape)
 

@@ -2082,6 +2082,8 @@ def test_recipe_sets_what_is_not_given():
     assert run.parse_args(["--task", "mrpc"]).lr == 2e-5 == run.PAPER["lr"]
     best = run.parse_args(["--task", "mrpc", "--recipe", "best"])
     assert best.lr == 1e-4 and experiment.recipe_suffix(best) == "-lr0.0001"
+    # sweep tables are named by it too: per-example scales must not overwrite the paper's table
+    assert experiment.recipe_suffix(run.parse_args(["--task", "mrpc", "--act_scale", "example"])) == "-actexample"
     assert run.parse_args(["--task", "mrpc", "--recipe", "best", "--lr", "3e-5"]).lr == 3e-5
     assert "recipe" in runtime.NOT_COMPARED  # it changes only flags that are compared
 
