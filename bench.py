@@ -434,8 +434,8 @@ def serving_model(args):
     kind = args.serving_model
     folder = {"teacher-pytorch": teacher, "teacher-onnx": teacher / "onnx", "teacher-onnx-int8": teacher / "onnx",
               "student-int8": run / "student_packed", "student-onnx": run / "student_packed_onnx"}[kind]
-    file = folder / {"teacher-pytorch": "model.safetensors", "teacher-onnx-int8": "model_int8.onnx",
-                     "student-int8": "model.safetensors"}.get(kind, "model.onnx")
+    file = (export.packed_file(folder) if kind == "student-int8" else
+            folder / {"teacher-pytorch": "model.safetensors", "teacher-onnx-int8": "model_int8.onnx"}.get(kind, "model.onnx"))
     if kind == "teacher-pytorch":
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     elif kind == "student-int8":

@@ -272,7 +272,7 @@ def export_student(env, student, path):
     """Packed low-bit export of the student, and a size table against the fp32 teacher."""
     sizes = export.export_quantized(student, path, env.tokenizer)
     sizes["teacher_fp32_bytes"] = sum(p.numel() * 4 for p in env.teacher.state_dict().values())
-    sizes["file_bytes"] = (Path(path) / "model.safetensors").stat().st_size
+    sizes["file_bytes"] = export.packed_file(path).stat().st_size
     sizes["ratio"] = sizes["teacher_fp32_bytes"] / sizes["file_bytes"]
     print(f"\npacked student exported to {path}")
     for label, key in (("teacher, fp32", "teacher_fp32_bytes"), ("packed student (file)", "file_bytes"),
@@ -399,12 +399,13 @@ def eval_export(args):
     weight bytes and the process's peak resident memory."""
     folder = Path(args.eval_export)
     onnx = (folder / "model.onnx").is_file()
-    if not onnx and not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"--eval_export: {folder} holds no exported student (model.safetensors or model.onnx); "
-                                "run.py writes one to RUN_DIR/student_packed, --export_onnx to student_packed_onnx")
-    if not onnx and "qatkd" not in safetensors_metadata(folder / "model.safetensors"):
-        raise ValueError(f"--eval_export: {folder} holds a full-precision model, not an exported student; pass "
-                         "RUN_DIR/student_packed")
+    if not onnx and export.packed_file(folder) is None:
+        if (folder / "model.safetensors").is_file() or (folder / models.LATENT_FILE).is_file():
+            raise ValueError(f"--eval_export: {folder} holds a full-precision model, not an exported student; pass "
+                             "RUN_DIR/student_packed")
+        raise FileNotFoundError(f"--eval_export: {folder} holds no exported student ({export.PACKED_FILE} or "
+                                "model.onnx); run.py writes one to RUN_DIR/student_packed, --export_onnx to "
+                                "student_packed_onnx")
     from transformers import AutoTokenizer
 
     start = time.time()
@@ -481,18 +482,10 @@ def predict(args):
     return rows
 
 
-def safetensors_metadata(path):
-    """The metadata of a safetensors file (export_quantized writes "qatkd" there)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
-
-
 def export_onnx(args):
     """--export_onnx DIR: the exported student in DIR as an ONNX graph in DIR_onnx/."""
     folder = Path(args.export_onnx)
-    if not (folder / "model.safetensors").is_file() or "qatkd" not in safetensors_metadata(folder / "model.safetensors"):
+    if export.packed_file(folder) is None:
         raise FileNotFoundError(f"--export_onnx: {folder} holds no exported student; pass RUN_DIR/student_packed")
     out = folder.with_name(folder.name + "_onnx")
     path = export.export_onnx(folder, out, act_scale=args.act_scale or models.deploy_act_scale(folder))

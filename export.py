@@ -79,8 +79,30 @@ def codes_to_weight(codes, scale, bits):
     return (codes.to(scale.dtype) - (2 ** (bits - 1) - 1)) / scale
 
 
+PACKED_FILE = "qatkd_packed.safetensors"  # not model.safetensors: stock from_pretrained then fails instead of
+# building the architecture with random weights where the packed codes are (it reads no qatkd codes)
+
+
+def packed_file(path):
+    """The packed weights file of an export_quantized folder (PACKED_FILE; model.safetensors in exports
+    written before it was renamed), or None."""
+    for name in (PACKED_FILE, "model.safetensors"):
+        f = Path(path) / name
+        if f.is_file() and (name == PACKED_FILE or "qatkd" in safetensors_metadata(f)):
+            return f
+    return None
+
+
+def safetensors_metadata(path):
+    """The metadata of a safetensors file (export_quantized writes "qatkd" there)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
 def export_quantized(student, path, tokenizer=None):
-    """Write the student in packed low-bit form to path/ (model.safetensors, config, tokenizer).
+    """Write the student in packed low-bit form to path/ (PACKED_FILE, config, tokenizer).
 
     For each quantized weight W ("name.weight"): "name.weight.codes" (packed uint8),
     "name.weight.scale" (float32, per tensor or per row) and its shape in the metadata; every other
@@ -107,7 +129,7 @@ def export_quantized(student, path, tokenizer=None):
             tensors[key] = value.contiguous()
             sizes["fp_bytes"] += value.numel() * value.element_size()
     meta = {"qatkd": json.dumps({**bits, "shapes": shapes})}
-    with atomic_path(path / "model.safetensors") as tmp:
+    with atomic_path(path / PACKED_FILE) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     student.config.save_pretrained(path)
     if tokenizer is not None:
@@ -138,7 +160,9 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     if backend not in ("fake", "int8"):
         raise ValueError(f"unknown backend {backend!r}; use fake or int8")
     path = Path(path)
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
+    if packed_file(path) is None:
+        raise FileNotFoundError(f"{path} holds no exported student ({PACKED_FILE}); pass RUN_DIR/student_packed")
+    with safe_open(str(packed_file(path)), "pt") as f:
         meta = json.loads(f.metadata()["qatkd"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     wbits, abits = meta["wbits"], meta["abits"]
@@ -435,7 +459,7 @@ def export_onnx(path, out, act_scale="example"):
         onnx.save(model, str(tmp))
         onnx.checker.check_model(str(tmp))
     for f in Path(path).iterdir():
-        if f.name != "model.safetensors" and f.is_file():
+        if f.suffix != ".safetensors" and f.is_file():
             shutil.copy(f, out / f.name)
     write_json(out / "quantization.json", student.qatkd_bits)
     return out / "model.onnx"

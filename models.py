@@ -112,32 +112,47 @@ def finetune_teacher(args, teacher, tokenizer, task, examples, cache, recipe):
         save_model(teacher, cache, tokenizer, {"teacher_args.json": {**recipe, "steps": result["step"]}})
 
 
-def save_model(model, path, tokenizer=None, extra=None):
+def save_model(model, path, tokenizer=None, extra=None, rename=None):
     """save_pretrained into path (safetensors), atomically: write a sibling temp dir, then rename.
 
-    extra: {filename: json object} written beside it (the student's quantization.json).
+    extra: {filename: json object} written beside it (the student's quantization.json); rename: {file: new name}.
     """
     with atomic_path(path) as tmp:
         model.save_pretrained(tmp)
+        for old, new in (rename or {}).items():
+            (tmp / old).rename(tmp / new)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():
             write_json(tmp / name, obj)
 
 
+LATENT_FILE = "qatkd_latent.safetensors"  # not model.safetensors: stock from_pretrained then fails instead of
+# loading the latent weights as an unquantized model (the student's answers are those of its quantized weights)
+
+
 def save_student(student, path, tokenizer=None):
-    """The student's latent full-precision weights, config, tokenizer and quantization.json."""
-    save_model(student, path, tokenizer, {"quantization.json": student.qatkd_bits})
+    """The student's latent full-precision weights (LATENT_FILE), config, tokenizer and quantization.json."""
+    save_model(student, path, tokenizer, {"quantization.json": student.qatkd_bits},
+               rename={"model.safetensors": LATENT_FILE})
 
 
 def load_student(path, act_scale=None):
     """Rebuild a student saved by save_student: the architecture, its latent weights, re-quantized
     (activation scales as trained, or act_scale: "batch" or "example")."""
-    from transformers import AutoModelForSequenceClassification
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    bits = json.loads((Path(path) / "quantization.json").read_text())
-    model = AutoModelForSequenceClassification.from_pretrained(path)
-    return qatkd.quantize_student(model, bits["wbits"], bits["abits"], act_scale=act_scale or bits.get("act_scale", "batch"))
+    path = Path(path)
+    bits = json.loads((path / "quantization.json").read_text())
+    weights = path / LATENT_FILE if (path / LATENT_FILE).is_file() else path / "model.safetensors"  # or as saved before
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(path))
+    missing = model.load_state_dict(load_file(weights), strict=False).missing_keys  # tied weights are stored once
+    state, loaded = model.state_dict(), {t.data_ptr() for k, t in model.state_dict().items() if k not in missing}
+    untied = [k for k in missing if state[k].data_ptr() not in loaded]
+    if untied:
+        raise ValueError(f"{weights} lacks {untied[0]} (and {len(untied) - 1} more); it is not this student's weights")
+    return qatkd.quantize_student(model.eval(), bits["wbits"], bits["abits"], act_scale=act_scale or bits.get("act_scale", "batch"))
 
 
 def deploy_act_scale(path):
@@ -164,13 +179,8 @@ def load_any_student(path, backend="int8", act_scale="example", device="cpu"):
                                 "ONNX export (student_packed_onnx)")
     if (path / "quantization.json").is_file():
         return load_student(path, act_scale).to(device).eval()
-    if (path / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path / "model.safetensors"), "pt") as f:
-            packed = "qatkd" in (f.metadata() or {})
-        if packed:
-            return export.load_quantized(path, backend=backend, device=device, act_scale=act_scale)
+    if export.packed_file(path) is not None:
+        return export.load_quantized(path, backend=backend, device=device, act_scale=act_scale)
     raise ValueError(f"{path} is not a qatkd student (no quantization.json, packed codes or model.onnx); pass "
                      "RUN_DIR/student, RUN_DIR/student_packed or an ONNX export")
 

@@ -253,7 +253,7 @@ def parse_args(argv=None):
     args.sweep_teacher_seeds = args.sweep_teacher_seeds or [args.teacher_seed]
     if args.serving:
         run = Path(args.serving)
-        missing = [f for f in ("args.json", "metrics.json", "student_packed/model.safetensors") if not (run / f).is_file()]
+        missing = [f for f in ("args.json", "metrics.json", "student_packed/config.json") if not (run / f).is_file()]
         if missing:
             p.error(f"--serving: {run} is not a finished run folder (no {missing[0]}); pass RUN_DIR, e.g. "
                     "runs/mrpc-map-w2a8-seed42")

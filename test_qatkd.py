@@ -1294,7 +1294,7 @@ def test_export_reload_gives_identical_logits(tiny_dir, tmp_path, wbits):
     assert torch.equal(a.argmax(-1), b_.argmax(-1)) and (a - b_).abs().max() < 0.05
     assert data.evaluate(integer, task, {"validation": dev}, 8) == data.evaluate(student, task, {"validation": dev}, 8)
     quantized = {k.removesuffix(".weight") for k in json.loads(__import__("safetensors").safe_open(
-        str(tmp_path / "packed" / "model.safetensors"), "pt").metadata()["qatkd"])["shapes"]}
+        str(tmp_path / "packed" / export.PACKED_FILE), "pt").metadata()["qatkd"])["shapes"]}
     assert {n for n, m in integer.named_modules() if isinstance(m, (export.IntLinear, export.IntEmbedding))} == quantized
     # nothing in the integer model holds a float copy of a quantized weight
     for name in quantized:
@@ -1304,7 +1304,7 @@ def test_export_reload_gives_identical_logits(tiny_dir, tmp_path, wbits):
     assert sizes["packed_bytes"] > 0 and sizes["fp_bytes"] > 0
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "packed" / "model.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "packed" / export.PACKED_FILE), "pt") as f:
         codes = [k for k in f.keys() if k.endswith(".codes")]
         assert codes and all(f.get_tensor(k).dtype == torch.uint8 for k in codes)
         assert "bert.embeddings.word_embeddings.weight.codes" in codes
@@ -1356,7 +1356,7 @@ def test_ternary_export_is_over_10x_smaller(tmp_path):
     teacher.save_pretrained(tmp_path / "teacher")
     export.export_quantized(qatkd.quantize_student(teacher, 2, 8), tmp_path / "packed")
     fp32 = (tmp_path / "teacher" / "model.safetensors").stat().st_size
-    packed = (tmp_path / "packed" / "model.safetensors").stat().st_size
+    packed = (tmp_path / "packed" / export.PACKED_FILE).stat().st_size
     assert fp32 / packed >= 10, (fp32, packed)
 
 
@@ -1411,7 +1411,13 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
         assert set(rec) == set(diagnostics.DIAGNOSTICS) and all(len(v) == 2 for v in rec.values())
     # the packed export is written and its size reported
     assert "packed student exported to" in p.stdout and "x smaller" in p.stdout
-    assert (run_dir / "student_packed" / "model.safetensors").is_file()
+    assert (run_dir / "student_packed" / export.PACKED_FILE).is_file()
+    # stock from_pretrained refuses both folders instead of building random (packed) or unquantized (latent) weights
+    from transformers import AutoModelForSequenceClassification
+
+    for folder in ("student", "student_packed"):
+        with pytest.raises(OSError, match="no file named model.safetensors"):
+            AutoModelForSequenceClassification.from_pretrained(run_dir / folder)
     assert metrics["sizes"]["file_bytes"] < metrics["sizes"]["teacher_fp32_bytes"]
     # the saved student reloads and reproduces its last dev score exactly
     from transformers import AutoTokenizer
@@ -1458,7 +1464,7 @@ def test_eval_export_reports_metric_speed_and_memory(tmp_path, tiny_dir):
     p = run_py(*common, "--eval_export", packed, env={"MALLOC_MMAP_MAX_": "0"})
     assert p.returncode == 0 and "malloc: MALLOC_MMAP_MAX_=0" in p.stdout
     p = run_py(*common, "--eval_export", tmp_path)
-    assert p.returncode != 0 and "holds no exported student (model.safetensors or model.onnx)" in p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and "holds no exported student (qatkd_packed.safetensors or model.onnx)" in p.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("wbits", [1, 2, 4, 8])
@@ -1552,7 +1558,7 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
     teacher, int8_teacher = rows["teacher, PyTorch fp32"], rows["teacher, ONNX Runtime quantize_dynamic int8"]
     assert rows["teacher, ONNX Runtime fp32"]["metrics"] == teacher["metrics"]
     assert rows["student, ONNX Runtime"]["metrics"] == rows["student, PyTorch int8 backend"]["metrics"] == int8["metrics"]
-    assert rows["student, PyTorch int8 backend"]["file_bytes"] == (packed / "model.safetensors").stat().st_size
+    assert rows["student, PyTorch int8 backend"]["file_bytes"] == (packed / export.PACKED_FILE).stat().st_size
     assert int8_teacher["file_bytes"] < rows["teacher, ONNX Runtime fp32"]["file_bytes"]
     assert int8_teacher["weight_bytes"] < teacher["weight_bytes"]
     assert all(r["latency_ms"] > 0 and r["examples_per_second"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
@@ -1718,7 +1724,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_dir):
     assert log_a == log_b  # the log continues where the checkpoint left it, without repeats
     from safetensors.torch import load_file
 
-    wa, wb = load_file(whole / "student" / "model.safetensors"), load_file(run_dir / "student" / "model.safetensors")
+    wa, wb = load_file(whole / "student" / models.LATENT_FILE), load_file(run_dir / "student" / models.LATENT_FILE)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     # nothing left to resume now; resuming with other settings is refused
     p = run_py(*common, "--output_dir", tmp_path / "b", "--resume")
@@ -2534,12 +2540,14 @@ def test_torchrun_two_processes_match_one(tmp_path):
     run = "mrpc-unified-w2a32-seed42-lr0.001"
     teacher = next((tmp_path / "one" / "teachers").iterdir()).name
     for sub in (f"teachers/{teacher}", f"{run}/student"):
-        a, b = load_file(tmp_path / "one" / sub / "model.safetensors"), load_file(tmp_path / "two" / sub / "model.safetensors")
+        file = models.LATENT_FILE if sub.endswith("student") else "model.safetensors"
+        a, b = load_file(tmp_path / "one" / sub / file), load_file(tmp_path / "two" / sub / file)
         assert a.keys() == b.keys()
         # 1e-4: the attention key biases get gradients at rounding-noise level (softmax ignores a
         # constant shift), which Adam's normalisation enlarges; every other tensor agrees to ~1e-6
         assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
-    t, s = (load_file(tmp_path / "two" / sub / "model.safetensors") for sub in (f"teachers/{teacher}", f"{run}/student"))
+    t, s = (load_file(tmp_path / "two" / sub) for sub in (f"teachers/{teacher}/model.safetensors",
+                                                          f"{run}/student/{models.LATENT_FILE}"))
     assert max((t[k] - s[k]).abs().max() for k in t) > 1e-3  # QAT did move the weights
     logs = [[json.loads(line) for line in (tmp_path / d / run / "log.jsonl").read_text().splitlines()]
             for d in ("one", "two")]
