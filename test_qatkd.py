@@ -2081,6 +2081,28 @@ def test_readme_deviations_and_code_comments_name_the_same_deviations():
     assert in_code == in_readme and len(in_code) >= 12, (in_code ^ in_readme)
 
 
+def test_pip_install_gives_import_qatkd_anywhere(tmp_path):
+    """pyproject.toml: `pip install .` installs qatkd.py alone (the helpers' plain names would collide in
+    site-packages), importable from any directory, with the versions requirements.txt pins."""
+    import shutil
+    import tomllib
+
+    source, site = tmp_path / "clone", tmp_path / "site"
+    source.mkdir()
+    for name in ("pyproject.toml", "qatkd.py", "README.md"):
+        shutil.copy(HERE / name, source / name)
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
+                        "--target", str(site), str(source)], capture_output=True, text=True, timeout=HANG_GUARD)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert [f.name for f in site.iterdir() if f.name != "__pycache__" and f.suffix != ".dist-info"] == ["qatkd.py"]
+    code = "import qatkd, torch; qatkd.quantize_uniform(torch.ones(3), 8); print(qatkd.__file__)"
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD,
+                       env={**os.environ, "PYTHONPATH": str(site)})
+    assert p.returncode == 0 and p.stdout.strip() == str(site / "qatkd.py"), p.stderr[-2000:]
+    pins = set((HERE / "requirements.txt").read_text().split())
+    assert all(d in pins for d in tomllib.loads((HERE / "pyproject.toml").read_text())["project"]["dependencies"])
+
+
 def test_recipe_sets_what_is_not_given():
     """--recipe best sets --lr 1e-4 (the run folder says so: -lr0.0001); an explicit --lr wins; paper keeps 2e-5."""
     import run
