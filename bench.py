@@ -395,26 +395,23 @@ def serving(args, argv=()):
     from tqdm.auto import tqdm
 
     run = Path(args.serving)
-    teacher = Path(json.loads((run / "metrics.json").read_text())["teacher_path"])
-    teacher_onnx(teacher)
-    if not (run / "student_packed_onnx" / "model.onnx").is_file():
-        export.export_onnx(run / "student_packed", run / "student_packed_onnx")
-    rows = []
+    teacher_onnx(Path(json.loads((run / "metrics.json").read_text())["teacher_path"]))
+    export.export_onnx(run / "student_packed", run / "student_packed_onnx")  # today's graph, not an older one
+    rows, child = [], [sys.executable, str(Path(__file__).resolve().with_name("run.py")), *argv, "--serving_model"]
     for name, kind in tqdm(SERVING.items(), desc="serving: a process per model", dynamic_ncols=True):
-        p = subprocess.run([sys.executable, str(Path(__file__).resolve().with_name("run.py")), *argv, "--serving_model", kind],
-                           capture_output=True, text=True)
+        p = subprocess.run(child + [kind], capture_output=True, text=True, timeout=3600)  # a hang guard
         if p.returncode:
             raise RuntimeError(f"--serving: the process for {name} failed: {p.stderr[-2000:]}")
         rows.append({"model": name, **json.loads(p.stdout.strip().splitlines()[-1])})
-    metric = next(iter(rows[0]["metrics"]))
     where = f"{runtime.cpu_name()}, {rows[0]['threads']} threads, code {runtime.code_version()}"
-    head = ["model", " / ".join(list(rows[0]["metrics"])[:2]), "file MB", "weights in memory MB", "latency, batch 1 (ms)",
+    metrics = list(rows[0]["metrics"])[:2]
+    head = ["model", " / ".join(metrics), "file MB", "weights in memory MB", "latency, batch 1 (ms)",
             "throughput, batch 32 (examples/s)", "peak resident memory (MiB)"]
-    table = [[r["model"], " / ".join(f"{100 * v:.2f}" for v in list(r["metrics"].values())[:2]), f"{r['file_bytes'] / 1e6:.1f}",
+    table = [[r["model"], " / ".join(f"{100 * r['metrics'][k]:.2f}" for k in metrics), f"{r['file_bytes'] / 1e6:.1f}",
               f"{r['weight_bytes'] / 1e6:.1f}", f"{r['latency_ms']:.1f}", f"{r['examples_per_second']:.1f}",
               f"{r['peak_memory_mb']:.0f}"] for r in rows]
-    md = "\n".join([f"{run.name} on {args.data_name} dev ({metric} first); {where}", "",
-                    "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in table])
+    md = "\n".join([f"{run.name} on {args.data_name} dev; {where}", "", "| " + " | ".join(head) + " |",
+                    "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in table])
     (run / "serving.md").write_text(md + "\n")
     runtime.write_json(run / "serving.json", {"where": where, "rows": rows})
     print(f"\n{md}\n\nwritten to {run / 'serving.md'} and serving.json")
@@ -432,10 +429,11 @@ def serving_model(args):
     run = Path(args.serving)
     teacher = Path(json.loads((run / "metrics.json").read_text())["teacher_path"])
     kind = args.serving_model
-    folder = {"teacher-pytorch": teacher, "teacher-onnx": teacher / "onnx", "teacher-onnx-int8": teacher / "onnx",
-              "student-int8": run / "student_packed", "student-onnx": run / "student_packed_onnx"}[kind]
-    file = (export.packed_file(folder) if kind == "student-int8" else
-            folder / {"teacher-pytorch": "model.safetensors", "teacher-onnx-int8": "model_int8.onnx"}.get(kind, "model.onnx"))
+    folder, file = {"teacher-pytorch": (teacher, "model.safetensors"), "teacher-onnx": (teacher / "onnx", "model.onnx"),
+                    "teacher-onnx-int8": (teacher / "onnx", "model_int8.onnx"),
+                    "student-int8": (run / "student_packed", None),
+                    "student-onnx": (run / "student_packed_onnx", "model.onnx")}[kind]
+    file = folder / file if file else export.packed_file(folder)
     if kind == "teacher-pytorch":
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     elif kind == "student-int8":

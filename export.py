@@ -299,8 +299,9 @@ class IntLinear(nn.Module):
     token mask, is given). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
     uint8 X_q + 128 and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its
     uint8 x int8 products are summed in pairs in int16 and could saturate for |W_q| > 64, so 8-bit
-    weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs). Under torch.export (export_onnx)
-    the same arithmetic runs as graph ops around matmul_integer.
+    weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs). Under torch.export (export_onnx,
+    kernel "onnx": W_q kept packed, wbits per code, and unpacked by graph ops) the same arithmetic runs
+    as graph ops around matmul_integer.
     """
 
     def __init__(self, q, step, bias, abits=8, tokens=None, kernel=None, wbits=8):
@@ -311,7 +312,8 @@ class IntLinear(nn.Module):
         self.kernel = kernel or int8_kernel(q.device)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         if self.kernel == "onnx":  # packed wbits codes (>= 0), unpacked by graph ops that ONNX Runtime folds at load
-            self.register_buffer("codes", pack_bits((q.to(torch.int16) + SIGNED_OFFSET[wbits]) // (1 + (wbits == 1)), wbits))
+            unsigned = (q.to(torch.int16) + SIGNED_OFFSET[wbits]) // (1 + (wbits == 1))
+            self.register_buffer("codes", pack_bits(unsigned, wbits))
         elif self.kernel == "onednn":  # prepacked once; kept as attributes (opaque tensors: not in the state dict)
             hi = torch.round(q.to(torch.float32) / 128).to(torch.int8) if q.abs().max() > 64 else None
             parts = [(q, 1)] if hi is None else [((q.to(torch.int16) - 128 * hi.to(torch.int16)).to(torch.int8), 1),
@@ -327,8 +329,10 @@ class IntLinear(nn.Module):
         if torch.compiler.is_exporting():  # ONNX: graph ops, MatMulInteger for X_q W_q^T
             s = activation_scale(x, n, tokens)
             xs, w = (x * s).clamp(-n, n), self.weight_codes().t()  # X_q = round(xs)
-            # per example: * c, then / s_x, as below (one factor c / s_x of shape [B, 1, 1] would not be a scalar)
-            y = matmul_integer(xs, w, self.step / s) if tokens is None else matmul_integer(xs, w, x.new_tensor(self.step)) / s
+            if tokens is None:
+                y = matmul_integer(xs, w, self.step / s)
+            else:  # * c, then / s_x, as below (c / s_x of shape [B, 1, 1] is no scalar)
+                y = matmul_integer(xs, w, x.new_tensor(self.step)) / s
             return y if self.bias is None else y + self.bias
         if tokens is None:
             lo, hi = torch.aminmax(x)
@@ -365,7 +369,8 @@ class IntLinear(nn.Module):
         if self.kernel != "onnx":
             return self.q
         c = unpack_bits(self.codes, self.wbits, self.out_features * self.in_features).to(torch.int16)
-        return (c * (1 + (self.wbits == 1)) - SIGNED_OFFSET[self.wbits]).to(torch.int8).reshape(self.out_features, -1)
+        q = c * (1 + (self.wbits == 1)) - SIGNED_OFFSET[self.wbits]
+        return q.to(torch.int8).reshape(self.out_features, -1)
 
     def extra_repr(self):
         scale = "per tensor" if self.tokens is None else "per example"

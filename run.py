@@ -264,6 +264,7 @@ def parse_args(argv=None):
             for k in ("task", "data_dir", "train_file", "validation_file", "dataset", "dataset_config",
                       "validation_split", "text_columns", "label_column"):
                 setattr(args, k, saved.get(k, getattr(args, k)))
+            args.max_len = args.max_len or saved.get("max_len")  # the length it was trained with
     sources = [f for f, on in (("--task", args.task), ("--train_file", args.train_file), ("--dataset", args.dataset))
                if on]
     if args.predict and bool(args.text) == bool(args.input):
