@@ -352,11 +352,10 @@ SERVING = {  # --serving: what is compared, each in a fresh process
 }
 
 
-def teacher_onnx(teacher_dir):
-    """The fine-tuned teacher as ONNX in TEACHER/onnx/: model.onnx (fp32, torch's TorchScript-based
-    exporter, opset 17: quantize_dynamic's shape inference rejects the dynamo exporter's graph) and
-    model_int8.onnx (onnxruntime.quantization.quantize_dynamic, int8 weights: no training, no data).
-    Made once, reused."""
+def teacher_onnx(teacher_dir, out):
+    """The fine-tuned teacher as ONNX in out/: model.onnx (fp32, torch's TorchScript-based exporter,
+    opset 17: quantize_dynamic's shape inference rejects the dynamo exporter's graph) and
+    model_int8.onnx (onnxruntime.quantization.quantize_dynamic, int8 weights: no training, no data)."""
     import logging
     import shutil
     import warnings
@@ -364,44 +363,63 @@ def teacher_onnx(teacher_dir):
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from transformers import AutoModelForSequenceClassification
 
-    out = Path(teacher_dir) / "onnx"
-    if not (out / "model_int8.onnx").is_file():
-        out.mkdir(exist_ok=True)
-        model = AutoModelForSequenceClassification.from_pretrained(teacher_dir, attn_implementation="eager").eval()
-        names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.config.type_vocab_size > 0 else [])
-        with warnings.catch_warnings(), runtime.atomic_path(out / "model.onnx") as tmp:
-            warnings.simplefilter("ignore")  # the exporter's deprecation notes
-            torch.onnx.export(export._Logits(model), tuple(torch.ones(2, 8, dtype=torch.long) for _ in names), str(tmp),
-                              dynamo=False, input_names=names, output_names=["logits"], opset_version=17,
-                              dynamic_axes={k: {0: "batch", 1: "length"} for k in names})
-        logging.getLogger().setLevel(logging.ERROR)  # not its advice to pre-process: the graph is used as exported
-        with runtime.atomic_path(out / "model_int8.onnx") as tmp:
-            quantize_dynamic(str(out / "model.onnx"), str(tmp), weight_type=QuantType.QInt8)
-        for f in Path(teacher_dir).iterdir():
-            if f.is_file() and f.suffix in (".json", ".txt", ".model"):
-                shutil.copy(f, out / f.name)
-    return out
+    out.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForSequenceClassification.from_pretrained(teacher_dir, attn_implementation="eager").eval()
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if model.config.type_vocab_size > 0 else [])
+    with warnings.catch_warnings(), runtime.atomic_path(out / "model.onnx") as tmp:
+        warnings.simplefilter("ignore")  # the exporter's deprecation notes
+        torch.onnx.export(export._Logits(model), tuple(torch.ones(2, 8, dtype=torch.long) for _ in names), str(tmp),
+                          dynamo=False, input_names=names, output_names=["logits"], opset_version=17,
+                          dynamic_axes={k: {0: "batch", 1: "length"} for k in names})
+    logging.getLogger().setLevel(logging.ERROR)  # not its advice to pre-process: the graph is used as exported
+    with runtime.atomic_path(out / "model_int8.onnx") as tmp:
+        quantize_dynamic(str(out / "model.onnx"), str(tmp), weight_type=QuantType.QInt8)
+    for f in Path(teacher_dir).iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt", ".model"):
+            shutil.copy(f, out / f.name)
+
+
+def serving_inputs(run):
+    """--serving's inputs, checked before any work: (the run's fine-tuned teacher folder, its student_packed/)."""
+    from transformers import AutoConfig
+
+    teacher, packed = Path(json.loads((run / "metrics.json").read_text())["teacher_path"]), run / "student_packed"
+    if not (teacher / "model.safetensors").is_file():
+        raise FileNotFoundError(f"--serving: the run's teacher {teacher} is not a folder with model.safetensors (it "
+                                "moved, or came from the hub); run --serving where the run was made")
+    if export.packed_file(packed) is None:
+        raise FileNotFoundError(f"--serving: {packed} holds no exported student")
+    model_type = AutoConfig.from_pretrained(packed).model_type
+    if model_type in export.ONNX_UNSUPPORTED:
+        raise ValueError(f"--serving: no ONNX export for {model_type}: {export.ONNX_UNSUPPORTED[model_type]}")
+    return teacher, packed
 
 
 def serving(args, argv=()):
     """--serving RUN_DIR: the table a user deciding how to ship needs. The run's teacher (PyTorch fp32,
     ONNX Runtime fp32, ONNX Runtime's dynamic int8 quantization of it) and its student (int8 backend,
     ONNX Runtime; per-example activation scales), each alone in a fresh process: dev metrics, file
-    bytes, weight bytes in memory, latency at batch 1 (median over the first 200 dev examples, after
-    10 untimed), throughput at batch 32 (the dev set in file order, after one untimed batch), peak
-    resident memory. Writes RUN_DIR/serving.{md,json}."""
+    bytes, weight bytes in memory, latency at batch 1 (median over 200 dev examples one at a time,
+    after 10 untimed), throughput at batch 32 (the dev set in file order, after one untimed batch),
+    peak resident memory. The ONNX graphs are made afresh in RUN_DIR/serving/ (teacher/, student/);
+    writes RUN_DIR/serving.{md,json}."""
     import subprocess
 
     from tqdm.auto import tqdm
 
     run = Path(args.serving)
-    teacher_onnx(Path(json.loads((run / "metrics.json").read_text())["teacher_path"]))
-    export.export_onnx(run / "student_packed", run / "student_packed_onnx")  # today's graph, not an older one
+    teacher, packed = serving_inputs(run)
+    teacher_onnx(teacher, run / "serving" / "teacher")
+    export.export_onnx(packed, run / "serving" / "student", act_scale="example")
     rows, child = [], [sys.executable, str(Path(__file__).resolve().with_name("run.py")), *argv, "--serving_model"]
     for name, kind in tqdm(SERVING.items(), desc="serving: a process per model", dynamic_ncols=True):
-        p = subprocess.run(child + [kind], capture_output=True, text=True, timeout=3600)  # a hang guard
+        try:
+            p = subprocess.run(child + [kind], capture_output=True, text=True, timeout=3600)  # a hang guard
+        except subprocess.TimeoutExpired:
+            raise ValueError(f"--serving: the process for {name} ran over an hour; is the machine busy?") from None
         if p.returncode:
-            raise RuntimeError(f"--serving: the process for {name} failed: {p.stderr[-2000:]}")
+            last = (p.stderr.strip().splitlines() or ["no message"])[-1]
+            raise ValueError(f"--serving: the process for {name} failed: {last}")
         rows.append({"model": name, **json.loads(p.stdout.strip().splitlines()[-1])})
     where = f"{runtime.cpu_name()}, {rows[0]['threads']} threads, code {runtime.code_version()}"
     metrics = list(rows[0]["metrics"])[:2]
@@ -427,19 +445,20 @@ def serving_model(args):
     import experiment
 
     run = Path(args.serving)
-    teacher = Path(json.loads((run / "metrics.json").read_text())["teacher_path"])
-    kind = args.serving_model
-    folder, file = {"teacher-pytorch": (teacher, "model.safetensors"), "teacher-onnx": (teacher / "onnx", "model.onnx"),
-                    "teacher-onnx-int8": (teacher / "onnx", "model_int8.onnx"),
-                    "student-int8": (run / "student_packed", None),
-                    "student-onnx": (run / "student_packed_onnx", "model.onnx")}[kind]
-    file = folder / file if file else export.packed_file(folder)
+    teacher, packed = serving_inputs(run)
+    kind, made = args.serving_model, run / "serving"
+    folder, file = {"teacher-pytorch": (teacher, "model.safetensors"),
+                    "teacher-onnx": (made / "teacher", "model.onnx"),
+                    "teacher-onnx-int8": (made / "teacher", "model_int8.onnx"),
+                    "student-int8": (packed, export.packed_file(packed).name),
+                    "student-onnx": (made / "student", "model.onnx")}[kind]
+    file = folder / file
     if kind == "teacher-pytorch":
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     elif kind == "student-int8":
         model = export.load_quantized(folder, "int8", act_scale="example")
     else:
-        model = export.OnnxStudent(folder, file=file.name)
+        model = export.OnnxStudent(folder, threads=torch.get_num_threads(), file=file.name)
     if not args.task and not args.train_file and not args.dataset:  # --validation_file alone: classes by name
         args.train_file = args.validation_file
     task, examples = experiment.load_data(args)
@@ -459,7 +478,7 @@ def serving_model(args):
         logits = [model(**qatkd.model_inputs(model, b)).logits for b in batches]
         seconds = time.perf_counter() - start
     metrics = data.task_metrics(task, torch.cat(logits).float(), torch.cat([b["labels"] for b in batches]))
-    weights = model.weight_bytes() if isinstance(model, export.OnnxStudent) else experiment.model_bytes(model)
-    print(json.dumps({"metrics": metrics, "file_bytes": file.stat().st_size, "weight_bytes": weights,
+    peak = runtime.peak_memory_mb()  # before model_bytes, which has ONNX Runtime load the graph once more
+    print(json.dumps({"metrics": metrics, "file_bytes": file.stat().st_size, "weight_bytes": experiment.model_bytes(model),
                       "latency_ms": 1000 * statistics.median(latency), "examples_per_second": len(dev) / seconds,
-                      "peak_memory_mb": runtime.peak_memory_mb(), "threads": torch.get_num_threads()}))
+                      "peak_memory_mb": peak, "threads": torch.get_num_threads()}))

@@ -424,15 +424,16 @@ def eval_export(args):
     metrics = data.evaluate(model, task, dev, args.batch_size, tokenizer.pad_token_id or 0, f"eval {backend}")
     seconds = time.time() - start
     n = sum(len(v) for v in dev.values())
+    peak = runtime.peak_memory_mb()  # before model_bytes, which has ONNX Runtime load the graph once more
     weight_bytes = model_bytes(model)
     print(f"{args.eval_export} ({backend}, W{model.qatkd_bits['wbits']}A{model.qatkd_bits['abits']}, activation scales "
           f"per {model.qatkd_bits['act_scale']}) "
           f"on {args.validation_file or task.name + ' dev'}: {fmt(metrics)}")
     print(f"{n / seconds:.1f} examples per second ({n} examples, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, malloc: {runtime.malloc_settings()}); weights {weight_bytes / 1e6:.1f} MB "
-          f"in memory; loaded in {load_seconds:.1f} s; peak resident memory {runtime.peak_memory_mb():.0f} MiB")
+          f"in memory; loaded in {load_seconds:.1f} s; peak resident memory {peak:.0f} MiB")
     return {"metrics": metrics, "examples_per_second": n / seconds, "weight_bytes": weight_bytes,
-            "peak_memory_mb": runtime.peak_memory_mb()}
+            "peak_memory_mb": peak}
 
 
 def predict(args):
@@ -496,7 +497,7 @@ def export_onnx(args):
 def model_bytes(model):
     """Bytes of a model's parameters and buffers, and of the integer backend's prepacked weights."""
     if isinstance(model, export.OnnxStudent):
-        return model.file.stat().st_size  # ONNX Runtime holds its initializers
+        return model.weight_bytes()  # the initializers ONNX Runtime holds, the weights' codes unpacked
     tensors = list(model.parameters()) + list(model.buffers())
     prepacked = [p for m in model.modules() for p, _ in getattr(m, "packed", [])]
     return sum(t.numel() * t.element_size() for t in tensors) + sum(p.numel() for p in prepacked)

@@ -6,8 +6,8 @@
     load_quantized     rebuilds it: backend "fake" (fp32 weights set to the quantized values: logits
                        bit-identical to the student's) or "int8" (integer matrix products: IntLinear,
                        IntEmbedding), with activation scales per batch (the original's) or per example
-    export_onnx        the same integer student as an ONNX graph (MatMulInteger on int8 codes), for ONNX
-                       Runtime; OnnxStudent runs it, called like the PyTorch model
+    export_onnx        the same integer student as an ONNX graph (packed weight codes, MatMulInteger on the
+                       activations' codes), for ONNX Runtime; OnnxStudent runs it, called like the PyTorch model
 """
 
 from __future__ import annotations
@@ -160,9 +160,10 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     if backend not in ("fake", "int8"):
         raise ValueError(f"unknown backend {backend!r}; use fake or int8")
     path = Path(path)
-    if packed_file(path) is None:
+    file = packed_file(path)
+    if file is None:
         raise FileNotFoundError(f"{path} holds no exported student ({PACKED_FILE}); pass RUN_DIR/student_packed")
-    with safe_open(str(packed_file(path)), "pt") as f:
+    with safe_open(str(file), "pt") as f:
         meta = json.loads(f.metadata()["qatkd"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     wbits, abits = meta["wbits"], meta["abits"]
@@ -245,7 +246,7 @@ def int_codes(x, s, n, shift, dtype):
 
 
 @torch.library.custom_op("qatkd::matmul_integer", mutates_args=())
-def matmul_integer(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def matmul_integer(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, wide: bool) -> torch.Tensor:
     """IntLinear under torch.export: round(x) [..., K] (x within [-127, 127]) times int8 w [K, N], the
     int32 sum times c (a scalar tensor) -> float [..., N]. Exact up to the one rounding of the float
     product. export_onnx writes it as three ONNX Runtime kernels:
@@ -253,16 +254,19 @@ def matmul_integer(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor) -> torch.T
         MatMulInteger(., w, a_zero_point 128) -> int32   (ONNX Runtime's fast kernel is uint8 x int8;
                                                             int8 x int8 is several times slower)
         DequantizeLinear(., c) -> float(sum) * c
+    wide (weights wider than 4 bits): X_q stays int8 (zero point 0), because on x86 CPUs without VNNI the
+    uint8 x int8 kernel sums pairs of products in int16, which |W_q| up to 127 can saturate; |W_q| <= 7
+    cannot (2 * 255 * 7 < 2^15).
     """
     return (x.round().to(torch.int32) @ w.to(torch.int32)).to(x.dtype) * c
 
 
 @matmul_integer.register_fake
-def _(x, w, c):
+def _(x, w, c, wide):
     return x.new_empty((*x.shape[:-1], w.shape[-1]))
 
 
-def onnx_matmul_integer(x, w, c):
+def onnx_matmul_integer(x, w, c, wide):
     """matmul_integer's ONNX nodes (export_onnx's translation table)."""
     import onnx
     from onnxscript import opset18 as op
@@ -270,6 +274,9 @@ def onnx_matmul_integer(x, w, c):
     def const(value, dtype):
         return op.Constant(value=onnx.helper.make_tensor("c", dtype, [], [value]))
 
+    if wide:
+        codes = op.QuantizeLinear(x, const(1.0, onnx.TensorProto.FLOAT), const(0, onnx.TensorProto.INT8))
+        return op.DequantizeLinear(op.MatMulInteger(codes, w), c)
     codes = op.QuantizeLinear(x, const(1.0, onnx.TensorProto.FLOAT), const(128, onnx.TensorProto.UINT8))
     return op.DequantizeLinear(op.MatMulInteger(codes, w, const(128, onnx.TensorProto.UINT8)), c)
 
@@ -330,9 +337,9 @@ class IntLinear(nn.Module):
             s = activation_scale(x, n, tokens)
             xs, w = (x * s).clamp(-n, n), self.weight_codes().t()  # X_q = round(xs)
             if tokens is None:
-                y = matmul_integer(xs, w, self.step / s)
+                y = matmul_integer(xs, w, self.step / s, self.wbits > 4)
             else:  # * c, then / s_x, as below (c / s_x of shape [B, 1, 1] is no scalar)
-                y = matmul_integer(xs, w, x.new_tensor(self.step)) / s
+                y = matmul_integer(xs, w, x.new_tensor(self.step), self.wbits > 4) / s
             return y if self.bias is None else y + self.bias
         if tokens is None:
             lo, hi = torch.aminmax(x)

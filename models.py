@@ -151,7 +151,8 @@ def load_student(path, act_scale=None):
     state, loaded = model.state_dict(), {t.data_ptr() for k, t in model.state_dict().items() if k not in missing}
     untied = [k for k in missing if state[k].data_ptr() not in loaded]
     if untied:
-        raise ValueError(f"{weights} lacks {untied[0]} (and {len(untied) - 1} more); it is not this student's weights")
+        raise ValueError(f"{weights} lacks {len(untied)} of the student's tensors ({untied[0]}, ...); it is not this "
+                         "student's weights file")
     return qatkd.quantize_student(model.eval(), bits["wbits"], bits["abits"], act_scale=act_scale or bits.get("act_scale", "batch"))
 
 

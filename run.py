@@ -257,14 +257,14 @@ def parse_args(argv=None):
         if missing:
             p.error(f"--serving: {run} is not a finished run folder (no {missing[0]}); pass RUN_DIR, e.g. "
                     "runs/mrpc-map-w2a8-seed42")
-        if not (args.task or args.train_file or args.dataset or args.validation_file):  # the run's own data
-            import json
+        import json
 
-            saved = json.loads((run / "args.json").read_text())
+        saved = json.loads((run / "args.json").read_text())
+        args.max_len = args.max_len or saved.get("max_len")  # the length it was trained with
+        if not (args.task or args.train_file or args.dataset or args.validation_file):  # the run's own data
             for k in ("task", "data_dir", "train_file", "validation_file", "dataset", "dataset_config",
                       "validation_split", "text_columns", "label_column"):
                 setattr(args, k, saved.get(k, getattr(args, k)))
-            args.max_len = args.max_len or saved.get("max_len")  # the length it was trained with
     sources = [f for f, on in (("--task", args.task), ("--train_file", args.train_file), ("--dataset", args.dataset))
                if on]
     if args.predict and bool(args.text) == bool(args.input):

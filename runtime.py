@@ -367,8 +367,9 @@ def peak_memory_mb():
     import resource
 
     status = Path("/proc/self/status")
-    if status.exists():
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read_text()).group(1)) / 1024
+    hwm = re.search(r"VmHWM:\s+(\d+) kB", status.read_text()) if status.exists() else None
+    if hwm:
+        return int(hwm.group(1)) / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / (1024 if sys.platform == "darwin" else 1)
 

@@ -1483,6 +1483,9 @@ def test_onnx_student_computes_what_the_int8_backend_computes(wbits, tmp_path):
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     assert sum(n.op_type == "MatMulInteger" for n in graph.graph.node) == 6 * teacher.config.num_hidden_layers + 1
+    # activations as uint8 codes + 128 (a_zero_point), but int8 against 8-bit weights (no int16 saturation)
+    inputs = {len(n.input) for n in graph.graph.node if n.op_type == "MatMulInteger"}
+    assert inputs == ({2} if wbits == 8 else {3})
     codes = [i for i in graph.graph.initializer if i.name.endswith(".dense.codes") or i.name.endswith(".query.codes")]
     assert codes and all(i.data_type == onnx.TensorProto.UINT8 for i in codes)  # the weights' codes, packed
     layer = teacher.bert.encoder.layer[0]
