@@ -251,8 +251,8 @@ def matmul_integer(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, wide: bool
     int32 sum times c (a scalar tensor) -> float [..., N]. Exact up to the one rounding of the float
     product. export_onnx writes it as three ONNX Runtime kernels:
         QuantizeLinear(x, 1, 128) -> uint8 X_q + 128      (round half to even, as here)
-        MatMulInteger(., w, a_zero_point 128) -> int32   (ONNX Runtime's fast kernel is uint8 x int8;
-                                                            int8 x int8 is several times slower)
+        MatMulInteger(., w, a_zero_point 128) -> int32   (uint8 x int8: the kernel ONNX Runtime
+                                                            optimizes; RESULTS.md measures the other)
         DequantizeLinear(., c) -> float(sum) * c
     wide (weights wider than 4 bits): X_q stays int8 (zero point 0), because on x86 CPUs without VNNI the
     uint8 x int8 kernel sums pairs of products in int16, which |W_q| up to 127 can saturate; |W_q| <= 7
