@@ -5,9 +5,11 @@
                        are, in one safetensors file (no pickle)
     load_quantized     rebuilds it: backend "fake" (fp32 weights set to the quantized values: logits
                        bit-identical to the student's) or "int8" (integer matrix products: IntLinear,
-                       IntEmbedding), with activation scales per batch (the original's) or per example
-    export_onnx        the same integer student as an ONNX graph (packed weight codes, MatMulInteger on the
-                       activations' codes), for ONNX Runtime; OnnxStudent runs it, called like the PyTorch model
+                       IntEmbedding, int8_attention), with activation scales per batch (the original's)
+                       or per example
+    export_onnx        the same integer student as an ONNX graph (packed weight codes, integer products on
+                       the activations' codes), for ONNX Runtime; OnnxStudent runs it, called like the
+                       PyTorch model
 """
 
 from __future__ import annotations
@@ -151,7 +153,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     backend "int8": integer inference (IntLinear, IntEmbedding below): every quantized Linear keeps
     its int8 codes and multiplies integer codes in an int8 x int8 -> int32 kernel; the word
     embedding is looked up from its packed codes; nothing holds an fp32 copy of a quantized weight.
-    Self-attention's Q K^T and P V products stay fp32 on fake-quantized Q, K, V, P (as in training).
+    Self-attention (int8_attention): Q K^T in fp32 on fake-quantized Q, K (as in training), P V on the codes
+    of P and V with exact integer sums (DeBERTa: both in fp32 on fake-quantized Q, K, V, P).
     Logits agree with the fake path to float rounding (its fp32 sums round, the int32 sums do not).
     """
     from safetensors import safe_open
@@ -204,9 +207,19 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
                 new = IntLinear(*signed_codes(c, scale, wbits), old.bias, abits,
                                 None if tokens is None else (lambda: tokens["mask"]), kernel, wbits)
             setattr(student.get_submodule(parent), child, new)
-        for m in qatkd.self_attention_modules(student):  # Q, K, V and P fake-quantized, as in training
-            m.quantize_act = ((lambda t: qatkd.quantize_uniform(t, abits)) if tokens is None else
-                              (lambda t: qatkd.quantize_per_example(t, abits, tokens["mask"])))
+        if qatkd.model_family(config).interface:  # attention: int8_attention (P V in integers)
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+            AttentionInterface.register("qatkd_int8", int8_attention)
+            AttentionMaskInterface.register("qatkd_int8", eager_mask)
+            student.set_attn_implementation("qatkd_int8")
+            for m in qatkd.self_attention_modules(student):
+                m.qatkd_int8 = (2 ** (abits - 1) - 1, None if tokens is None else (lambda: tokens["mask"]))
+        else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training
+            for m in qatkd.self_attention_modules(student):
+                m.quantize_act = ((lambda t: qatkd.quantize_uniform(t, abits)) if tokens is None else
+                                  (lambda t: qatkd.quantize_per_example(t, abits, tokens["mask"])))
     student.qatkd_bits = {"wbits": wbits, "abits": abits, "act_scale": act_scale}
     return student.eval()
 
@@ -249,11 +262,12 @@ def int_codes(x, s, n, shift, dtype):
 def matmul_integer(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, wide: bool) -> torch.Tensor:
     """IntLinear under torch.export: round(x) [..., K] (x within [-127, 127]) times int8 w [K, N], the
     int32 sum times c (a scalar tensor) -> float [..., N]. Exact up to the one rounding of the float
-    product. export_onnx writes it as three ONNX Runtime kernels:
+    product. export_onnx writes it as three ONNX nodes:
         QuantizeLinear(x, 1, 128) -> uint8 X_q + 128      (round half to even, as here)
         MatMulInteger(., w, a_zero_point 128) -> int32   (uint8 x int8: the kernel ONNX Runtime
                                                             optimizes; RESULTS.md measures the other)
         DequantizeLinear(., c) -> float(sum) * c
+    and then fuses the last two into ONNX Runtime's MatMulIntegerToFloat (fuse_integer_rescale).
     wide (weights wider than 4 bits): X_q stays int8 (zero point 0), because on x86 CPUs without VNNI the
     uint8 x int8 kernel sums pairs of products in int16, which |W_q| up to 127 can saturate; |W_q| <= 7
     cannot (2 * 255 * 7 < 2^15).
@@ -279,6 +293,55 @@ def onnx_matmul_integer(x, w, c, wide):
         return op.DequantizeLinear(op.MatMulInteger(codes, w), c)
     codes = op.QuantizeLinear(x, const(1.0, onnx.TensorProto.FLOAT), const(128, onnx.TensorProto.UINT8))
     return op.DequantizeLinear(op.MatMulInteger(codes, w, const(128, onnx.TensorProto.UINT8)), c)
+
+
+def onnx_quantize_codes(x, unsigned):
+    """quantize_codes' ONNX node: QuantizeLinear(x, 1, 0) (int8, or uint8 when unsigned)."""
+    import onnx
+    from onnxscript import opset18 as op
+
+    kind = onnx.TensorProto.UINT8 if unsigned else onnx.TensorProto.INT8
+    return op.QuantizeLinear(x, op.Constant(value=onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])),
+                             op.Constant(value=onnx.helper.make_tensor("zero", kind, [], [0])))
+
+
+def onnx_matmul_codes(a, b):
+    """matmul_codes' ONNX nodes: Cast(MatMulInteger(a, b), float)."""
+    import onnx
+    from onnxscript import opset18 as op
+
+    return op.Cast(op.MatMulInteger(a, b), to=onnx.TensorProto.FLOAT)
+
+
+def fuse_integer_rescale(model):
+    """MatMulInteger(X_q + 128, W_q, 128) -> DequantizeLinear(c) becomes ONNX Runtime's
+    MatMulIntegerToFloat(X_q + 128, W_q, 1, c, 128) (its com.microsoft domain, uint8 activations only):
+    the same float(sum) * c, computed in the GEMM's output stage, so the int32 sums are never written
+    out and read back. model: an onnx.ModelProto, changed in place."""
+    import onnx
+
+    graph = model.graph
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    one = "qatkd_one"
+    graph.initializer.append(onnx.helper.make_tensor(one, onnx.TensorProto.FLOAT, [], [1.0]))
+    nodes, fused = [], set()
+    for node in graph.node:
+        if id(node) in fused:
+            continue
+        after = readers.get(node.output[0], [])
+        if node.op_type == "MatMulInteger" and len(node.input) == 3 and len(after) == 1 and \
+                after[0].op_type == "DequantizeLinear" and len(after[0].input) == 2:
+            fused.add(id(after[0]))
+            x, w, zero_point = node.input
+            node = onnx.helper.make_node("MatMulIntegerToFloat", [x, w, one, after[0].input[1], zero_point],
+                                         list(after[0].output), name=node.name, domain="com.microsoft")
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
 
 
 def activation_scale(x, n, tokens=None):
@@ -409,6 +472,69 @@ class IntEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.bits}-bit codes"
 
 
+@torch.library.custom_op("qatkd::quantize_codes", mutates_args=())
+def quantize_codes(x: torch.Tensor, unsigned: bool) -> torch.Tensor:
+    """round(x) as int8 codes (uint8 when unsigned), x within [-127, 127] ([0, 127]); round half to even.
+    ONNX: QuantizeLinear(x, 1, 0) (torch.export would write Round, which ONNX Runtime runs slowly)."""
+    return x.round().to(torch.uint8 if unsigned else torch.int8)
+
+
+@quantize_codes.register_fake
+def _(x, unsigned):
+    return torch.empty_like(x, dtype=torch.uint8 if unsigned else torch.int8)
+
+
+@torch.library.custom_op("qatkd::matmul_codes", mutates_args=())
+def matmul_codes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 8-bit codes (uint8 a [..., M, K], int8 b [..., K, N]) -> float32 [..., M, N], exact: each
+    sum is an integer below 2^24 while K <= 1040 (|a|, |b| <= 127). ONNX: Cast(MatMulInteger(a, b))."""
+    return a.float() @ b.float()
+
+
+@matmul_codes.register_fake
+def _(a, b):
+    return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.float32)
+
+
+def attention_scale(x, n, tokens=None):
+    """The activation quantizer's scale for attention's Q, K, V, P [B, H, S, X] (qatkd.quantize_per_example
+    over each example's real tokens in dim -2 when tokens [B, S] is given, quantize_uniform's per tensor
+    otherwise): s = n / min(max |x|, 2.5), as [B, 1, 1, 1] or a 0-dim tensor, bit for bit theirs."""
+    if tokens is None:
+        top = x.abs().amax()
+    else:
+        top = (x.abs().amax(-1, keepdim=True) * tokens.to(x.dtype)[:, None, :, None]).amax((1, 2), keepdim=True)
+    return n / top.clamp(max=CLIP).clamp_min(n * torch.finfo(x.dtype).tiny)
+
+
+def int8_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
+    """qat_attention as the int8 backend and its ONNX graph compute it (inference: no dropout, no
+    Teacher Intervention, nothing recorded), with P V summed in integers.
+
+    query, key, value: [B, H, S, d_h]; attention_mask: additive [B, 1, S, S] or None. module.qatkd_int8 is
+    (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask, or None for per-tensor scales).
+        Q, K <- Q_a(Q), Q_a(K)                      fake-quantized: codes / s, the values qat_attention uses
+        P = softmax(Q K^T / sqrt(d_h) + mask)
+        C = (P_q V_q) / (s_P s_V)                  P_q in [0, n], V_q in [-n, n]: the codes of Q_a(P), Q_a(V)
+    C is qat_attention's Q_a(P) Q_a(V) with its sum exact (integers) instead of rounded in float.
+    Returns (C as [B, S, H, d_h], P).
+    """
+    n, tokens = module.qatkd_int8
+    tokens = None if tokens is None else tokens()
+
+    def codes(x, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
+        s = attention_scale(x, n, tokens)
+        return quantize_codes((x * s).clamp(lo, n), lo == 0), s
+
+    (q, s_q), (k, s_k), (v, s_v) = codes(query), codes(key), codes(value)
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(q.float() / s_q, (k.float() / s_k).transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
+    p, s_p = codes(probs, 0)
+    ctx = matmul_codes(p, v) / (s_p * s_v)
+    return ctx.transpose(1, 2).contiguous(), probs
+
+
 class _Logits(nn.Module):
     """model(input_ids, attention_mask[, token_type_ids]) -> logits, the signature an ONNX graph takes."""
 
@@ -429,10 +555,12 @@ def export_onnx(path, out, act_scale="example"):
     copy of config and tokenizer): what load_quantized(path, "int8") computes.
 
     Inputs input_ids, attention_mask (and token_type_ids where the family has them), int64 [B, S],
-    batch and length dynamic; output logits [B, C]. Every quantized Linear is an int8 weight
-    initializer [in, out] and a MatMulInteger on the activation's int8 codes (per example over the
-    real tokens with act_scale "example", per tensor with "batch"), rescaled once; the word embedding
-    is gathered from its packed codes. Returns the path of model.onnx.
+    batch and length dynamic; output logits [B, C]. Every quantized Linear is packed weight codes
+    (unpacked to int8 [in, out] by nodes ONNX Runtime folds at load) and an integer product on the
+    activation's codes (per example over the real tokens with act_scale "example", per tensor with
+    "batch"), rescaled once (matmul_integer, fuse_integer_rescale); attention's P V is a MatMulInteger
+    on the codes of P and V (int8_attention); the word embedding is gathered from its packed codes.
+    Returns the path of model.onnx.
     """
     import shutil
 
@@ -459,12 +587,15 @@ def export_onnx(path, out, act_scale="example"):
             dynamic_shapes={k: {0: batch, 1: length} for k in names},
             custom_translation_table={
                 torch.ops.qatkd.matmul_integer.default: onnx_matmul_integer,
+                torch.ops.qatkd.quantize_codes.default: onnx_quantize_codes,
+                torch.ops.qatkd.matmul_codes.default: onnx_matmul_codes,
                 torch.ops.aten.__rshift__.Tensor: lambda a, b: op.BitShift(a, b, direction="RIGHT")})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # folds constants, but not the packed weight codes (ONNX Runtime unpacks them once, at load): a small file
     onnxscript.optimizer.optimize(graph.model, input_size_limit=16)
     model = graph.model_proto
+    fuse_integer_rescale(model)
     for node in model.graph.node:  # the exporter's per-node stack traces (this machine's paths): a third of the file
         del node.metadata_props[:]
     with atomic_path(out / "model.onnx") as tmp:

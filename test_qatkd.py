@@ -1467,6 +1467,34 @@ def test_eval_export_reports_metric_speed_and_memory(tmp_path, tiny_dir):
     assert p.returncode != 0 and "holds no exported student (qatkd_packed.safetensors or model.onnx)" in p.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize("per_example", [True, False])
+def test_int8_attention_quantizes_as_training_does(per_example):
+    """int8_attention's codes / scales are qatkd's quantizers bit for bit (Q, K, V and P, padding beyond the
+    real tokens' range and values beyond the clip included), and its context equals qat_attention's up to the
+    float rounding of the P V sum."""
+    import types
+
+    torch.manual_seed(0)
+    B, H, S, X, n = 3, 2, 7, 4, 127
+    tokens = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    x = torch.randn(B, H, S, X) * 1.5
+    x[1, :, 5] = 2.4  # padding larger than the example's real tokens: clamped to the same levels
+    fake = ((lambda t: qatkd.quantize_per_example(t, 8, tokens)) if per_example else
+            (lambda t: qatkd.quantize_uniform(t, 8)))
+    mask = tokens if per_example else None
+    for t, lo in ((x, -n), (x.softmax(-1), 0)):
+        s = export.attention_scale(t, n, mask)
+        codes = export.quantize_codes((t * s).clamp(lo, n), lo == 0)
+        assert codes.dtype == (torch.uint8 if lo == 0 else torch.int8)
+        assert torch.equal(codes.float() / s, fake(t))
+    module = types.SimpleNamespace(training=False, quantize_act=fake, qatkd_int8=(n, (lambda: tokens) if per_example else None))
+    q, k, v = torch.randn(3, B, H, S, X).unbind()
+    additive = (1.0 - tokens[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    got, got_p = export.int8_attention(module, q, k, v, additive)
+    want, want_p = qatkd.qat_attention(module, q, k, v, additive)
+    assert torch.equal(got_p, want_p) and torch.allclose(got, want, atol=1e-6)
+
+
 @pytest.mark.parametrize("wbits", [1, 2, 4, 8])
 def test_onnx_student_computes_what_the_int8_backend_computes(wbits, tmp_path):
     """export_onnx: a graph that passes onnx.checker, with the weights' codes packed (wbits per code) and
@@ -1482,10 +1510,14 @@ def test_onnx_student_computes_what_the_int8_backend_computes(wbits, tmp_path):
     path = export.export_onnx(tmp_path / "packed", tmp_path / "onnx")
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
-    assert sum(n.op_type == "MatMulInteger" for n in graph.graph.node) == 6 * teacher.config.num_hidden_layers + 1
-    # activations as uint8 codes + 128 (a_zero_point), but int8 against 8-bit weights (no int16 saturation)
-    inputs = {len(n.input) for n in graph.graph.node if n.op_type == "MatMulInteger"}
-    assert inputs == ({2} if wbits == 8 else {3})
+    # Linears: activations as uint8 codes + 128 (a_zero_point) into MatMulIntegerToFloat, but int8 against 8-bit
+    # weights (no int16 saturation) into MatMulInteger -> DequantizeLinear; attention: P V as MatMulInteger on codes
+    ops, layers = [n.op_type for n in graph.graph.node], teacher.config.num_hidden_layers
+    linears = 6 * layers + 1  # Q, K, V, attention output, FFN in and out per layer; the pooler
+    assert ops.count("MatMulIntegerToFloat") == (0 if wbits == 8 else linears)
+    assert ops.count("MatMulInteger") == (linears if wbits == 8 else 0) + layers
+    assert ops.count("DequantizeLinear") == (linears if wbits == 8 else 0) and "Round" not in ops
+    assert {len(n.input) for n in graph.graph.node if n.op_type == "MatMulIntegerToFloat"} <= {5}
     codes = [i for i in graph.graph.initializer if i.name.endswith(".dense.codes") or i.name.endswith(".query.codes")]
     assert codes and all(i.data_type == onnx.TensorProto.UINT8 for i in codes)  # the weights' codes, packed
     layer = teacher.bert.encoder.layer[0]
