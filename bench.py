@@ -401,8 +401,11 @@ def serving(args, argv=()):
     ONNX Runtime; per-example activation scales), each alone in a fresh process: dev metrics, file
     bytes, weight bytes in memory, latency at batch 1 (median over 200 dev examples one at a time,
     after 10 untimed), throughput at batch 32 (the dev set in file order, after one untimed batch),
-    peak resident memory. The ONNX graphs are made afresh in RUN_DIR/serving/ (teacher/, student/);
-    writes RUN_DIR/serving.{md,json}."""
+    peak resident memory. args.serving_rounds rounds over the five models, so that a slow spell of a
+    shared machine falls on every model alike: each speed is the median over rounds, the peak the
+    largest (every round's values are kept in the JSON). The ONNX graphs are made afresh in
+    RUN_DIR/serving/ (teacher/, student/); writes RUN_DIR/serving.{md,json}."""
+    import statistics
     import subprocess
 
     from tqdm.auto import tqdm
@@ -411,8 +414,10 @@ def serving(args, argv=()):
     teacher, packed = serving_inputs(run)
     teacher_onnx(teacher, run / "serving" / "teacher")
     export.export_onnx(packed, run / "serving" / "student", act_scale="example")
-    rows, child = [], [sys.executable, str(Path(__file__).resolve().with_name("run.py")), *argv, "--serving_model"]
-    for name, kind in tqdm(SERVING.items(), desc="serving: a process per model", dynamic_ncols=True):
+    rounds, child = {name: [] for name in SERVING}, [sys.executable, str(Path(__file__).resolve().with_name("run.py")),
+                                                     *argv, "--serving_model"]
+    todo = [(name, kind) for _ in range(args.serving_rounds) for name, kind in SERVING.items()]
+    for name, kind in tqdm(todo, desc="serving: a process per model and round", dynamic_ncols=True):
         try:
             p = subprocess.run(child + [kind], capture_output=True, text=True, timeout=3600)  # a hang guard
         except subprocess.TimeoutExpired:
@@ -420,8 +425,12 @@ def serving(args, argv=()):
         if p.returncode:
             last = (p.stderr.strip().splitlines() or ["no message"])[-1]
             raise ValueError(f"--serving: the process for {name} failed: {last}")
-        rows.append({"model": name, **json.loads(p.stdout.strip().splitlines()[-1])})
-    where = f"{runtime.cpu_name()}, {rows[0]['threads']} threads, code {runtime.code_version()}"
+        rounds[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    rows = [{"model": name, **rs[0], "latency_ms": statistics.median(r["latency_ms"] for r in rs),
+             "examples_per_second": statistics.median(r["examples_per_second"] for r in rs),
+             "peak_memory_mb": max(r["peak_memory_mb"] for r in rs), "rounds": rs} for name, rs in rounds.items()]
+    where = (f"{runtime.cpu_name()}, {rows[0]['threads']} threads, code {runtime.code_version()}, "
+             f"median of {args.serving_rounds} rounds")
     metrics = list(rows[0]["metrics"])[:2]
     head = ["model", " / ".join(metrics), "file MB", "weights in memory MB", "latency, batch 1 (ms)",
             "throughput, batch 32 (examples/s)", "peak resident memory (MiB)"]

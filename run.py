@@ -195,6 +195,9 @@ def build_parser():
                         "int8 quantization) and student (int8 backend, ONNX Runtime) on the dev set: metric, file and "
                         "weight bytes, latency at batch 1, throughput at batch 32, peak memory, each model in a "
                         "fresh process; RUN_DIR/serving.md. Data: the run's, unless given")
+    g.add_argument("--serving_rounds", type=int, default=3,
+                   help="--serving: rounds over the five models (a fresh process each time); the table gives each "
+                        "speed's median over rounds. Default: 3")
     g.add_argument("--serving_model", default=None, help=argparse.SUPPRESS)  # internal: a child of --serving
     g.add_argument("--backend", default="int8", choices=("int8", "fake"),
                    help="int8: integer inference; fake: fp32 weights, fake-quantized activations. Default: int8")
@@ -209,9 +212,9 @@ def parse_args(argv=None):
     if not (2 <= args.abits <= 16 or args.abits == 32):
         p.error(f"--abits {args.abits} is out of range; use 2..16, or 32 for full precision")
     for name in ("batch_size", "max_len", "eval_every", "max_steps", "save_every", "rank_samples", "bench_steps",
-                 "bench_warmup"):
+                 "bench_warmup", "serving_rounds"):
         v = getattr(args, name)
-        least = 1 if name in ("batch_size", "max_len", "bench_steps") else 0
+        least = 1 if name in ("batch_size", "max_len", "bench_steps", "serving_rounds") else 0
         if v is not None and v < least:
             p.error(f"--{name} must be at least {least}, got {v}")
     for name in ("epochs", "lr", "teacher_epochs", "teacher_lr"):  # a step size or a length: positive

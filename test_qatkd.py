@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -1588,8 +1589,10 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
         assert math.isclose(sum(answers[folder.name][0]["probabilities"].values()), 1, abs_tol=1e-4)
     assert answers["student_packed"][0]["label"] == answers["student_packed_onnx"][0]["label"]
     # the comparison for shipping, on the run's own data: each model in a process of its own
-    rows = {r["model"]: r for r in run.main(["--serving", str(run_dir)])}
+    rows = {r["model"]: r for r in run.main(["--serving", str(run_dir), "--serving_rounds", "2"])}
     assert list(rows) == list(bench.SERVING) and (run_dir / "serving.md").is_file()
+    assert all(len(r["rounds"]) == 2 and r["examples_per_second"] == statistics.median(
+        x["examples_per_second"] for x in r["rounds"]) for r in rows.values())
     teacher, int8_teacher = rows["teacher, PyTorch fp32"], rows["teacher, ONNX Runtime quantize_dynamic int8"]
     assert rows["teacher, ONNX Runtime fp32"]["metrics"] == teacher["metrics"]
     assert rows["student, ONNX Runtime"]["metrics"] == rows["student, PyTorch int8 backend"]["metrics"] == int8["metrics"]
@@ -1609,7 +1612,8 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
                           (["--predict", str(onnx_dir), "--input", str(dev), "--text_columns", "a,c"], "no column 'c'"),
                           (["--predict", str(onnx_dir)], "--predict takes --text A [B] or --input FILE"),
                           (["--export_onnx", str(run_dir / "student")], "holds no exported student"),
-                          (["--serving", str(tmp_path)], "is not a finished run folder (no args.json)")):
+                          (["--serving", str(tmp_path)], "is not a finished run folder (no args.json)"),
+                          (["--serving", str(run_dir), "--serving_rounds", "0"], "--serving_rounds must be at least 1")):
         p = run_py(*argv)
         assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
 
