@@ -395,6 +395,16 @@ def serving_inputs(run):
     return teacher, packed
 
 
+def serving_rows(rounds):
+    """--serving's table rows from {model: [one measurement per round]}: each speed the median over
+    rounds, the peak memory the largest, the rest from the first round (the same in every round)."""
+    import statistics
+
+    return [{"model": name, **rs[0], "latency_ms": statistics.median(r["latency_ms"] for r in rs),
+             "examples_per_second": statistics.median(r["examples_per_second"] for r in rs),
+             "peak_memory_mb": max(r["peak_memory_mb"] for r in rs), "rounds": rs} for name, rs in rounds.items()]
+
+
 def serving(args, argv=()):
     """--serving RUN_DIR: the table a user deciding how to ship needs. The run's teacher (PyTorch fp32,
     ONNX Runtime fp32, ONNX Runtime's dynamic int8 quantization of it) and its student (int8 backend,
@@ -405,7 +415,6 @@ def serving(args, argv=()):
     shared machine falls on every model alike: each speed is the median over rounds, the peak the
     largest (every round's values are kept in the JSON). The ONNX graphs are made afresh in
     RUN_DIR/serving/ (teacher/, student/); writes RUN_DIR/serving.{md,json}."""
-    import statistics
     import subprocess
 
     from tqdm.auto import tqdm
@@ -426,9 +435,7 @@ def serving(args, argv=()):
             last = (p.stderr.strip().splitlines() or ["no message"])[-1]
             raise ValueError(f"--serving: the process for {name} failed: {last}")
         rounds[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
-    rows = [{"model": name, **rs[0], "latency_ms": statistics.median(r["latency_ms"] for r in rs),
-             "examples_per_second": statistics.median(r["examples_per_second"] for r in rs),
-             "peak_memory_mb": max(r["peak_memory_mb"] for r in rs), "rounds": rs} for name, rs in rounds.items()]
+    rows = serving_rows(rounds)
     where = (f"{runtime.cpu_name()}, {rows[0]['threads']} threads, code {runtime.code_version()}, "
              f"median of {args.serving_rounds} rounds")
     metrics = list(rows[0]["metrics"])[:2]

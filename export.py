@@ -190,8 +190,7 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     if backend == "fake":
         student = qatkd.quantize_student(model, 32, abits, act_scale=act_scale)
     else:
-        student = qatkd.use_qatkd_attention(model)
-        tokens = None
+        student, tokens = model, None
         if act_scale == "example":  # each call's token mask, for IntLinear and Q, K, V, P
             tokens = {}
             student.register_forward_pre_hook(lambda _m, _a, kw: tokens.update(mask=qatkd.token_mask(kw)),
@@ -217,6 +216,7 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             for m in qatkd.self_attention_modules(student):
                 m.qatkd_int8 = (2 ** (abits - 1) - 1, None if tokens is None else (lambda: tokens["mask"]))
         else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training
+            qatkd.use_qatkd_attention(student)
             for m in qatkd.self_attention_modules(student):
                 m.quantize_act = ((lambda t: qatkd.quantize_uniform(t, abits)) if tokens is None else
                                   (lambda t: qatkd.quantize_per_example(t, abits, tokens["mask"])))
@@ -268,7 +268,7 @@ def matmul_integer(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, wide: bool
                                                             optimizes; RESULTS.md measures the other)
         DequantizeLinear(., c) -> float(sum) * c
     and then fuses the last two into ONNX Runtime's MatMulIntegerToFloat (fuse_integer_rescale).
-    wide (weights wider than 4 bits): X_q stays int8 (zero point 0), because on x86 CPUs without VNNI the
+    wide (weights wider than 4 bits): X_q stays int8 (zero point 0) and the three nodes stay, because on x86 CPUs without VNNI the
     uint8 x int8 kernel sums pairs of products in int16, which |W_q| up to 127 can saturate; |W_q| <= 7
     cannot (2 * 255 * 7 < 2^15).
     """
@@ -315,47 +315,61 @@ def onnx_matmul_codes(a, b):
 
 def fuse_integer_rescale(model):
     """MatMulInteger(X_q + 128, W_q, 128) -> DequantizeLinear(c) becomes ONNX Runtime's
-    MatMulIntegerToFloat(X_q + 128, W_q, 1, c, 128) (its com.microsoft domain, uint8 activations only):
-    the same float(sum) * c, computed in the GEMM's output stage, so the int32 sums are never written
-    out and read back. model: an onnx.ModelProto, changed in place."""
+    MatMulIntegerToFloat(X_q + 128, W_q, 1, c, 128) (its com.microsoft domain): the same float(sum) * c,
+    computed in the GEMM's output stage, so the int32 sums are never written out and read back. Only
+    the pairs matmul_integer writes (uint8 codes with their zero point, a scalar c, the sum read by the
+    DequantizeLinear alone); the fused node takes the DequantizeLinear's place, where c exists.
+    model: an onnx.ModelProto, changed in place."""
     import onnx
 
     graph = model.graph
-    readers = {}
+    readers, outputs = {}, {o.name for o in graph.output}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    one = "qatkd_one"
-    graph.initializer.append(onnx.helper.make_tensor(one, onnx.TensorProto.FLOAT, [], [1.0]))
-    nodes, fused = [], set()
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.value_info}
+    ranks.update({t.name: len(t.dims) for t in graph.initializer})
+    products = {}  # the DequantizeLinear's input -> its MatMulInteger, for each pair to fuse
     for node in graph.node:
-        if id(node) in fused:
-            continue
         after = readers.get(node.output[0], [])
         if node.op_type == "MatMulInteger" and len(node.input) == 3 and len(after) == 1 and \
-                after[0].op_type == "DequantizeLinear" and len(after[0].input) == 2:
-            fused.add(id(after[0]))
-            x, w, zero_point = node.input
-            node = onnx.helper.make_node("MatMulIntegerToFloat", [x, w, one, after[0].input[1], zero_point],
-                                         list(after[0].output), name=node.name, domain="com.microsoft")
+                node.output[0] not in outputs and after[0].op_type == "DequantizeLinear" and \
+                len(after[0].input) == 2 and ranks.get(after[0].input[1]) == 0:
+            products[node.output[0]] = node
+    nodes, one = [], "qatkd_one"
+    for node in graph.node:
+        if node.op_type == "MatMulInteger" and node.output[0] in products:
+            continue  # fused below, where its DequantizeLinear is
+        product = products.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if product is not None:
+            x, w, zero_point = product.input
+            node = onnx.helper.make_node("MatMulIntegerToFloat", [x, w, one, node.input[1], zero_point],
+                                         list(node.output), name=product.name, domain="com.microsoft")
         nodes.append(node)
+    if len(nodes) == len(graph.node):
+        return
     del graph.node[:]
     graph.node.extend(nodes)
-    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    graph.initializer.append(onnx.helper.make_tensor(one, onnx.TensorProto.FLOAT, [], [1.0]))
+    if all(o.domain != "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
 
 
 def activation_scale(x, n, tokens=None):
-    """The activation quantizer's scale s = n / min(max |x|, 2.5), as a tensor in x's dtype.
+    """The activation quantizer's scale s = n / min(max |x|, 2.5), as a tensor in x's dtype, bit for bit
+    qatkd's quantizers' scale.
 
     tokens None: one per tensor (quantize_uniform's). tokens [B, S] (1 = token): one per example over
-    its real tokens (quantize_per_example's); x [B, S, d] -> s [B, 1, 1], x [B, d] -> s [B, 1].
+    its real tokens, the sequence in dim -2 (quantize_per_example's): a Linear's input x [B, S, d] ->
+    s [B, 1, 1], attention's Q, K, V, P [B, H, S, X] -> [B, 1, 1, 1]; x [B, d] -> s [B, 1].
     """
     if tokens is None:
         top = x.abs().max()
     else:
-        top = x.abs().amax(-1, keepdim=True)  # [B, S, 1] or [B, 1]
-        if x.dim() == 3:  # then over the real tokens: padding left out
-            top = (top * tokens.to(x.dtype)[:, :, None]).amax(1, keepdim=True)
+        top = x.abs().amax(-1, keepdim=True)  # [..., S, 1] or [B, 1]
+        if x.dim() > 2:  # then over the real tokens: padding left out
+            real = tokens.to(x.dtype).reshape(tokens.shape[0], *[1] * (x.dim() - 3), -1, 1)
+            top = (top * real).amax(tuple(range(1, x.dim() - 1)), keepdim=True)
     return n / top.clamp(max=CLIP).clamp_min(n * torch.finfo(x.dtype).tiny)
 
 
@@ -496,17 +510,6 @@ def _(a, b):
     return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.float32)
 
 
-def attention_scale(x, n, tokens=None):
-    """The activation quantizer's scale for attention's Q, K, V, P [B, H, S, X] (qatkd.quantize_per_example
-    over each example's real tokens in dim -2 when tokens [B, S] is given, quantize_uniform's per tensor
-    otherwise): s = n / min(max |x|, 2.5), as [B, 1, 1, 1] or a 0-dim tensor, bit for bit theirs."""
-    if tokens is None:
-        top = x.abs().amax()
-    else:
-        top = (x.abs().amax(-1, keepdim=True) * tokens.to(x.dtype)[:, None, :, None]).amax((1, 2), keepdim=True)
-    return n / top.clamp(max=CLIP).clamp_min(n * torch.finfo(x.dtype).tiny)
-
-
 def int8_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
     """qat_attention as the int8 backend and its ONNX graph compute it (inference: no dropout, no
     Teacher Intervention, nothing recorded), with P V summed in integers.
@@ -515,7 +518,7 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask, or None for per-tensor scales).
         Q, K <- Q_a(Q), Q_a(K)                      fake-quantized: codes / s, the values qat_attention uses
         P = softmax(Q K^T / sqrt(d_h) + mask)
-        C = (P_q V_q) / (s_P s_V)                  P_q in [0, n], V_q in [-n, n]: the codes of Q_a(P), Q_a(V)
+        C = (P_q V_q) / s_P / s_V                  P_q in [0, n], V_q in [-n, n]: the codes of Q_a(P), Q_a(V)
     C is qat_attention's Q_a(P) Q_a(V) with its sum exact (integers) instead of rounded in float.
     Returns (C as [B, S, H, d_h], P).
     """
@@ -523,7 +526,7 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     tokens = None if tokens is None else tokens()
 
     def codes(x, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
-        s = attention_scale(x, n, tokens)
+        s = activation_scale(x, n, tokens)
         return quantize_codes((x * s).clamp(lo, n), lo == 0), s
 
     (q, s_q), (k, s_k), (v, s_v) = codes(query), codes(key), codes(value)
@@ -531,7 +534,8 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     scores = torch.matmul(q.float() / s_q, (k.float() / s_k).transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
     p, s_p = codes(probs, 0)
-    ctx = matmul_codes(p, v) / (s_p * s_v)
+    ctx = matmul_codes(p, v) / s_p / s_v
+    qatkd.record_attention(module, scores, probs, ctx)  # forward_internals on a deployed student
     return ctx.transpose(1, 2).contiguous(), probs
 
 

@@ -389,7 +389,7 @@ def use_qatkd_attention(model):
 
     AttentionInterface.register("qatkd", qat_attention)
     AttentionMaskInterface.register("qatkd", eager_mask)  # additive: 0 to keep, dtype-min to drop (and windows)
-    if model.config._attn_implementation != "qatkd":
+    if not model.config._attn_implementation.startswith("qatkd"):  # qatkd_int8: export's integer inference
         model.set_attn_implementation("qatkd")
     return model
 

@@ -10,7 +10,6 @@ import math
 import os
 import random
 import re
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -1478,13 +1477,14 @@ def test_int8_attention_quantizes_as_training_does(per_example):
     torch.manual_seed(0)
     B, H, S, X, n = 3, 2, 7, 4, 127
     tokens = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
-    x = torch.randn(B, H, S, X) * 1.5
+    x = torch.randn(B, H, S, X) * 0.5
+    x[0, 0, 0, 0] = 3.0  # beyond the clip
     x[1, :, 5] = 2.4  # padding larger than the example's real tokens: clamped to the same levels
     fake = ((lambda t: qatkd.quantize_per_example(t, 8, tokens)) if per_example else
             (lambda t: qatkd.quantize_uniform(t, 8)))
     mask = tokens if per_example else None
     for t, lo in ((x, -n), (x.softmax(-1), 0)):
-        s = export.attention_scale(t, n, mask)
+        s = export.activation_scale(t, n, mask)
         codes = export.quantize_codes((t * s).clamp(lo, n), lo == 0)
         assert codes.dtype == (torch.uint8 if lo == 0 else torch.int8)
         assert torch.equal(codes.float() / s, fake(t))
@@ -1496,11 +1496,23 @@ def test_int8_attention_quantizes_as_training_does(per_example):
     assert torch.equal(got_p, want_p) and torch.allclose(got, want, atol=1e-6)
 
 
-@pytest.mark.parametrize("wbits", [1, 2, 4, 8])
-def test_onnx_student_computes_what_the_int8_backend_computes(wbits, tmp_path):
+def test_serving_rows_take_the_median_speed_over_rounds():
+    import bench
+
+    one = {"metrics": {"acc": 0.5}, "file_bytes": 10, "weight_bytes": 8, "threads": 2}
+    rounds = {"m": [{**one, "latency_ms": t, "examples_per_second": e, "peak_memory_mb": p}
+                    for t, e, p in ((5.0, 90.0, 100.0), (9.0, 40.0, 120.0), (6.0, 80.0, 110.0))]}
+    (row,) = bench.serving_rows(rounds)
+    assert (row["model"], row["latency_ms"], row["examples_per_second"], row["peak_memory_mb"]) == ("m", 6.0, 80.0, 120.0)
+    assert row["file_bytes"] == 10 and len(row["rounds"]) == 3
+
+
+@pytest.mark.parametrize("wbits, act_scale", [(1, "example"), (2, "example"), (2, "batch"), (4, "example"),
+                                             (8, "example")])
+def test_onnx_student_computes_what_the_int8_backend_computes(wbits, act_scale, tmp_path):
     """export_onnx: a graph that passes onnx.checker, with the weights' codes packed (wbits per code) and
-    MatMulInteger nodes, whose logits in ONNX Runtime equal the int8 backend's (per-example scales) for any batch
-    size and length, and do not depend on the batch: each example alone gives the same logits."""
+    integer products, whose logits in ONNX Runtime equal the int8 backend's for any batch size and length, and
+    with per-example scales do not depend on the batch: each example alone gives the same logits."""
     import onnx
 
     teacher = classifier(write_tiny_model(tmp_path / "bert", num_layers=1))
@@ -1508,7 +1520,7 @@ def test_onnx_student_computes_what_the_int8_backend_computes(wbits, tmp_path):
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.bias, std=0.1)
     export.export_quantized(qatkd.quantize_student(teacher, wbits, 8), tmp_path / "packed")
-    path = export.export_onnx(tmp_path / "packed", tmp_path / "onnx")
+    path = export.export_onnx(tmp_path / "packed", tmp_path / "onnx", act_scale=act_scale)
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     # Linears: activations as uint8 codes + 128 (a_zero_point) into MatMulIntegerToFloat, but int8 against 8-bit
@@ -1518,19 +1530,21 @@ def test_onnx_student_computes_what_the_int8_backend_computes(wbits, tmp_path):
     assert ops.count("MatMulIntegerToFloat") == (0 if wbits == 8 else linears)
     assert ops.count("MatMulInteger") == (linears if wbits == 8 else 0) + layers
     assert ops.count("DequantizeLinear") == (linears if wbits == 8 else 0) and "Round" not in ops
-    assert {len(n.input) for n in graph.graph.node if n.op_type == "MatMulIntegerToFloat"} <= {5}
     codes = [i for i in graph.graph.initializer if i.name.endswith(".dense.codes") or i.name.endswith(".query.codes")]
     assert codes and all(i.data_type == onnx.TensorProto.UINT8 for i in codes)  # the weights' codes, packed
     layer = teacher.bert.encoder.layer[0]
     square, wide = layer.attention.self.query.weight.numel(), layer.intermediate.dense.weight.numel()
     assert sum(math.prod(i.dims) for i in codes) == (2 * square + 2 * wide + square) * wbits // 8  # + the pooler
     ort_student = export.OnnxStudent(tmp_path / "onnx")
-    int8 = export.load_quantized(tmp_path / "packed", "int8", act_scale="example")
+    int8 = export.load_quantized(tmp_path / "packed", "int8", act_scale=act_scale)
     for lengths, pad in (([6, 3, 5], None), ([9], None), ([4, 7, 2, 8], 12)):
         batch = make_batch(lengths, pad_to=pad, seed=len(lengths))
         batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
-        got, want = ort_student(**batch).logits, int8(**batch).logits
+        with torch.no_grad():
+            got, want = ort_student(**batch).logits, int8(**batch).logits
         assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+        if act_scale == "batch":
+            continue
         alone = torch.cat([ort_student(**{k: v[b:b + 1, :n] for k, v in batch.items()}).logits
                            for b, n in enumerate(lengths)])
         assert torch.allclose(got, alone, atol=1e-5)
@@ -1589,10 +1603,8 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
         assert math.isclose(sum(answers[folder.name][0]["probabilities"].values()), 1, abs_tol=1e-4)
     assert answers["student_packed"][0]["label"] == answers["student_packed_onnx"][0]["label"]
     # the comparison for shipping, on the run's own data: each model in a process of its own
-    rows = {r["model"]: r for r in run.main(["--serving", str(run_dir), "--serving_rounds", "2"])}
+    rows = {r["model"]: r for r in run.main(["--serving", str(run_dir), "--serving_rounds", "1"])}
     assert list(rows) == list(bench.SERVING) and (run_dir / "serving.md").is_file()
-    assert all(len(r["rounds"]) == 2 and r["examples_per_second"] == statistics.median(
-        x["examples_per_second"] for x in r["rounds"]) for r in rows.values())
     teacher, int8_teacher = rows["teacher, PyTorch fp32"], rows["teacher, ONNX Runtime quantize_dynamic int8"]
     assert rows["teacher, ONNX Runtime fp32"]["metrics"] == teacher["metrics"]
     assert rows["student, ONNX Runtime"]["metrics"] == rows["student, PyTorch int8 backend"]["metrics"] == int8["metrics"]
