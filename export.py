@@ -268,9 +268,9 @@ def matmul_integer(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, wide: bool
                                                             optimizes; RESULTS.md measures the other)
         DequantizeLinear(., c) -> float(sum) * c
     and then fuses the last two into ONNX Runtime's MatMulIntegerToFloat (fuse_integer_rescale).
-    wide (weights wider than 4 bits): X_q stays int8 (zero point 0) and the three nodes stay, because on x86 CPUs without VNNI the
-    uint8 x int8 kernel sums pairs of products in int16, which |W_q| up to 127 can saturate; |W_q| <= 7
-    cannot (2 * 255 * 7 < 2^15).
+    wide (weights wider than 4 bits): X_q stays int8 (zero point 0) and the three nodes stay, because
+    on x86 CPUs without VNNI the uint8 x int8 kernel sums pairs of products in int16, which |W_q| up
+    to 127 can saturate; |W_q| <= 7 cannot (2 * 255 * 7 < 2^15).
     """
     return (x.round().to(torch.int32) @ w.to(torch.int32)).to(x.dtype) * c
 
@@ -512,7 +512,7 @@ def _(a, b):
 
 def int8_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
     """qat_attention as the int8 backend and its ONNX graph compute it (inference: no dropout, no
-    Teacher Intervention, nothing recorded), with P V summed in integers.
+    Teacher Intervention), with P V summed in integers.
 
     query, key, value: [B, H, S, d_h]; attention_mask: additive [B, 1, S, S] or None. module.qatkd_int8 is
     (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask, or None for per-tensor scales).
