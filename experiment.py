@@ -14,6 +14,7 @@ import contextlib
 import csv
 import json
 import math
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -35,11 +36,12 @@ RECIPE_TAGS = (("lr", 2e-5, "lr"), ("epochs", 3.0, "ep"))
 
 def recipe_suffix(args):
     """-lrX and -epN for a learning rate or a number of epochs other than the paper's (2e-5, 3); -tiMODESTEPS
-    with Teacher Intervention; -actexample for per-example activation scales."""
+    with Teacher Intervention; -actexample for per-example activation scales; -trainN for a training subset."""
     return ("".join(f"-{tag}{getattr(args, name):g}" for name, default, tag in RECIPE_TAGS
                     if getattr(args, name) != default)
             + (f"-ti{args.ti}{args.ti_steps}" if getattr(args, "ti", None) else "")
-            + ("-actexample" if getattr(args, "act_scale", None) == "example" else ""))
+            + ("-actexample" if getattr(args, "act_scale", None) == "example" else "")
+            + (f"-train{args.train_examples}" if getattr(args, "train_examples", None) else ""))
 
 
 def default_run_name(args):
@@ -66,14 +68,25 @@ class Setup:
 
 
 def load_data(args):
-    """(Task, {split: examples}): a GLUE task, your own files, or a hub dataset."""
+    """(Task, {split: examples}): a GLUE task, your own files, or a hub dataset; with --train_examples N,
+    a fixed random subset of N training examples in their file order (seed 0: the same for every run)."""
     if args.task:
         task = data.TASKS[args.task]
-        return task, data.load_glue(task, args.data_dir)
-    if args.train_file:
-        return data.load_data_files(args.train_file, args.validation_file, args.text_columns, args.label_column)
-    return data.load_hub_dataset(args.dataset, args.dataset_config, args.validation_split, args.text_columns,
-                                  args.label_column)
+        task, examples = task, data.load_glue(task, args.data_dir)
+    elif args.train_file:
+        task, examples = data.load_data_files(args.train_file, args.validation_file, args.text_columns,
+                                              args.label_column)
+    else:
+        task, examples = data.load_hub_dataset(args.dataset, args.dataset_config, args.validation_split,
+                                               args.text_columns, args.label_column)
+    n = getattr(args, "train_examples", None)
+    if n and "train" in examples:
+        train = examples["train"]
+        if n > len(train):
+            raise ValueError(f"--train_examples {n}: the training set has {len(train)} examples; pass at most "
+                             f"{len(train)}, or leave it out for all")
+        examples["train"] = [train[i] for i in sorted(random.Random(0).sample(range(len(train)), n))]
+    return task, examples
 
 
 def setup(args, check_run=True):

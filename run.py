@@ -88,6 +88,9 @@ def build_parser():
     g.add_argument("--data_dir", default=None,
                    help="directory with the GLUE TSV files of the task (train.tsv, dev.tsv); "
                         "default: download nyu-mll/glue from the hub")
+    g.add_argument("--train_examples", type=int, default=None, metavar="N",
+                   help="train on a fixed random subset of N training examples (the same for every run and the "
+                        "teacher; runs named -trainN). Default: all")
     g = p.add_argument_group("your own data (instead of --task): text classification or regression")
     g.add_argument("--train_file", default=None, help="training data: .csv, .tsv, .json or .jsonl")
     g.add_argument("--validation_file", default=None, help="dev data, same columns as --train_file")
@@ -212,9 +215,9 @@ def parse_args(argv=None):
     if not (2 <= args.abits <= 16 or args.abits == 32):
         p.error(f"--abits {args.abits} is out of range; use 2..16, or 32 for full precision")
     for name in ("batch_size", "max_len", "eval_every", "max_steps", "save_every", "rank_samples", "bench_steps",
-                 "bench_warmup", "serving_rounds"):
+                 "bench_warmup", "serving_rounds", "train_examples"):
         v = getattr(args, name)
-        least = 1 if name in ("batch_size", "max_len", "bench_steps", "serving_rounds") else 0
+        least = 1 if name in ("batch_size", "max_len", "bench_steps", "serving_rounds", "train_examples") else 0
         if v is not None and v < least:
             p.error(f"--{name} must be at least {least}, got {v}")
     for name in ("epochs", "lr", "teacher_epochs", "teacher_lr"):  # a step size or a length: positive

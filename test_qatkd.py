@@ -2167,6 +2167,26 @@ def test_recipe_sets_what_is_not_given():
     assert "recipe" in runtime.NOT_COMPARED  # it changes only flags that are compared
 
 
+def test_train_examples_is_a_fixed_subset(tmp_path):
+    """--train_examples N: the same N training examples for every seed, in file order, the dev set whole; the
+    run folder says so (-trainN); more than the data holds is refused in one line."""
+    import run
+
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 48, 16)
+    args = run.parse_args(["--task", "mrpc", "--data_dir", str(ds), "--train_examples", "20", "--seed", "7"])
+    _, full = experiment.load_data(run.parse_args(["--task", "mrpc", "--data_dir", str(ds)]))
+    _, sub = experiment.load_data(args)
+    _, again = experiment.load_data(run.parse_args(["--task", "mrpc", "--data_dir", str(ds), "--train_examples", "20"]))
+    assert len(sub["train"]) == 20 and sub["train"] == again["train"] and sub["validation"] == full["validation"]
+    where = [full["train"].index(x) for x in sub["train"]]
+    assert where == sorted(where) and where != list(range(20))  # file order, not the first 20
+    assert experiment.recipe_suffix(args) == "-train20"
+    p = run_py("--task", "mrpc", "--data_dir", ds, "--train_examples", "49", "--teacher",
+               write_tiny_model(tmp_path / "bert"), "--output_dir", tmp_path / "runs")
+    assert p.returncode != 0 and "the training set has 48 examples" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # before any work
+
+
 def test_readme_flag_table_matches_help():
     """README's Flags table lists exactly the flags of run.py --help (not the hidden internal ones)."""
     import argparse
