@@ -139,12 +139,44 @@ def export_quantized(student, path, tokenizer=None):
     return sizes
 
 
+CLIP_SUFFIX = ".act_quant.alpha"  # the state-dict keys of a student's PACT clips (act_scale "learned")
+
+
+def trained_act_scale(path):
+    """The act_scale a student folder (student/ or student_packed/) was trained with; None if it holds none."""
+    path = Path(path)
+    if (path / "quantization.json").is_file():
+        return json.loads((path / "quantization.json").read_text()).get("act_scale", "batch")
+    file = packed_file(path)
+    return None if file is None else json.loads(safetensors_metadata(file)["qatkd"]).get("act_scale", "batch")
+
+
+def check_act_scale(trained, act_scale, path):
+    """act_scale, unless it would serve a student with scales of another kind than it learned: a student
+    trained with learned clips (PACT) runs only with them, and no other student has any to run with."""
+    if (trained == "learned") != (act_scale == "learned"):
+        fix = ("leave act_scale out: its learned clips are its scales" if trained == "learned" else
+               "it has no learned clips; use batch or example")
+        raise ValueError(f"{path} was trained with act_scale {trained}, not servable with act_scale {act_scale}: {fix}")
+    return act_scale
+
+
+def load_clips(student, tensors, path):
+    """Load a student's PACT clips (the CLIP_SUFFIX entries of tensors, a state dict); each must be there."""
+    clips = {k: v for k, v in tensors.items() if k.endswith(CLIP_SUFFIX)}
+    missing = [k for k in student.load_state_dict(clips, strict=False).missing_keys if k.endswith(CLIP_SUFFIX)]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} of the student's learned clips ({missing[0]}, ...)")
+    return student
+
+
 def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=None):
     """Rebuild an exported student.
 
     act_scale: None (as it was trained), "batch" (one scale per tensor over the batch, padding
     included: the original's) or "example" (one per example over its real tokens: a prediction that
-    depends on its input only, as a served model's must). kernel: IntLinear's integer matmul (None:
+    depends on its input only, as a served model's must); a student trained with "learned" clips (PACT)
+    runs with them only, in the fake backend (check_act_scale). kernel: IntLinear's integer matmul (None:
     the device's best, int8_kernel).
 
     backend "fake": dequantized fp32 weights, activations fake-quantized as in training; logits
@@ -173,13 +205,17 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     act_scale = act_scale or meta.get("act_scale", "batch")
     if act_scale not in qatkd.ACT_SCALES:
         raise ValueError(f"unknown activation scale {act_scale!r}; use one of {qatkd.ACT_SCALES}")
+    check_act_scale(meta.get("act_scale", "batch"), act_scale, path)
+    if act_scale == "learned" and backend != "fake":
+        raise ValueError(f"{path} learned its activation clips (PACT), which only the fake backend runs so far (no "
+                         "int8 backend or ONNX graph); pass backend fake (--backend fake)")
     config = AutoConfig.from_pretrained(path)
     if act_scale == "example" and not qatkd.model_family(config).per_example:
         raise ValueError(f"per-example activation scales are not available for {config.model_type} (its "
                          "relative-position embeddings share the Linear layers of the tokens); use act_scale batch")
     if backend == "int8" and abits > 8:
         raise ValueError(f"the int8 backend needs activations of 8 bits or fewer; this student has {abits}")
-    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale"))}
+    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale", CLIP_SUFFIX))}
     codes = {key: unpack_bits(tensors[key + ".codes"], wbits, math.prod(shape)).reshape(shape)
              for key, shape in meta["shapes"].items()}
     if backend == "fake":
@@ -189,6 +225,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     model.to(device)  # the integer kernels are chosen for the device the codes live on
     if backend == "fake":
         student = qatkd.quantize_student(model, 32, abits, act_scale=act_scale)
+        if act_scale == "learned":
+            load_clips(student, tensors, path)
     else:
         student, tokens = model, None
         if act_scale == "example":  # each call's token mask, for IntLinear and Q, K, V, P

@@ -150,6 +150,48 @@ def quantize_per_example(x, bits, tokens, clip=CLIP):
     return ClipSTE.apply(x, levels, clip)
 
 
+class PACT(nn.Module):
+    """A learned clip alpha for one activation: PACT (Choi et al. 2018), symmetric as BinaryBERT's
+    activations. A static scale, learned with the weights, instead of the per-tensor max |x|.
+
+    x: any shape. alpha > 0, one per module (a 0-dim parameter: no weight decay, make_optimizer):
+        x_c = clamp(x, -alpha, alpha);   s = (2^(k-1) - 1) / alpha;   q = round(x_c * s) / s
+    Gradient (PACT's straight-through estimator): dL/dx = dL/dq where |x| < alpha, else 0;
+    dL/dalpha = sum of dL/dq * sign(x) over |x| >= alpha. alpha starts as min(max |x|, 2.5) of the
+    first batch it sees, where q is quantize_uniform's to the bit: show it a training batch first.
+    """
+
+    def __init__(self, device=None):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.tensor(float("nan"), device=device))
+
+    def forward(self, x, bits):
+        if self.alpha.isnan():  # the first batch sets alpha
+            with torch.no_grad():
+                self.alpha.copy_(x.abs().max().clamp(max=CLIP).clamp_min(torch.finfo(x.dtype).tiny))
+        return PactSTE.apply(x, self.alpha, bits)
+
+    def extra_repr(self):
+        return f"alpha={self.alpha.item():.4g}"
+
+
+class PactSTE(torch.autograd.Function):
+    """PACT's quantizer and straight-through gradients (above): forward(x, alpha, bits) -> q."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, bits):
+        a = alpha.to(x.dtype)
+        ctx.save_for_backward(torch.where(x.abs() >= a, x.sign(), 0).to(torch.int8))  # sign(x) where clipped
+        ctx.alpha_dtype = alpha.dtype
+        s = (2 ** (bits - 1) - 1) / a
+        return torch.round(torch.minimum(torch.maximum(x, -a), a) * s) / s
+
+    @staticmethod
+    def backward(ctx, grad):
+        (clipped,) = ctx.saved_tensors
+        return torch.where(clipped == 0, grad, 0.0), (grad * clipped).sum().to(ctx.alpha_dtype), None
+
+
 def quantize_weight(w, bits, per_row=False):
     """Weight quantizer by bit width: 1 binary, 2 ternary, 4 and 8 uniform, 32 full precision."""
     if bits == 32:
@@ -394,7 +436,7 @@ def use_qatkd_attention(model):
     return model
 
 
-ACT_SCALES = ("batch", "example")
+ACT_SCALES = ("batch", "example", "learned")
 
 
 def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_scale="batch"):
@@ -409,7 +451,10 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
       token-type and relative-position embeddings.
     act_quant(x, bits): the activation quantizer of every Linear input and of Q, K, V, P. act_scale
     "batch": its scale per tensor over the whole batch, padding included (the original's); "example":
-    quantize_per_example, the batch's attention_mask taken from each call. The latent weights start as
+    quantize_per_example, the batch's attention_mask taken from each call; "learned": each Linear's
+    input through its own PACT clip (a static scale; alpha set by the first batch the student sees; ALBERT's
+    shared layer: by its first call, for all N),
+    Q, K, V and P per tensor as "batch" (their ranges differ by head and input). The latent weights start as
     the teacher's; with wbits = abits = 32 the student computes what the teacher does.
     """
     if wbits not in WEIGHT_BITS:
@@ -418,8 +463,8 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
         raise ValueError(f"unsupported activation bit width {abits}; use 2..16, or 32 for full precision")
     if act_scale not in ACT_SCALES:
         raise ValueError(f"unknown activation scale {act_scale!r}; use one of {ACT_SCALES}")
-    if act_scale == "example" and act_quant is not quantize_uniform:
-        raise ValueError("act_scale='example' quantizes with quantize_per_example; pass act_quant or act_scale, not both")
+    if act_scale != "batch" and act_quant is not quantize_uniform:
+        raise ValueError(f"act_scale={act_scale!r} chooses the quantizer itself; pass act_quant or act_scale, not both")
     family = model_family(teacher.config)
     if act_scale == "example" and not family.per_example:
         raise ValueError(f"per-example activation scales are not available for {teacher.config.model_type} (its "
@@ -433,7 +478,8 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
     for parent in list(student.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child is not keep:
-                q = QuantLinear(child.in_features, child.out_features, child.bias is not None, wbits, abits, act_quant,
+                quant = PACT(child.weight.device) if act_scale == "learned" and abits < 32 else act_quant
+                q = QuantLinear(child.in_features, child.out_features, child.bias is not None, wbits, abits, quant,
                                 device="meta")
                 q.weight, q.bias = child.weight, child.bias
                 setattr(parent, name, q)

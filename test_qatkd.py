@@ -558,8 +558,78 @@ def test_per_example_scales_do_not_depend_on_the_batch(tiny_dir):
     assert not torch.allclose(batch_scale(**batch).logits, alone(batch_scale), atol=1e-5)  # the original's
     with pytest.raises(ValueError, match="activation scale"):
         qatkd.quantize_student(teacher, act_scale="token")
-    with pytest.raises(ValueError, match="pass act_quant or act_scale, not both"):  # never silently ignored
-        qatkd.quantize_student(teacher, act_quant=lambda x, bits: x, act_scale="example")
+    for act_scale in ("example", "learned"):  # never silently ignored
+        with pytest.raises(ValueError, match="pass act_quant or act_scale, not both"):
+            qatkd.quantize_student(teacher, act_quant=lambda x, bits: x, act_scale=act_scale)
+
+
+def test_pact_clip_quantizes_and_learns_as_its_formula():
+    """PACT: on its first batch alpha = min(max |x|, 2.5) and q is quantize_uniform's to the bit; then a
+    static scale, with x's gradient straight through inside the clip and alpha's sum(dL/dq sign(x)) outside."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 5, generator=g) * 1.5
+    clip = qatkd.PACT()
+    assert torch.equal(clip(x, 8), qatkd.quantize_uniform(x, 8))
+    assert clip.alpha.item() == min(x.abs().max().item(), qatkd.CLIP)
+    x2 = (torch.randn(4, 6, 5, generator=g) * 3).requires_grad_()
+    w = torch.randn(4, 6, 5, generator=g)
+    (clip(x2, 4) * w).sum().backward()
+    a, xr = clip.alpha.detach().clone().requires_grad_(), x2.detach().clone().requires_grad_()
+    ref = torch.where(xr.abs() < a, xr, xr.sign() * a)  # clamp(x, -alpha, alpha), differentiable in alpha
+    s = 7 / a.detach()
+    assert torch.equal(clip(x2.detach(), 4), torch.round(ref.detach() * s) / s)
+    assert (xr.abs() >= a).any() and (xr.abs() < a).any()
+    (ref * w).sum().backward()  # PACT's estimator: the rounding passes gradients straight through
+    assert torch.equal(x2.grad, xr.grad) and torch.equal(x2.grad, torch.where(xr.abs() < a.detach(), w, 0.0))
+    assert torch.allclose(clip.alpha.grad, a.grad, rtol=1e-6) and clip.alpha.grad != 0
+
+
+@pytest.mark.parametrize("arch", list(FAMILY_CONFIGS))
+def test_learned_clips_in_every_family(arch, tmp_path):
+    """act_scale="learned": every QuantLinear its own PACT clip, set by the first batch (where the student
+    computes what the paper's per-batch student does, bit for bit); trained (alpha gets gradients, no decay);
+    saved and reloaded (student/ and student_packed/, fake backend) with its clips; refused where it cannot run."""
+    task = data.TASKS["mrpc"]
+    model_dir = write_tiny_model(tmp_path / arch, arch, dropout=0.0)
+    torch.manual_seed(0)
+    teacher, tok, _ = models.load_teacher(str(model_dir), task)
+    b = family_batch(tok)
+    student = qatkd.quantize_student(teacher.eval(), 2, 8, act_scale="learned").eval()
+    linears = [m for m in student.modules() if isinstance(m, qatkd.QuantLinear)]
+    clips = [m.act_quant for m in linears]
+    assert all(isinstance(c, qatkd.PACT) for c in clips) and len({id(c) for c in clips}) == len(linears)
+    with torch.no_grad():
+        first = student(**b).logits
+    per_batch = qatkd.quantize_student(teacher, 2, 8).eval()(**b).logits
+    # ALBERT's one layer runs N times: its clips are set by its first call and hold for the others
+    assert torch.equal(first, per_batch) != (arch == "albert")
+    assert all(0 < c.alpha.item() <= qatkd.CLIP for c in clips)
+    other = {k: v.flip(0) for k, v in b.items()}  # other batches: static clips, not the batch's max
+    cfg = qatkd.TrainConfig(lr=1e-3)
+    opt, _ = qatkd.make_optimizer(student, cfg, 10)
+    assert all(any(p is c.alpha for p in grp["params"]) == (grp["weight_decay"] == 0) for c in clips[:1]
+               for grp in opt.param_groups)
+    student.train()
+    loss = torch.nn.functional.cross_entropy(student(**other).logits, torch.tensor([0, 1, 1]))
+    loss.backward()
+    assert sum(c.alpha.grad.abs().item() > 0 for c in clips) > len(clips) // 2
+    opt.step()
+    student.eval()
+    with torch.no_grad():
+        logits = student(**other).logits
+    models.save_student(student, tmp_path / "student", tok)
+    export.export_quantized(student, tmp_path / "packed", tok)
+    for path, load in ((tmp_path / "student", models.load_student), (tmp_path / "packed", export.load_quantized)):
+        assert models.deploy_act_scale(path) == "learned"
+        with torch.no_grad():
+            assert torch.equal(load(path).eval()(**other).logits, logits), path
+        with pytest.raises(ValueError, match="was trained with act_scale learned, not servable with act_scale example"):
+            load(path, act_scale="example")
+    with pytest.raises(ValueError, match="only the fake backend runs"):
+        export.load_quantized(tmp_path / "packed", "int8")
+    export.export_quantized(qatkd.quantize_student(teacher, 2, 8), tmp_path / "batch", tok)
+    with pytest.raises(ValueError, match="no learned clips"):
+        export.load_quantized(tmp_path / "batch", act_scale="learned")
 
 
 def test_bad_bit_widths(tiny_dir):
@@ -1439,6 +1509,14 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
                    "--eval_every", "0"])
     ti_log = (out / "mrpc-map-w2a8-seed42-lr0.001-tioutput2" / "log.jsonl").read_text().splitlines()
     assert m3["steps"] == 5 and [json.loads(r).get("ti") for r in ti_log if '"loss"' in r] == ["output"] * 2 + [None] * 3
+    # learned activation clips (PACT): their own folder; the saved student and its export reproduce the last score
+    m4 = run.main([*map(str, common), "--kd", "map", "--act_scale", "learned", "--max_steps", "3", "--eval_every", "0"])
+    learned = out / "mrpc-map-w2a8-seed42-lr0.001-actlearned"
+    assert data.evaluate(models.load_student(learned / "student"), data.TASKS["mrpc"], dev, 8) == m4["last"]
+    assert run.main(["--eval_export", str(learned / "student_packed"), "--backend", "fake", "--task", "mrpc",
+                     "--data_dir", str(ds), "--batch_size", "8"])["metrics"] == m4["last"]
+    p = run_py("--eval_export", learned / "student_packed", "--task", "mrpc", "--data_dir", ds)
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].endswith("pass backend fake (--backend fake)")
     p = run_py(*common, "--kd", "map", "--epochs", "2")
     assert p.returncode != 0 and "already holds a run; pass --resume to continue it, --overwrite" in p.stderr
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics  # nothing lost
@@ -2252,7 +2330,7 @@ def test_help_imports_no_torch_and_offers_what_the_modules_define():
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
     assert run.TASKS == tuple(data.TASKS) and run.KD_MODES == qatkd.KD_MODES
     assert run.WEIGHT_BITS == qatkd.WEIGHT_BITS and run.OPTIMIZERS == qatkd.OPTIMIZERS
-    assert run.TI_MODES == qatkd.TI_MODES
+    assert run.TI_MODES == qatkd.TI_MODES and run.ACT_SCALES == qatkd.ACT_SCALES
     assert all(getattr(qatkd.TrainConfig, k) == v for k, v in run.PAPER.items())
 
 
