@@ -680,6 +680,12 @@ class OnnxStudent:
     def weight_bytes(self):
         """Bytes of the initializers ONNX Runtime holds after its graph optimizations (the student's packed
         codes unpacked, constants folded), before its kernels prepack them."""
+        import onnx
+
+        return sum(onnx.numpy_helper.to_array(t).nbytes for t in self.optimized_graph().initializer)
+
+    def optimized_graph(self, disabled=ORT_DISABLED_OPTIMIZERS):
+        """The graph ONNX Runtime runs after its graph optimizations (less those disabled), as an onnx GraphProto."""
         import tempfile
 
         import onnx
@@ -689,10 +695,9 @@ class OnnxStudent:
             self.options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             self.options.log_severity_level = 3  # not the note that the optimized graph suits this CPU only
             ort.InferenceSession(str(self.file), self.options, providers=["CPUExecutionProvider"],
-                                 disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
+                                 disabled_optimizers=disabled)
             self.options.optimized_model_filepath = ""
-            graph = onnx.load(str(Path(tmp) / "optimized.onnx")).graph
-        return sum(onnx.numpy_helper.to_array(t).nbytes for t in graph.initializer)
+            return onnx.load(str(Path(tmp) / "optimized.onnx")).graph
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         if token_type_ids is None:  # as transformers does: all segment 0
