@@ -36,12 +36,14 @@ RECIPE_TAGS = (("lr", 2e-5, "lr"), ("epochs", 3.0, "ep"))
 
 def recipe_suffix(args):
     """-lrX and -epN for a learning rate or a number of epochs other than the paper's (2e-5, 3); -tiMODESTEPS
-    with Teacher Intervention; -actexample or -actlearned for per-example or learned activation scales; -trainN for a training subset."""
+    with Teacher Intervention; -actexample or -actlearned for per-example or learned activation scales; -trainN for a
+    training subset; -augN for TinyBERT's data augmentation."""
     return ("".join(f"-{tag}{getattr(args, name):g}" for name, default, tag in RECIPE_TAGS
                     if getattr(args, name) != default)
             + (f"-ti{args.ti}{args.ti_steps}" if getattr(args, "ti", None) else "")
             + (f"-act{args.act_scale}" if getattr(args, "act_scale", None) in ("example", "learned") else "")
-            + (f"-train{args.train_examples}" if getattr(args, "train_examples", None) else ""))
+            + (f"-train{args.train_examples}" if getattr(args, "train_examples", None) else "")
+            + (f"-aug{args.augment}" if getattr(args, "augment", None) else ""))
 
 
 def default_run_name(args):
@@ -133,6 +135,12 @@ def setup(args, check_run=True):
         teacher_path = str(cache)
     teacher.to(args.device)
     pad_id = tokenizer.pad_token_id or 0
+    if getattr(args, "augment", None):  # QAT only: the teacher has been fine-tuned on the original data
+        import augment
+
+        examples["train"] = augment.augmented_train(examples["train"], args.augment, args.augment_mlm,
+                                                    args.augment_vectors, Path(args.output_dir) / "augmented",
+                                                    runtime.progress_bar)
     train = data.tokenize(examples["train"], tokenizer, args.max_len)
     dev = {k: data.tokenize(v, tokenizer, args.max_len) for k, v in examples.items() if k != "train"}
     env = Setup(task, teacher, tokenizer, teacher_path, train, dev, pad_id, {})

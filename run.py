@@ -93,6 +93,15 @@ def build_parser():
     g.add_argument("--train_examples", type=int, default=None, metavar="N",
                    help="train on a fixed random subset of N training examples (the same for every run and the "
                         "teacher; runs named -trainN). Default: all")
+    g.add_argument("--augment", type=int, default=None, metavar="N",
+                   help="TinyBERT's data augmentation for QAT (the teacher trains on the original data): up to N "
+                        "word-replaced variants of each text (TinyBERT: 20-30), made once with --augment_mlm and "
+                        "kept in OUTPUT_DIR/augmented; runs named -augN. Default: none")
+    g.add_argument("--augment_mlm", default=None, metavar="DIR",
+                   help="local BERT-style (WordPiece) masked LM that proposes replacements of one-piece words")
+    g.add_argument("--augment_vectors", default=None, metavar="FILE",
+                   help="GloVe-format word vectors that propose replacements of words of several pieces "
+                        "(without them such words stay)")
     g = p.add_argument_group("your own data (instead of --task): text classification or regression")
     g.add_argument("--train_file", default=None, help="training data: .csv, .tsv, .json or .jsonl")
     g.add_argument("--validation_file", default=None, help="dev data, same columns as --train_file")
@@ -217,9 +226,10 @@ def parse_args(argv=None):
     if not (2 <= args.abits <= 16 or args.abits == 32):
         p.error(f"--abits {args.abits} is out of range; use 2..16, or 32 for full precision")
     for name in ("batch_size", "max_len", "eval_every", "max_steps", "save_every", "rank_samples", "bench_steps",
-                 "bench_warmup", "serving_rounds", "train_examples"):
+                 "bench_warmup", "serving_rounds", "train_examples", "augment"):
         v = getattr(args, name)
-        least = 1 if name in ("batch_size", "max_len", "bench_steps", "serving_rounds", "train_examples") else 0
+        least = 1 if name in ("batch_size", "max_len", "bench_steps", "serving_rounds", "train_examples",
+                              "augment") else 0
         if v is not None and v < least:
             p.error(f"--{name} must be at least {least}, got {v}")
     for name in ("epochs", "lr", "teacher_epochs", "teacher_lr"):  # a step size or a length: positive
@@ -242,6 +252,14 @@ def parse_args(argv=None):
         p.error("--ti_steps is the length of Teacher Intervention's first phase: pass --ti too")
     if args.ti_steps is not None and args.ti_steps < 1:
         p.error(f"--ti_steps must be at least 1, got {args.ti_steps}")
+    if bool(args.augment) != bool(args.augment_mlm):
+        p.error("--augment N and --augment_mlm DIR go together (the masked LM proposes the replacements)")
+    if args.augment_vectors and not args.augment:
+        p.error("--augment_vectors goes with --augment N and --augment_mlm DIR")
+    for name in ("augment_mlm", "augment_vectors"):
+        v = getattr(args, name)
+        if v and not Path(v).exists():
+            p.error(f"--{name} {v}: no such {'file' if name == 'augment_vectors' else 'folder'}")
     if not 0 <= args.warmup < 1:
         p.error(f"--warmup is the fraction of steps that warm up: 0 or more and below 1, got {args.warmup:g}")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():

@@ -2269,6 +2269,111 @@ def test_train_examples_is_a_fixed_subset(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # before any work
 
 
+def write_tiny_mlm(d):
+    """A tiny random BERT masked LM whose WordPiece vocabulary splits 'dogs' and 'movies' into two pieces."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ["##s", "##ly", "cats"]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertForMaskedLM(config).save_pretrained(d)
+    BertTokenizerFast(str(d / "vocab.txt")).save_pretrained(d)
+    return d
+
+
+def test_tinybert_augmentation_proposes_and_replaces_as_its_algorithm(tmp_path):
+    """augment: candidates of each non-stop word from the masked LM (one piece: its top 15 at the masked word,
+    '##' pieces dropped, computed here one row at a time) or the word vectors (several pieces: nearest by
+    cosine); variants differ from the text only there, by candidates; pairs augment each text in turn."""
+    import numpy as np
+
+    import augment
+
+    mlm, tok = augment.load_mlm(write_tiny_mlm(tmp_path / "mlm"))
+    rng = np.random.default_rng(0)
+    names = ["dogs", "movies", "cats", "film", "mat", "red"]
+    table = rng.normal(size=(len(names), 4))
+    (tmp_path / "glove.txt").write_text("".join(f"{w} {' '.join(map(str, v))}\n" for w, v in zip(names, table)))
+    vectors = augment.load_word_vectors(tmp_path / "glove.txt")
+    text = "The dogs sat on the mat, very good movies!"
+    words = augment.words_of(text, tok)
+    assert words == ["the", "dogs", "sat", "on", "the", "mat", ",", "very", "good", "movies", "!"]
+    got = augment.candidates(words, mlm, tok, vectors)
+    assert sorted(got) == [1, 2, 5, 8, 9]  # not stop words (the, on, very), not punctuation
+    pieces = [p for w in words for p in tok.tokenize(w)]
+    for i in (2, 5, 8):  # one piece each: the masked LM, TinyBERT's input built here independently
+        masked = list(pieces)
+        masked[pieces.index(words[i])] = "[MASK]"
+        ids = tok.convert_tokens_to_ids(["[CLS]"] + masked + ["[SEP]"] + pieces + ["[SEP]"])
+        segments = [0] * (len(pieces) + 2) + [1] * (len(pieces) + 1)
+        with torch.no_grad():
+            logits = mlm(input_ids=torch.tensor([ids]), token_type_ids=torch.tensor([segments])).logits
+        top = tok.convert_ids_to_tokens(logits[0, 1 + pieces.index(words[i])].topk(15).indices.tolist())
+        assert got[i] == [t for t in top if not t.startswith("##")] and len(got[i]) < 15  # '##s', '##ly' dropped
+    unit = table / np.linalg.norm(table, axis=1, keepdims=True)
+    for i in (1, 9):  # two pieces each: the word vectors
+        sim = unit @ unit[names.index(words[i])]
+        assert got[i] == [names[j] for j in np.argsort(-sim) if names[j] != words[i]]
+    assert augment.candidates(words, mlm, tok)[1] == ["dogs"]  # without vectors: the word itself
+    variants = augment.augment_text(text, mlm, tok, vectors, n=30, rng=random.Random(0))
+    assert variants[0] == text and 1 < len(variants) <= 31 and len(set(variants)) == len(variants)
+    for v in variants[1:]:
+        new = v.split(" ")
+        assert len(new) == len(words) and new != words
+        assert all(a == b or (i in got and a in got[i]) for i, (a, b) in enumerate(zip(new, words)))
+    pairs = [("good dogs sat", "a red cat", 1), ("bad film", "the mat", 0)]
+    out = augment.augment_examples(pairs, mlm, tok, vectors, n=3, seed=5)
+    assert out == augment.augment_examples(pairs, mlm, tok, vectors, n=3, seed=5)  # seeded
+    first = out[:out.index(pairs[1])]
+    assert first[0] == pairs[0] and all(e[2] == 1 for e in first)
+    a_side = [e for e in first[1:] if e[1] == "a red cat"]
+    assert a_side and first[1:len(a_side) + 1] == a_side  # text_a's variants first, then text_b's with text_a
+    assert all(e[0] == "good dogs sat" and e[1] != "a red cat" for e in first[len(a_side) + 1:])
+    (tmp_path / "bad.txt").write_text("dogs 0.1 0.2\ncats 0.3 x\n")
+    with pytest.raises(ValueError, match="bad.txt:2: not 'word x1 ... xd' with numbers"):
+        augment.load_word_vectors(tmp_path / "bad.txt")
+    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    word_level = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(["[UNK]", "[MASK]"] + WORDS)}, "[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=word_level, mask_token="[MASK]").save_pretrained(tmp_path / "mlm")
+    (tmp_path / "mlm" / "vocab.txt").unlink()
+    with pytest.raises(ValueError, match="needs a WordPiece masked LM"):
+        augment.load_mlm(tmp_path / "mlm")
+
+
+def test_run_py_augment_trains_qat_on_the_augmented_set(tmp_path, tiny_dir):
+    """--augment N --augment_mlm DIR: QAT on the augmented training set (made once, then reused), the teacher
+    on the original data; the run folder says so (-augN); the flags are checked before any work."""
+    import run
+
+    ds = write_tiny_mrpc(tmp_path / "MRPC", 16, 8)
+    mlm, out = write_tiny_mlm(tmp_path / "mlm"), tmp_path / "runs"
+    common = ["--task", "mrpc", "--teacher", str(tiny_dir), "--data_dir", str(ds), "--output_dir", str(out),
+              "--batch_size", "8", "--teacher_epochs", "1", "--max_steps", "2", "--eval_every", "0"]
+    plain = run.main(common)
+    m = run.main(common + ["--augment", "2", "--augment_mlm", str(mlm)])
+    assert m["teacher"] == plain["teacher"]  # the same cached teacher, fine-tuned on the original data
+    made = list((out / "augmented").glob("train-aug2-*.jsonl"))
+    assert len(made) == 1 and (out / "mrpc-map-w2a8-seed42-aug2" / "metrics.json").is_file()
+    rows = [json.loads(line) for line in made[0].read_text().splitlines()]
+    assert 16 < len(rows) <= 16 * 5 and sum(r[:2] == [a, b] for r in rows for a, b, _ in
+                                             data.load_glue(data.TASKS["mrpc"], ds)["train"]) == 16
+    p = run_py(*common, "--augment", "2", "--augment_mlm", mlm, "--seed", "7")
+    assert p.returncode == 0 and "reusing the augmented training set" in p.stdout, p.stderr[-2000:]
+    for argv, message in ((["--augment", "2"], "--augment N and --augment_mlm DIR go together"),
+                          (["--augment", "2", "--augment_mlm", str(tmp_path / "none")], "no such folder"),
+                          (["--augment", "0", "--augment_mlm", str(mlm)], "--augment must be at least 1")):
+        p = run_py(*common, *argv, "--run_name", "refused")
+        assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert not (out / "refused").exists()
+
+
 def test_readme_flag_table_matches_help():
     """README's Flags table lists exactly the flags of run.py --help (not the hidden internal ones)."""
     import argparse
