@@ -139,7 +139,9 @@ def export_quantized(student, path, tokenizer=None):
     return sizes
 
 
-CLIP_SUFFIX = ".act_quant.alpha"  # the state-dict keys of a student's PACT clips (act_scale "learned")
+def is_clip(key):
+    """Whether a state-dict key is a PACT clip's alpha (act_scale "learned"): a Linear's or an attention's."""
+    return key.endswith(".alpha") and (key.endswith(".act_quant.alpha") or ".quantize_act." in key)
 
 
 def trained_act_scale(path):
@@ -162,9 +164,9 @@ def check_act_scale(trained, act_scale, path):
 
 
 def load_clips(student, tensors, path):
-    """Load a student's PACT clips (the CLIP_SUFFIX entries of tensors, a state dict); each must be there."""
-    clips = {k: v for k, v in tensors.items() if k.endswith(CLIP_SUFFIX)}
-    missing = [k for k in student.load_state_dict(clips, strict=False).missing_keys if k.endswith(CLIP_SUFFIX)]
+    """Load a student's PACT clips (the is_clip entries of tensors, a state dict); each must be there."""
+    clips = {k: v for k, v in tensors.items() if is_clip(k)}
+    missing = [k for k in student.load_state_dict(clips, strict=False).missing_keys if is_clip(k)]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} of the student's learned clips ({missing[0]}, ...)")
     return student
@@ -215,7 +217,7 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
                          "relative-position embeddings share the Linear layers of the tokens); use act_scale batch")
     if backend == "int8" and abits > 8:
         raise ValueError(f"the int8 backend needs activations of 8 bits or fewer; this student has {abits}")
-    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale", CLIP_SUFFIX))}
+    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale")) and not is_clip(k)}
     codes = {key: unpack_bits(tensors[key + ".codes"], wbits, math.prod(shape)).reshape(shape)
              for key, shape in meta["shapes"].items()}
     if backend == "fake":
@@ -256,8 +258,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
         else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training
             qatkd.use_qatkd_attention(student)
             for m in qatkd.self_attention_modules(student):
-                m.quantize_act = ((lambda t: qatkd.quantize_uniform(t, abits)) if tokens is None else
-                                  (lambda t: qatkd.quantize_per_example(t, abits, tokens["mask"])))
+                m.quantize_act = ((lambda t, _which: qatkd.quantize_uniform(t, abits)) if tokens is None else
+                                  (lambda t, _which: qatkd.quantize_per_example(t, abits, tokens["mask"])))
     student.qatkd_bits = {"wbits": wbits, "abits": abits, "act_scale": act_scale}
     return student.eval()
 

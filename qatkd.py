@@ -8,7 +8,8 @@ A reference implementation of
 
 This file is the method and only the method, top to bottom in data-flow order:
 
-    1. quantizers              ternary, binary and uniform k-bit, with the clipped straight-through estimator
+    1. quantizers              ternary, binary and uniform k-bit, with the clipped straight-through estimator;
+                               PACT's learned activation clip
     2. quantized modules       QuantLinear, QuantEmbedding, the quantized self-attention
     3. student and internals   FAMILIES (one row per encoder family), quantize_student, forward_internals
     4. KD losses               prediction, hidden states, attention scores (TernaryBERT), attention map
@@ -175,6 +176,17 @@ class PACT(nn.Module):
         return f"alpha={self.alpha.item():.4g}"
 
 
+class AttentionClips(nn.ModuleDict):
+    """One PACT clip for each of self-attention's quantized tensors: clips(t, which), which in "q", "k", "v", "p"."""
+
+    def __init__(self, bits, device=None):
+        super().__init__({which: PACT(device) for which in "qkvp"})
+        self.bits = bits
+
+    def forward(self, t, which):
+        return self[which](t, self.bits)
+
+
 class PactSTE(torch.autograd.Function):
     """PACT's quantizer and straight-through gradients (above): forward(x, alpha, bits) -> q."""
 
@@ -260,7 +272,8 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
 
     Called through transformers' attention interface (use_qatkd_attention); teacher and student both
     use it. query, key, value: [B, H, S, d_h]; attention_mask: additive [B, 1, S, S] or None.
-    module.quantize_act is Q_a (set by quantize_student; absent in a teacher: no quantization):
+    module.quantize_act(t, which) is Q_a of Q, K, V or P (which: "q", "k", "v", "p"; set by quantize_student;
+    absent in a teacher: no quantization):
         Q, K, V <- Q_a(Q), Q_a(K), Q_a(V)
         A = Q K^T / sqrt(d_h)                  scores                            [B, H, S, S]
         P = softmax(A + mask)                  attention map                     [B, H, S, S]
@@ -270,14 +283,14 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     student's own, for the losses. While forward_internals runs, (A, P, C) are recorded: the scores
     without the additive mask, the map before dropout and quantization. Returns (C as [B, S, H, d_h], P).
     """
-    quant = getattr(module, "quantize_act", None) or (lambda t: t)
+    quant = getattr(module, "quantize_act", None) or (lambda t, _: t)
     mode, teacher = getattr(module, "qatkd_feed", (None, None))
-    q, k, v = quant(query), quant(key), quant(value)
+    q, k, v = quant(query, "q"), quant(key, "k"), quant(value, "v")
     scaling = q.size(-1) ** -0.5 if scaling is None else scaling
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
     used = next(teacher) if mode == "map" else probs  # Teacher Intervention "map": the teacher's P_t
-    ctx = torch.matmul(quant(F.dropout(used, p=dropout, training=module.training)), v)
+    ctx = torch.matmul(quant(F.dropout(used, p=dropout, training=module.training), "p"), v)
     ctx = next(teacher) if mode == "context" else ctx  # Teacher Intervention "context": the teacher's C_t
     record_attention(module, scores, probs, ctx)
     return ctx.transpose(1, 2).contiguous(), probs
@@ -310,11 +323,11 @@ def deberta_attention(module, hidden_states, attention_mask, output_attentions=F
     """
     from transformers.models.deberta_v2.modeling_deberta_v2 import scaled_size_sqrt
 
-    quant, heads = getattr(module, "quantize_act", None) or (lambda t: t), module.num_attention_heads
+    quant, heads = getattr(module, "quantize_act", None) or (lambda t, _: t), module.num_attention_heads
     query_states = hidden_states if query_states is None else query_states
-    q = quant(module.transpose_for_scores(module.query_proj(query_states), heads))
-    k = quant(module.transpose_for_scores(module.key_proj(hidden_states), heads))
-    v = quant(module.transpose_for_scores(module.value_proj(hidden_states), heads))
+    q = quant(module.transpose_for_scores(module.query_proj(query_states), heads), "q")
+    k = quant(module.transpose_for_scores(module.key_proj(hidden_states), heads), "k")
+    v = quant(module.transpose_for_scores(module.value_proj(hidden_states), heads), "v")
     scale_factor = 1 + ("c2p" in module.pos_att_type) + ("p2c" in module.pos_att_type)
     scores = torch.bmm(q, k.transpose(-1, -2) / scaled_size_sqrt(q, scale_factor).to(dtype=q.dtype))
     if module.relative_attention:
@@ -324,7 +337,7 @@ def deberta_attention(module, hidden_states, attention_mask, output_attentions=F
     probs = torch.softmax(scores.masked_fill(~attention_mask.bool(), torch.finfo(q.dtype).min), dim=-1)
     mode, teacher = getattr(module, "qatkd_feed", (None, None))  # Teacher Intervention, as in qat_attention
     dropped = F.dropout(next(teacher) if mode == "map" else probs, p=module.dropout.p, training=module.training)
-    ctx = torch.matmul(quant(dropped.view(-1, probs.size(-2), probs.size(-1))), v)  # [B*H, S, d_h]
+    ctx = torch.matmul(quant(dropped.view(-1, probs.size(-2), probs.size(-1)), "p"), v)  # [B*H, S, d_h]
     ctx = next(teacher) if mode == "context" else ctx.view(probs.shape[:-1] + ctx.shape[-1:])  # [B, H, S, d_h]
     record_attention(module, scores, probs, ctx)
     ctx = ctx.permute(0, 2, 1, 3).contiguous()
@@ -452,9 +465,9 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
     act_quant(x, bits): the activation quantizer of every Linear input and of Q, K, V, P. act_scale
     "batch": its scale per tensor over the whole batch, padding included (the original's); "example":
     quantize_per_example, the batch's attention_mask taken from each call; "learned": each Linear's
-    input through its own PACT clip (a static scale; alpha set by the first batch the student sees; ALBERT's
-    shared layer: by its first call, for all N),
-    Q, K, V and P per tensor as "batch" (their ranges differ by head and input). The latent weights start as
+    input, and each attention's Q, K, V and P, through its own PACT clip (static scales, so an answer
+    does not depend on its batch; each alpha set by the first batch the student sees; ALBERT's shared
+    layer: by its first call, for all N). The latent weights start as
     the teacher's; with wbits = abits = 32 the student computes what the teacher does.
     """
     if wbits not in WEIGHT_BITS:
@@ -489,7 +502,8 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
     student.set_input_embeddings(qemb)
     for m in self_attention_modules(student):
         # DEVIATION (activation bits): abits governs Q, K, V and P too; the original always quantizes those to 8 bits
-        m.quantize_act = None if abits == 32 else (lambda t, bits=abits: act_quant(t, bits))
+        m.quantize_act = (None if abits == 32 else AttentionClips(abits, emb.weight.device)
+                          if act_scale == "learned" else (lambda t, _which=None, bits=abits: act_quant(t, bits)))
     student.qatkd_bits = {"wbits": wbits, "abits": abits, "act_scale": act_scale}
     return student
 

@@ -586,8 +586,9 @@ def test_pact_clip_quantizes_and_learns_as_its_formula():
 
 @pytest.mark.parametrize("arch", list(FAMILY_CONFIGS))
 def test_learned_clips_in_every_family(arch, tmp_path):
-    """act_scale="learned": every QuantLinear its own PACT clip, set by the first batch (where the student
-    computes what the paper's per-batch student does, bit for bit); trained (alpha gets gradients, no decay);
+    """act_scale="learned": every QuantLinear and each attention's Q, K, V and P its own PACT clip, set by the
+    first batch (where the student computes what the paper's per-batch student does, bit for bit); an example's
+    logits then do not depend on its batch; trained (alpha gets gradients, no decay);
     saved and reloaded (student/ and student_packed/, fake backend) with its clips; refused where it cannot run."""
     task = data.TASKS["mrpc"]
     model_dir = write_tiny_model(tmp_path / arch, arch, dropout=0.0)
@@ -596,8 +597,10 @@ def test_learned_clips_in_every_family(arch, tmp_path):
     b = family_batch(tok)
     student = qatkd.quantize_student(teacher.eval(), 2, 8, act_scale="learned").eval()
     linears = [m for m in student.modules() if isinstance(m, qatkd.QuantLinear)]
-    clips = [m.act_quant for m in linears]
-    assert all(isinstance(c, qatkd.PACT) for c in clips) and len({id(c) for c in clips}) == len(linears)
+    attention = [m.quantize_act for m in qatkd.self_attention_modules(student)]
+    clips = [m.act_quant for m in linears] + [c for a in attention for c in a.values()]
+    assert len(attention) == (1 if arch == "albert" else teacher.config.num_hidden_layers)
+    assert all(isinstance(c, qatkd.PACT) for c in clips) and len({id(c) for c in clips}) == len(linears) + 4 * len(attention)
     with torch.no_grad():
         first = student(**b).logits
     per_batch = qatkd.quantize_student(teacher, 2, 8).eval()(**b).logits
@@ -605,6 +608,10 @@ def test_learned_clips_in_every_family(arch, tmp_path):
     assert torch.equal(first, per_batch) != (arch == "albert")
     assert all(0 < c.alpha.item() <= qatkd.CLIP for c in clips)
     other = {k: v.flip(0) for k, v in b.items()}  # other batches: static clips, not the batch's max
+    with torch.no_grad():
+        alone = torch.cat([student(**{k: v[i:i + 1, :int(n)] for k, v in other.items()}).logits
+                           for i, n in enumerate(other["attention_mask"].sum(-1))])
+        assert torch.allclose(student(**other).logits, alone, atol=1e-5)
     cfg = qatkd.TrainConfig(lr=1e-3)
     opt, _ = qatkd.make_optimizer(student, cfg, 10)
     assert all(any(p is c.alpha for p in grp["params"]) == (grp["weight_decay"] == 0) for c in clips[:1]
@@ -1566,7 +1573,8 @@ def test_int8_attention_quantizes_as_training_does(per_example):
         codes = export.quantize_codes((t * s).clamp(lo, n), lo == 0)
         assert codes.dtype == (torch.uint8 if lo == 0 else torch.int8)
         assert torch.equal(codes.float() / s, fake(t))
-    module = types.SimpleNamespace(training=False, quantize_act=fake, qatkd_int8=(n, (lambda: tokens) if per_example else None))
+    module = types.SimpleNamespace(training=False, quantize_act=lambda t, _which: fake(t),
+                                   qatkd_int8=(n, (lambda: tokens) if per_example else None))
     q, k, v = torch.randn(3, B, H, S, X).unbind()
     additive = (1.0 - tokens[:, None, None, :].float()) * torch.finfo(torch.float32).min
     got, got_p = export.int8_attention(module, q, k, v, additive)
