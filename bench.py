@@ -422,7 +422,7 @@ def serving(args, argv=()):
     run = Path(args.serving)
     teacher, packed = serving_inputs(run)
     teacher_onnx(teacher, run / "serving" / "teacher")
-    export.export_onnx(packed, run / "serving" / "student", act_scale="example")
+    export.export_onnx(packed, run / "serving" / "student", act_scale=models.deploy_act_scale(packed))
     rounds, child = {name: [] for name in SERVING}, [sys.executable, str(Path(__file__).resolve().with_name("run.py")),
                                                      *argv, "--serving_model"]
     todo = [(name, kind) for _ in range(args.serving_rounds) for name, kind in SERVING.items()]
@@ -472,7 +472,7 @@ def serving_model(args):
     if kind == "teacher-pytorch":
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     elif kind == "student-int8":
-        model = export.load_quantized(folder, "int8", act_scale="example")
+        model = export.load_quantized(folder, "int8", act_scale=models.deploy_act_scale(folder))
     else:
         model = export.OnnxStudent(folder, threads=torch.get_num_threads(), file=file.name)
     if not args.task and not args.train_file and not args.dataset:  # --validation_file alone: classes by name

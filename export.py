@@ -208,9 +208,6 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     if act_scale not in qatkd.ACT_SCALES:
         raise ValueError(f"unknown activation scale {act_scale!r}; use one of {qatkd.ACT_SCALES}")
     check_act_scale(meta.get("act_scale", "batch"), act_scale, path)
-    if act_scale == "learned" and backend != "fake":
-        raise ValueError(f"{path} learned its activation clips (PACT), which only the fake backend runs so far (no "
-                         "int8 backend or ONNX graph); pass backend fake (--backend fake)")
     config = AutoConfig.from_pretrained(path)
     if act_scale == "example" and not qatkd.model_family(config).per_example:
         raise ValueError(f"per-example activation scales are not available for {config.model_type} (its "
@@ -244,7 +241,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
                 new = IntEmbedding(c, scale, wbits)
             else:
                 new = IntLinear(*signed_codes(c, scale, wbits), old.bias, abits,
-                                None if tokens is None else (lambda: tokens["mask"]), kernel, wbits)
+                                None if tokens is None else (lambda: tokens["mask"]), kernel, wbits,
+                                tensors.get(f"{name}.act_quant.alpha"))
             setattr(student.get_submodule(parent), child, new)
         if qatkd.model_family(config).interface:  # attention: int8_attention (P V in integers)
             from transformers import AttentionInterface
@@ -253,13 +251,19 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             AttentionInterface.register("qatkd_int8", int8_attention)
             AttentionMaskInterface.register("qatkd_int8", eager_mask)
             student.set_attn_implementation("qatkd_int8")
+            names = {id(m): name for name, m in student.named_modules()}
             for m in qatkd.self_attention_modules(student):
-                m.qatkd_int8 = (2 ** (abits - 1) - 1, None if tokens is None else (lambda: tokens["mask"]))
+                clips = ({w: tensors[f"{names[id(m)]}.quantize_act.{w}.alpha"] for w in "qkvp"}
+                         if act_scale == "learned" else None)
+                m.qatkd_int8 = (2 ** (abits - 1) - 1, None if tokens is None else (lambda: tokens["mask"]), clips)
         else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training
             qatkd.use_qatkd_attention(student)
             for m in qatkd.self_attention_modules(student):
-                m.quantize_act = ((lambda t, _which: qatkd.quantize_uniform(t, abits)) if tokens is None else
+                m.quantize_act = (qatkd.AttentionClips(abits) if act_scale == "learned" else
+                                  (lambda t, _which: qatkd.quantize_uniform(t, abits)) if tokens is None else
                                   (lambda t, _which: qatkd.quantize_per_example(t, abits, tokens["mask"])))
+            if act_scale == "learned":
+                load_clips(student, tensors, path)
     student.qatkd_bits = {"wbits": wbits, "abits": abits, "act_scale": act_scale}
     return student.eval()
 
@@ -420,7 +424,8 @@ class IntLinear(nn.Module):
     weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) are the activation's int8
     codes with exactly the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor,
     symmetric; per example over its real tokens when tokens, a function returning the batch's [B, S]
-    token mask, is given). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
+    token mask, is given; static, s_x = (2^(a-1) - 1) / alpha, with a learned PACT clip alpha, as
+    qatkd.PACT). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
     uint8 X_q + 128 and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its
     uint8 x int8 products are summed in pairs in int16 and could saturate for |W_q| > 64, so 8-bit
     weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs). Under torch.export (export_onnx,
@@ -428,13 +433,15 @@ class IntLinear(nn.Module):
     as graph ops around matmul_integer.
     """
 
-    def __init__(self, q, step, bias, abits=8, tokens=None, kernel=None, wbits=8):
+    def __init__(self, q, step, bias, abits=8, tokens=None, kernel=None, wbits=8, clip=None):
         # tokens is a function, not the mask holder itself: torch.export replaces dict attributes by copies
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.abits, self.step, self.tokens, self.wbits = abits, step, tokens, wbits
+        self.abits, self.step, self.wbits = abits, step, wbits
+        self.tokens = None if clip is not None else tokens  # a static scale needs no token mask
         self.kernel = kernel or int8_kernel(q.device)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("clip", None if clip is None else clip.detach().to(q.device, torch.float32).clone())
         if self.kernel == "onnx":  # packed wbits codes (>= 0), unpacked by graph ops that ONNX Runtime folds at load
             unsigned = (q.to(torch.int16) + SIGNED_OFFSET[wbits]) // (1 + (wbits == 1))
             self.register_buffer("codes", pack_bits(unsigned, wbits))
@@ -451,14 +458,17 @@ class IntLinear(nn.Module):
         n = 2 ** (self.abits - 1) - 1
         tokens = None if self.tokens is None else self.tokens()
         if torch.compiler.is_exporting():  # ONNX: graph ops, MatMulInteger for X_q W_q^T
-            s = activation_scale(x, n, tokens)
+            s = activation_scale(x, n, tokens) if self.clip is None else n / self.clip.to(x.dtype)
             xs, w = (x * s).clamp(-n, n), self.weight_codes().t()  # X_q = round(xs)
             if tokens is None:
                 y = matmul_integer(xs, w, self.step / s, self.wbits > 4)
             else:  # * c, then / s_x, as below (c / s_x of shape [B, 1, 1] is no scalar)
                 y = matmul_integer(xs, w, x.new_tensor(self.step), self.wbits > 4) / s
             return y if self.bias is None else y + self.bias
-        if tokens is None:
+        if self.clip is not None:
+            s = float(n / self.clip.to(x.dtype))  # static: PACT's scale, in x's precision
+            factor = self.step / s
+        elif tokens is None:
             lo, hi = torch.aminmax(x)
             m = float(torch.maximum(-lo, hi))
             s = n / max(min(m, CLIP), n * torch.finfo(x.dtype).tiny)  # the activation quantizer's scale, per tensor
@@ -497,7 +507,7 @@ class IntLinear(nn.Module):
         return q.to(torch.int8).reshape(self.out_features, -1)
 
     def extra_repr(self):
-        scale = "per tensor" if self.tokens is None else "per example"
+        scale = "learned clip" if self.clip is not None else "per tensor" if self.tokens is None else "per example"
         return f"in_features={self.in_features}, out_features={self.out_features}, abits={self.abits}, {scale}, {self.kernel}"
 
 
@@ -555,25 +565,26 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     Teacher Intervention), with P V summed in integers.
 
     query, key, value: [B, H, S, d_h]; attention_mask: additive [B, 1, S, S] or None. module.qatkd_int8 is
-    (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask, or None for per-tensor scales).
+    (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask, or None for per-tensor scales[, the
+    learned PACT clips {"q", "k", "v", "p": alpha}: static scales n / alpha]).
         Q, K <- Q_a(Q), Q_a(K)                      fake-quantized: codes / s, the values qat_attention uses
         P = softmax(Q K^T / sqrt(d_h) + mask)
         C = (P_q V_q) / s_P / s_V                  P_q in [0, n], V_q in [-n, n]: the codes of Q_a(P), Q_a(V)
     C is qat_attention's Q_a(P) Q_a(V) with its sum exact (integers) instead of rounded in float.
     Returns (C as [B, S, H, d_h], P).
     """
-    n, tokens = module.qatkd_int8
+    n, tokens, clips = (*module.qatkd_int8, None)[:3]
     tokens = None if tokens is None else tokens()
 
-    def codes(x, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
-        s = activation_scale(x, n, tokens)
+    def codes(x, which, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
+        s = activation_scale(x, n, tokens) if clips is None else float(n / clips[which].to(x.dtype))
         return quantize_codes((x * s).clamp(lo, n), lo == 0), s
 
-    (q, s_q), (k, s_k), (v, s_v) = codes(query), codes(key), codes(value)
+    (q, s_q), (k, s_k), (v, s_v) = codes(query, "q"), codes(key, "k"), codes(value, "v")
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     scores = torch.matmul(q.float() / s_q, (k.float() / s_k).transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
-    p, s_p = codes(probs, 0)
+    p, s_p = codes(probs, "p", 0)
     ctx = matmul_codes(p, v) / s_p / s_v
     qatkd.record_attention(module, scores, probs, ctx)  # forward_internals on a deployed student
     return ctx.transpose(1, 2).contiguous(), probs

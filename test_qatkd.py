@@ -589,7 +589,7 @@ def test_learned_clips_in_every_family(arch, tmp_path):
     """act_scale="learned": every QuantLinear and each attention's Q, K, V and P its own PACT clip, set by the
     first batch (where the student computes what the paper's per-batch student does, bit for bit); an example's
     logits then do not depend on its batch; trained (alpha gets gradients, no decay);
-    saved and reloaded (student/ and student_packed/, fake backend) with its clips; refused where it cannot run."""
+    saved and reloaded with its clips (student/, student_packed/ in both backends, ONNX); refused with other scales."""
     task = data.TASKS["mrpc"]
     model_dir = write_tiny_model(tmp_path / arch, arch, dropout=0.0)
     torch.manual_seed(0)
@@ -632,8 +632,20 @@ def test_learned_clips_in_every_family(arch, tmp_path):
             assert torch.equal(load(path).eval()(**other).logits, logits), path
         with pytest.raises(ValueError, match="was trained with act_scale learned, not servable with act_scale example"):
             load(path, act_scale="example")
-    with pytest.raises(ValueError, match="only the fake backend runs"):
-        export.load_quantized(tmp_path / "packed", "int8")
+    with torch.no_grad():  # the integer backend, to float rounding; its scales static too
+        int8 = export.load_quantized(tmp_path / "packed", "int8")
+        assert torch.allclose(int8(**other).logits, logits, atol=0.05), (int8(**other).logits - logits).abs().max()
+        assert torch.allclose(int8(**other).logits, torch.cat([int8(**{k: v[i:i + 1, :int(n)] for k, v in other.items()})
+                              .logits for i, n in enumerate(other["attention_mask"].sum(-1))]), atol=1e-5)
+    if arch == "bert":  # and ONNX: static scales, no reductions for them; the int8 backend's logits
+        import onnx
+
+        path = export.export_onnx(tmp_path / "packed", tmp_path / "onnx", act_scale="learned")
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert "ReduceMax" not in ops and ops.count("MatMulIntegerToFloat") == len(linears)
+        with torch.no_grad():
+            got = export.OnnxStudent(tmp_path / "onnx")(**other).logits
+        assert torch.allclose(got, int8(**other).logits, atol=1e-5), (got - int8(**other).logits).abs().max()
     export.export_quantized(qatkd.quantize_student(teacher, 2, 8), tmp_path / "batch", tok)
     with pytest.raises(ValueError, match="no learned clips"):
         export.load_quantized(tmp_path / "batch", act_scale="learned")
@@ -1522,8 +1534,9 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
     assert data.evaluate(models.load_student(learned / "student"), data.TASKS["mrpc"], dev, 8) == m4["last"]
     assert run.main(["--eval_export", str(learned / "student_packed"), "--backend", "fake", "--task", "mrpc",
                      "--data_dir", str(ds), "--batch_size", "8"])["metrics"] == m4["last"]
-    p = run_py("--eval_export", learned / "student_packed", "--task", "mrpc", "--data_dir", ds)
-    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].endswith("pass backend fake (--backend fake)")
+    p = run_py("--eval_export", learned / "student_packed", "--task", "mrpc", "--data_dir", ds, "--act_scale", "batch")
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].endswith("leave act_scale out: its learned clips "
+                                                                             "are its scales")
     p = run_py(*common, "--kd", "map", "--epochs", "2")
     assert p.returncode != 0 and "already holds a run; pass --resume to continue it, --overwrite" in p.stderr
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics  # nothing lost
