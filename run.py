@@ -69,9 +69,9 @@ def build_parser():
     g.add_argument("--act_scale", default=None, choices=ACT_SCALES,
                    help="activation scales: batch (one per tensor over the whole batch, padding included: the "
                         "original's), example (one per example over its real tokens: an answer that does not "
-                        "depend on its batch) or learned (each Linear's input clipped at a learned alpha, PACT: "
-                        "static scales, so an answer does not depend on its batch). Default: batch for training, example for "
-                        "--eval_export and --export_onnx (learned for a student trained so)")
+                        "depend on its batch) or learned (every activation clipped at its own learned alpha, PACT: "
+                        "static scales). Default: batch for training, example for --eval_export and --export_onnx "
+                        "(learned for a student trained so)")
     g.add_argument("--ti", default=None, choices=TI_MODES,
                    help="Teacher Intervention (Kim et al., EACL 2023): for the first --ti_steps steps the "
                         "teacher's attention outputs (output), contexts (context) or maps (map) replace the "
