@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import warnings
+from typing import Optional
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -251,11 +252,11 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             AttentionInterface.register("qatkd_int8", int8_attention)
             AttentionMaskInterface.register("qatkd_int8", eager_mask)
             student.set_attn_implementation("qatkd_int8")
-            names = {id(m): name for name, m in student.named_modules()}
+            names, n = {id(m): name for name, m in student.named_modules()}, 2 ** (abits - 1) - 1
             for m in qatkd.self_attention_modules(student):
-                clips = ({w: tensors[f"{names[id(m)]}.quantize_act.{w}.alpha"] for w in "qkvp"}
-                         if act_scale == "learned" else None)
-                m.qatkd_int8 = (2 ** (abits - 1) - 1, None if tokens is None else (lambda: tokens["mask"]), clips)
+                clips = ({w: float(n / tensors[f"{names[id(m)]}.quantize_act.{w}.alpha"].float()) for w in "qkvp"}
+                         if act_scale == "learned" else None)  # static scales n / alpha, in float32 as PACT's
+                m.qatkd_int8 = (n, None if tokens is None else (lambda: tokens["mask"]), clips)
         else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training
             qatkd.use_qatkd_attention(student)
             for m in qatkd.self_attention_modules(student):
@@ -349,21 +350,26 @@ def onnx_quantize_codes(x, unsigned):
                              op.Constant(value=onnx.helper.make_tensor("zero", kind, [], [0])))
 
 
-def onnx_matmul_codes(a, b):
-    """matmul_codes' ONNX nodes: Cast(MatMulInteger(a, b), float)."""
+def onnx_matmul_codes(a, b, scale=None):
+    """matmul_codes' ONNX nodes: Cast(MatMulInteger(a, b), float), or with a scale
+    DequantizeLinear(MatMulInteger(a, b, 0), scale), which fuse_integer_rescale makes one MatMulIntegerToFloat."""
     import onnx
     from onnxscript import opset18 as op
 
-    return op.Cast(op.MatMulInteger(a, b), to=onnx.TensorProto.FLOAT)
+    if scale is None:
+        return op.Cast(op.MatMulInteger(a, b), to=onnx.TensorProto.FLOAT)
+    zero = op.Constant(value=onnx.helper.make_tensor("zero", onnx.TensorProto.UINT8, [], [0]))
+    return op.DequantizeLinear(op.MatMulInteger(a, b, zero), scale)
+
 
 
 def fuse_integer_rescale(model):
-    """MatMulInteger(X_q + 128, W_q, 128) -> DequantizeLinear(c) becomes ONNX Runtime's
-    MatMulIntegerToFloat(X_q + 128, W_q, 1, c, 128) (its com.microsoft domain): the same float(sum) * c,
-    computed in the GEMM's output stage, so the int32 sums are never written out and read back. Only
-    the pairs matmul_integer writes (uint8 codes with their zero point, a scalar c, the sum read by the
-    DequantizeLinear alone); the fused node takes the DequantizeLinear's place, where c exists.
-    model: an onnx.ModelProto, changed in place."""
+    """MatMulInteger(X_q + 128, W_q, 128) -> DequantizeLinear(c) [-> Add(b)] becomes ONNX Runtime's
+    MatMulIntegerToFloat(X_q + 128, W_q, 1, c, 128[, b]) (its com.microsoft domain): the same float(sum) * c
+    [+ b], computed in the GEMM's output stage, so the int32 sums are never written out and read back. Only
+    the pairs matmul_integer and matmul_codes write (uint8 codes with their zero point, a scalar c, the sum
+    read by the DequantizeLinear alone; a bias vector added to nothing else); the fused node takes the
+    DequantizeLinear's place, where c exists. model: an onnx.ModelProto, changed in place."""
     import onnx
 
     graph = model.graph
@@ -380,15 +386,27 @@ def fuse_integer_rescale(model):
                 node.output[0] not in outputs and after[0].op_type == "DequantizeLinear" and \
                 len(after[0].input) == 2 and ranks.get(after[0].input[1]) == 0:
             products[node.output[0]] = node
+    vectors = {t.name for t in graph.initializer if len(t.dims) == 1}
+    biases = {}  # a fused product's output -> the Add of a bias vector that alone reads it, absorbed as its bias
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in products:
+            after = readers.get(node.output[0], [])
+            if len(after) == 1 and after[0].op_type == "Add" and node.output[0] not in outputs and \
+                    after[0].input[0] == node.output[0] and after[0].input[1] in vectors:
+                biases[node.output[0]] = after[0]
+    absorbed = {id(add) for add in biases.values()}
     nodes, one = [], "qatkd_one"
     for node in graph.node:
-        if node.op_type == "MatMulInteger" and node.output[0] in products:
+        if node.op_type == "MatMulInteger" and node.output[0] in products or id(node) in absorbed:
             continue  # fused below, where its DequantizeLinear is
         product = products.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if product is not None:
             x, w, zero_point = product.input
-            node = onnx.helper.make_node("MatMulIntegerToFloat", [x, w, one, node.input[1], zero_point],
-                                         list(node.output), name=product.name, domain="com.microsoft")
+            add = biases.get(node.output[0])
+            node = onnx.helper.make_node("MatMulIntegerToFloat", [x, w, one, node.input[1], zero_point, "",
+                                                                  add.input[1]] if add else
+                                         [x, w, one, node.input[1], zero_point],
+                                         list((add or node).output), name=product.name, domain="com.microsoft")
         nodes.append(node)
     if len(nodes) == len(graph.node):
         return
@@ -549,15 +567,18 @@ def _(x, unsigned):
 
 
 @torch.library.custom_op("qatkd::matmul_codes", mutates_args=())
-def matmul_codes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def matmul_codes(a: torch.Tensor, b: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """a @ b for 8-bit codes (uint8 a [..., M, K], int8 b [..., K, N]) -> float32 [..., M, N], exact: each
-    sum is an integer below 2^24 while K <= 1040 (|a|, |b| <= 127). ONNX: Cast(MatMulInteger(a, b))."""
-    return a.float() @ b.float()
+    sum is an integer below 2^24 while K <= 1040 (|a|, |b| <= 127); times scale (a float32 scalar) if given.
+    ONNX: Cast(MatMulInteger(a, b)), or MatMulIntegerToFloat(a, b, 1, scale) (onnx_matmul_codes)."""
+    y = a.float() @ b.float()
+    return y if scale is None else y * scale
 
 
 @matmul_codes.register_fake
-def _(a, b):
+def _(a, b, scale=None):
     return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.float32)
+
 
 
 def int8_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):
@@ -566,26 +587,32 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
 
     query, key, value: [B, H, S, d_h]; attention_mask: additive [B, 1, S, S] or None. module.qatkd_int8 is
     (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask, or None for per-tensor scales[, the
-    learned PACT clips {"q", "k", "v", "p": alpha}: static scales n / alpha]).
+    static scales of learned PACT clips {"q", "k", "v", "p": n / alpha}]).
         Q, K <- Q_a(Q), Q_a(K)                      fake-quantized: codes / s, the values qat_attention uses
         P = softmax(Q K^T / sqrt(d_h) + mask)
         C = (P_q V_q) / s_P / s_V                  P_q in [0, n], V_q in [-n, n]: the codes of Q_a(P), Q_a(V)
-    C is qat_attention's Q_a(P) Q_a(V) with its sum exact (integers) instead of rounded in float.
+    C is qat_attention's Q_a(P) Q_a(V) with its sum exact (integers) instead of rounded in float. With
+    scalar scales (per tensor, or learned) C = (P_q V_q) * (1 / (s_P s_V)), as ONNX Runtime's
+    MatMulIntegerToFloat computes it (matmul_codes).
     Returns (C as [B, S, H, d_h], P).
     """
     n, tokens, clips = (*module.qatkd_int8, None)[:3]
     tokens = None if tokens is None else tokens()
 
     def codes(x, which, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
-        s = activation_scale(x, n, tokens) if clips is None else float(n / clips[which].to(x.dtype))
+        s = activation_scale(x, n, tokens) if clips is None else clips[which]
         return quantize_codes((x * s).clamp(lo, n), lo == 0), s
 
     (q, s_q), (k, s_k), (v, s_v) = codes(query, "q"), codes(key, "k"), codes(value, "v")
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    # not DequantizeLinear: ONNX Runtime would fuse it into an int8 x int8 Q K^T that saturates int16 sums
     scores = torch.matmul(q.float() / s_q, (k.float() / s_k).transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
     p, s_p = codes(probs, "p", 0)
-    ctx = matmul_codes(p, v) / s_p / s_v
+    if tokens is None:  # scalar scales: the rescale inside ONNX Runtime's MatMulIntegerToFloat, * (1 / (s_P s_V))
+        ctx = matmul_codes(p, v, torch.as_tensor(1 / (s_p * s_v), dtype=torch.float32, device=query.device))
+    else:
+        ctx = matmul_codes(p, v) / s_p / s_v
     qatkd.record_attention(module, scores, probs, ctx)  # forward_internals on a deployed student
     return ctx.transpose(1, 2).contiguous(), probs
 

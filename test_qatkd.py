@@ -642,7 +642,7 @@ def test_learned_clips_in_every_family(arch, tmp_path):
 
         path = export.export_onnx(tmp_path / "packed", tmp_path / "onnx", act_scale="learned")
         ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-        assert "ReduceMax" not in ops and ops.count("MatMulIntegerToFloat") == len(linears)
+        assert "ReduceMax" not in ops and ops.count("MatMulIntegerToFloat") == len(linears) + 2  # and P V per layer
         with torch.no_grad():
             got = export.OnnxStudent(tmp_path / "onnx")(**other).logits
         assert torch.allclose(got, int8(**other).logits, atol=1e-5), (got - int8(**other).logits).abs().max()
@@ -1623,11 +1623,15 @@ def test_onnx_student_computes_what_the_int8_backend_computes(wbits, act_scale, 
     graph = onnx.load(str(path))
     onnx.checker.check_model(graph)
     # Linears: activations as uint8 codes + 128 (a_zero_point) into MatMulIntegerToFloat, but int8 against 8-bit
-    # weights (no int16 saturation) into MatMulInteger -> DequantizeLinear; attention: P V as MatMulInteger on codes
+    # weights (no int16 saturation) into MatMulInteger -> DequantizeLinear; attention: P V as MatMulInteger on
+    # codes, rescaled in it (MatMulIntegerToFloat) where the scales are scalars (per tensor)
     ops, layers = [n.op_type for n in graph.graph.node], teacher.config.num_hidden_layers
     linears = 6 * layers + 1  # Q, K, V, attention output, FFN in and out per layer; the pooler
-    assert ops.count("MatMulIntegerToFloat") == (0 if wbits == 8 else linears)
-    assert ops.count("MatMulInteger") == (linears if wbits == 8 else 0) + layers
+    pv = layers if act_scale == "batch" else 0
+    assert ops.count("MatMulIntegerToFloat") == (0 if wbits == 8 else linears) + pv
+    assert ops.count("MatMulInteger") == (linears if wbits == 8 else 0) + layers - pv
+    biased = [n for n in graph.graph.node if n.op_type == "MatMulIntegerToFloat" and len(n.input) == 7]
+    assert len(biased) == (linears if act_scale == "batch" and wbits != 8 else 0)  # + b in the kernel, not an Add
     assert ops.count("DequantizeLinear") == (linears if wbits == 8 else 0) and "Round" not in ops
     codes = [i for i in graph.graph.initializer if i.name.endswith(".dense.codes") or i.name.endswith(".query.codes")]
     assert codes and all(i.data_type == onnx.TensorProto.UINT8 for i in codes)  # the weights' codes, packed
