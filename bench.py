@@ -409,9 +409,9 @@ def serving(args, argv=()):
     """--serving RUN_DIR: the table a user deciding how to ship needs. The run's teacher (PyTorch fp32,
     ONNX Runtime fp32, ONNX Runtime's dynamic int8 quantization of it) and its student (int8 backend,
     ONNX Runtime; with the scales it is served with, models.deploy_act_scale: per example, or learned),
-    each alone in a fresh process: dev metrics, file bytes, weight bytes in memory, latency at batch 1 (median over 200 dev examples one at a time,
-    after 10 untimed), throughput at batch 32 (the dev set in file order, after one untimed batch),
-    peak resident memory. args.serving_rounds rounds over the five models, so that a slow spell of a
+    each alone in a fresh process: dev metrics, file bytes, weight bytes in memory, latency at batch 1
+    (median over 200 dev examples one at a time, after 10 untimed), throughput at batch 32 (the dev set
+    in file order, after one untimed batch), peak resident memory. args.serving_rounds rounds over the five models, so that a slow spell of a
     shared machine falls on every model alike: each speed is the median over rounds, the peak the
     largest (every round's values are kept in the JSON). The ONNX graphs are made afresh in
     RUN_DIR/serving/ (teacher/, student/); writes RUN_DIR/serving.{md,json}."""
