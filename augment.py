@@ -70,7 +70,8 @@ def load_word_vectors(path, limit=VECTOR_LIMIT):
 
 
 def words_of(text, tokenizer):
-    """The text's words as the tokenizer splits them before word pieces (lower-cased for an uncased model)."""
+    """The text's words as the tokenizer splits them before word pieces (lower-cased for an uncased model, as
+    TinyBERT's: its variants are these words joined by spaces)."""
     backend = tokenizer.backend_tokenizer
     normal = backend.normalizer.normalize_str(text) if backend.normalizer else text
     return [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(normal)]
@@ -81,22 +82,26 @@ def mlm_candidates(words, targets, mlm, tokenizer, m=M):
     """{i: the masked LM's m likeliest pieces at word i, '##' pieces dropped} for the single-piece words i in targets.
 
     As TinyBERT: the input is [CLS] pieces-with-word-i-masked [SEP] pieces [SEP] (segments 0 and 1), one row
-    per target word, all in one batch. A text too long for that (over 254 pieces) gets none."""
+    per target word, in batches of at most about 2^27 logits. A text too long for the model's positions gets none."""
     pieces = [tokenizer.tokenize(w) for w in words]
     flat = [p for ps in pieces for p in ps]
     start = [sum(len(ps) for ps in pieces[:i]) for i in range(len(words))]
-    if not targets or 2 * len(flat) + 3 > 512:
+    length = 2 * len(flat) + 3
+    if not targets or length > mlm.config.max_position_embeddings:
         return {}
     ids = tokenizer.convert_tokens_to_ids([tokenizer.cls_token] + flat + [tokenizer.sep_token] + flat + [tokenizer.sep_token])
-    batch = torch.tensor([ids] * len(targets))
-    for row, i in enumerate(targets):
-        batch[row, 1 + start[i]] = tokenizer.mask_token_id
-    segments = torch.tensor([[0] * (len(flat) + 2) + [1] * (len(flat) + 1)] * len(targets))
-    logits = mlm(input_ids=batch, token_type_ids=segments).logits  # [T, L, vocab]
-    out = {}
-    for row, i in enumerate(targets):
-        top = torch.argsort(logits[row, 1 + start[i]], descending=True)[:m].tolist()
-        out[i] = [t for t in tokenizer.convert_ids_to_tokens(top) if not t.startswith("##")]
+    segments = [0] * (len(flat) + 2) + [1] * (len(flat) + 1)
+    out, device = {}, mlm.device
+    rows = max(1, 2 ** 27 // (length * mlm.config.vocab_size))
+    for first in range(0, len(targets), rows):
+        chunk = targets[first:first + rows]
+        batch = torch.tensor([ids] * len(chunk), device=device)
+        for row, i in enumerate(chunk):
+            batch[row, 1 + start[i]] = tokenizer.mask_token_id
+        logits = mlm(input_ids=batch, token_type_ids=torch.tensor([segments] * len(chunk), device=device)).logits
+        for row, i in enumerate(chunk):
+            top = torch.argsort(logits[row, 1 + start[i]], descending=True)[:m].tolist()
+            out[i] = [t for t in tokenizer.convert_ids_to_tokens(top) if not t.startswith("##")]
     return out
 
 
@@ -160,20 +165,25 @@ def augment_examples(examples, mlm, tokenizer, vectors=None, n=20, p=P, seed=0, 
     return out
 
 
-def augmented_train(examples, n, mlm_path, vectors_path, folder, progress=None):
-    """augment_examples of a training set, made once and kept in folder/ (a JSON Lines file named by the data,
-    the masked LM, the word vectors and n), then read back: augmenting is slow (one masked-LM batch per text)."""
-    key = json.dumps([examples, n, str(Path(mlm_path).resolve()), str(vectors_path and Path(vectors_path).resolve())])
+def augmented_train(examples, n, mlm_path, vectors_path, folder, progress=None, device="cpu"):
+    """augment_examples of a training set, made once and kept in folder/ (a JSON Lines file named by what
+    decides it: the data, n, M, P, the stop words, the masked LM's and the word vectors' files), then read
+    back: augmenting is slow (one masked-LM pass per text)."""
+    from runtime import atomic_path
+
+    files = [f for p in (mlm_path, vectors_path) if p for f in sorted(Path(p).rglob("*") if Path(p).is_dir() else [Path(p)])
+             if f.is_file()]
+    key = json.dumps([examples, n, M, P, VECTOR_LIMIT, sorted(STOP_WORDS),
+                      [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
     path = Path(folder) / f"train-aug{n}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
     if path.is_file():
         print(f"reusing the augmented training set {path}")
         return [tuple(json.loads(line)) for line in path.read_text().splitlines()]
     mlm, tokenizer = load_mlm(mlm_path)
     vectors = load_word_vectors(vectors_path) if vectors_path else None
-    out = augment_examples(examples, mlm, tokenizer, vectors, n, progress=progress)
+    out = augment_examples(examples, mlm.to(device), tokenizer, vectors, n, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in out))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in out))
     print(f"augmented training set: {len(examples)} -> {len(out)} examples, written to {path}")
     return out

@@ -138,9 +138,14 @@ def setup(args, check_run=True):
     if getattr(args, "augment", None):  # QAT only: the teacher has been fine-tuned on the original data
         import augment
 
-        examples["train"] = augment.augmented_train(examples["train"], args.augment, args.augment_mlm,
+        for turn in ("make", "read"):  # under torchrun, rank 0 makes the augmented set and the others read it
+            if (turn == "make") == is_main():
+                augmented = augment.augmented_train(examples["train"], args.augment, args.augment_mlm,
                                                     args.augment_vectors, Path(args.output_dir) / "augmented",
-                                                    runtime.progress_bar)
+                                                    runtime.progress_bar, args.device)
+            if turn == "make" and torch.distributed.is_initialized():
+                torch.distributed.barrier()
+        examples["train"] = augmented
     train = data.tokenize(examples["train"], tokenizer, args.max_len)
     dev = {k: data.tokenize(v, tokenizer, args.max_len) for k, v in examples.items() if k != "train"}
     env = Setup(task, teacher, tokenizer, teacher_path, train, dev, pad_id, {})
@@ -177,10 +182,11 @@ def student_for(env, args):
 
 
 def calibrated(env, args, student):
-    """The student with its PACT clips (--act_scale learned) set from the first training batch, in eval mode
-    (no dropout, no random draw), before the dev set or training sees it; any other student as it is."""
+    """The student with its PACT clips (--act_scale learned) set from the training set's first batch in file
+    order (the same for every seed, so a sweep's PTQ row is every run's start), in eval mode (no dropout, no
+    random draw), before the dev set or training sees it; any other student as it is."""
     if student.qatkd_bits["act_scale"] == "learned":
-        _, batch = next(qatkd.training_batches(env.train, train_config(env, args), 0, args.device))
+        batch = next(qatkd.batches(env.train, args.batch_size, env.pad_id, device=args.device, pad_to=pad_to(args)))
         with torch.no_grad():
             student.eval()(**qatkd.model_inputs(student, batch))
     return student

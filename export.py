@@ -167,6 +167,9 @@ def check_act_scale(trained, act_scale, path):
 def load_clips(student, tensors, path):
     """Load a student's PACT clips (the is_clip entries of tensors, a state dict); each must be there."""
     clips = {k: v for k, v in tensors.items() if is_clip(k)}
+    bad = [k for k, v in clips.items() if not (torch.isfinite(v).all() and (v > 0).all())]
+    if bad:
+        raise ValueError(f"{path}: the learned clip {bad[0]} is {clips[bad[0]].item()}, not a positive number")
     missing = [k for k in student.load_state_dict(clips, strict=False).missing_keys if is_clip(k)]
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} of the student's learned clips ({missing[0]}, ...)")
@@ -229,6 +232,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             load_clips(student, tensors, path)
     else:
         student, tokens = model, None
+        if act_scale == "learned":  # every clip there and positive, before IntLinear and attention read them
+            load_clips(qatkd.quantize_student(model, 32, abits, act_scale="learned"), tensors, path)
         if act_scale == "example":  # each call's token mask, for IntLinear and Q, K, V, P
             tokens = {}
             student.register_forward_pre_hook(lambda _m, _a, kw: tokens.update(mask=qatkd.token_mask(kw)),
@@ -243,7 +248,7 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             else:
                 new = IntLinear(*signed_codes(c, scale, wbits), old.bias, abits,
                                 None if tokens is None else (lambda: tokens["mask"]), kernel, wbits,
-                                tensors.get(f"{name}.act_quant.alpha"))
+                                tensors[f"{name}.act_quant.alpha"] if act_scale == "learned" else None)
             setattr(student.get_submodule(parent), child, new)
         if qatkd.model_family(config).interface:  # attention: int8_attention (P V in integers)
             from transformers import AttentionInterface
@@ -260,7 +265,7 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
         else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training
             qatkd.use_qatkd_attention(student)
             for m in qatkd.self_attention_modules(student):
-                m.quantize_act = (qatkd.AttentionClips(abits) if act_scale == "learned" else
+                m.quantize_act = (qatkd.AttentionClips(abits, device) if act_scale == "learned" else
                                   (lambda t, _which: qatkd.quantize_uniform(t, abits)) if tokens is None else
                                   (lambda t, _which: qatkd.quantize_per_example(t, abits, tokens["mask"])))
             if act_scale == "learned":
@@ -439,7 +444,8 @@ class IntLinear(nn.Module):
     """A QuantLinear computed in integers: y = (X_q W_q^T) * (c / s_x) + b.
 
     x: [..., in] float -> y: [..., out] float. W_q: int8 codes [out, in] with W = W_q * c (c: the
-    weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) are the activation's int8
+    weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) (a learned clip: clamp(x,
+    -alpha, alpha)) are the activation's int8
     codes with exactly the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor,
     symmetric; per example over its real tokens when tokens, a function returning the batch's [B, S]
     token mask, is given; static, s_x = (2^(a-1) - 1) / alpha, with a learned PACT clip alpha, as
@@ -640,7 +646,7 @@ def export_onnx(path, out, act_scale="example"):
     batch and length dynamic; output logits [B, C]. Every quantized Linear is packed weight codes
     (unpacked to int8 [in, out] by nodes ONNX Runtime folds at load) and an integer product on the
     activation's codes (per example over the real tokens with act_scale "example", per tensor with
-    "batch"), rescaled once (matmul_integer, fuse_integer_rescale); attention's P V is a MatMulInteger
+    "batch", static with "learned"), rescaled once (matmul_integer, fuse_integer_rescale); attention's P V is a MatMulInteger
     on the codes of P and V (int8_attention); the word embedding is gathered from its packed codes.
     Returns the path of model.onnx.
     """
@@ -734,9 +740,11 @@ class OnnxStudent:
         with tempfile.TemporaryDirectory() as tmp:
             self.options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             self.options.log_severity_level = 3  # not the note that the optimized graph suits this CPU only
-            ort.InferenceSession(str(self.file), self.options, providers=["CPUExecutionProvider"],
-                                 disabled_optimizers=disabled)
-            self.options.optimized_model_filepath = ""
+            try:
+                ort.InferenceSession(str(self.file), self.options, providers=["CPUExecutionProvider"],
+                                     disabled_optimizers=disabled)
+            finally:
+                self.options.optimized_model_filepath = ""
             return onnx.load(str(Path(tmp) / "optimized.onnx")).graph
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):

@@ -159,18 +159,25 @@ class PACT(nn.Module):
         x_c = clamp(x, -alpha, alpha);   s = (2^(k-1) - 1) / alpha;   q = round(x_c * s) / s
     Gradient (PACT's straight-through estimator): dL/dx = dL/dq where |x| < alpha, else 0;
     dL/dalpha = sum of dL/dq * sign(x) over |x| >= alpha. alpha starts as min(max |x|, 2.5) of the
-    first batch it sees, where q is quantize_uniform's to the bit: show it a training batch first.
+    first batch it sees, where q is quantize_uniform's to the bit: show it a training batch first (a
+    loaded alpha is kept: loading clears `calibrate`).
     """
 
     def __init__(self, device=None):
         super().__init__()
         self.alpha = nn.Parameter(torch.tensor(float("nan"), device=device))
+        self.calibrate = True  # a flag, not alpha.isnan(): no device sync per call
 
     def forward(self, x, bits):
-        if self.alpha.isnan():  # the first batch sets alpha
+        if self.calibrate:  # the first batch sets alpha
             with torch.no_grad():
-                self.alpha.copy_(x.abs().max().clamp(max=CLIP).clamp_min(torch.finfo(x.dtype).tiny))
+                self.alpha.copy_(x.abs().max().clamp(max=CLIP))
+            self.calibrate = False
         return PactSTE.apply(x, self.alpha, bits)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.calibrate = False
 
     def extra_repr(self):
         return f"alpha={self.alpha.item():.4g}"
@@ -192,10 +199,11 @@ class PactSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, alpha, bits):
-        a = alpha.to(x.dtype)
+        n = 2 ** (bits - 1) - 1
+        a = alpha.to(x.dtype).clamp_min(n * torch.finfo(x.dtype).tiny)  # an all-zero first batch: q = 0
         ctx.save_for_backward(torch.where(x.abs() >= a, x.sign(), 0).to(torch.int8))  # sign(x) where clipped
         ctx.alpha_dtype = alpha.dtype
-        s = (2 ** (bits - 1) - 1) / a
+        s = n / a
         return torch.round(torch.minimum(torch.maximum(x, -a), a) * s) / s
 
     @staticmethod
@@ -476,6 +484,8 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
         raise ValueError(f"unsupported activation bit width {abits}; use 2..16, or 32 for full precision")
     if act_scale not in ACT_SCALES:
         raise ValueError(f"unknown activation scale {act_scale!r}; use one of {ACT_SCALES}")
+    if act_scale == "learned" and abits == 32:
+        raise ValueError("act_scale='learned' clips quantized activations; with abits=32 there are none: use abits 2..16")
     if act_scale != "batch" and act_quant is not quantize_uniform:
         raise ValueError(f"act_scale={act_scale!r} chooses the quantizer itself; pass act_quant or act_scale, not both")
     family = model_family(teacher.config)

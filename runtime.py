@@ -310,7 +310,8 @@ def differing_code(old, args):
     return [] if then == now or args.mix_commits else [f"code {then} (now {now})"]
 
 
-CODE_FILES = ("qatkd.py", "data.py", "models.py", "export.py", "diagnostics.py", "runtime.py", "run.py")
+CODE_FILES = ("qatkd.py", "data.py", "models.py", "export.py", "diagnostics.py", "runtime.py", "run.py", "experiment.py",
+              "augment.py")
 
 
 @functools.lru_cache(maxsize=None)

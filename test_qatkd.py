@@ -582,6 +582,7 @@ def test_pact_clip_quantizes_and_learns_as_its_formula():
     (ref * w).sum().backward()  # PACT's estimator: the rounding passes gradients straight through
     assert torch.equal(x2.grad, xr.grad) and torch.equal(x2.grad, torch.where(xr.abs() < a.detach(), w, 0.0))
     assert torch.allclose(clip.alpha.grad, a.grad, rtol=1e-6) and clip.alpha.grad != 0
+    assert torch.equal(qatkd.PACT()(torch.zeros(2, 3), 8), torch.zeros(2, 3))  # an all-zero first batch: zeros, not NaN
 
 
 @pytest.mark.parametrize("arch", list(FAMILY_CONFIGS))
@@ -649,6 +650,20 @@ def test_learned_clips_in_every_family(arch, tmp_path):
     export.export_quantized(qatkd.quantize_student(teacher, 2, 8), tmp_path / "batch", tok)
     with pytest.raises(ValueError, match="no learned clips"):
         export.load_quantized(tmp_path / "batch", act_scale="learned")
+    with pytest.raises(ValueError, match="with abits=32 there are none"):
+        qatkd.quantize_student(teacher, 2, 32, act_scale="learned")
+    if arch == "bert":  # a packed file that lost a clip, or holds a useless one, is refused by both backends
+        from safetensors.torch import load_file, save_file
+
+        file = export.packed_file(tmp_path / "packed")
+        meta, tensors = export.safetensors_metadata(file), load_file(file)
+        key = next(k for k in tensors if export.is_clip(k) and ".quantize_act." in k)
+        for broken, message in (({k: v for k, v in tensors.items() if k != key}, "lacks 1 of the student's learned"),
+                                ({**tensors, key: torch.tensor(float("nan"))}, "not a positive number")):
+            save_file(broken, str(file), metadata=meta)
+            for backend in ("fake", "int8"):
+                with pytest.raises(ValueError, match=message):
+                    export.load_quantized(tmp_path / "packed", backend)
 
 
 def test_bad_bit_widths(tiny_dir):
