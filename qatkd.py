@@ -501,7 +501,7 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
     for parent in list(student.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child is not keep:
-                quant = PACT(child.weight.device) if act_scale == "learned" and abits < 32 else act_quant
+                quant = PACT(child.weight.device) if act_scale == "learned" else act_quant
                 q = QuantLinear(child.in_features, child.out_features, child.bias is not None, wbits, abits, quant,
                                 device="meta")
                 q.weight, q.bias = child.weight, child.bias
