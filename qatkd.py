@@ -152,15 +152,12 @@ def quantize_per_example(x, bits, tokens, clip=CLIP):
 
 
 class PACT(nn.Module):
-    """A learned clip alpha for one activation: PACT (Choi et al. 2018), symmetric as BinaryBERT's
-    activations. A static scale, learned with the weights, instead of the per-tensor max |x|.
-
-    x: any shape. alpha > 0, one per module (a 0-dim parameter: no weight decay, make_optimizer):
+    """A learned clip alpha for one activation (PACT, Choi et al. 2018; symmetric, as BinaryBERT's): a static
+    scale, learned with the weights, instead of the per-tensor max |x|. x: any shape; alpha: a 0-dim parameter
         x_c = clamp(x, -alpha, alpha);   s = (2^(k-1) - 1) / alpha;   q = round(x_c * s) / s
-    Gradient (PACT's straight-through estimator): dL/dx = dL/dq where |x| < alpha, else 0;
-    dL/dalpha = sum of dL/dq * sign(x) over |x| >= alpha. alpha starts as min(max |x|, 2.5) of the
-    first batch it sees, where q is quantize_uniform's to the bit: show it a training batch first (a
-    loaded alpha is kept: loading clears `calibrate`).
+    Gradient (PACT's estimator): dL/dx = dL/dq where |x| < alpha, else 0; dL/dalpha = sum of dL/dq * sign(x)
+    over |x| >= alpha. alpha starts as min(max |x|, 2.5) of the first batch it sees (q is quantize_uniform's
+    there, to the bit): show it a training batch first. A loaded alpha is kept (loading clears `calibrate`).
     """
 
     def __init__(self, device=None):
@@ -178,9 +175,6 @@ class PACT(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self.calibrate = False
-
-    def extra_repr(self):
-        return f"alpha={self.alpha.item():.4g}"
 
 
 class AttentionClips(nn.ModuleDict):
