@@ -58,17 +58,24 @@ class ClipSTE(torch.autograd.Function):
 
         forward:  q = levels(clamp(x, -clip, clip))        x: any shape; levels: x_c -> q, same shape
         backward: dL/dx = dL/dq * 1[|x| < clip]             thresholds and scales get no gradient
+    A learned clip (a 0-dim tensor, PACT's alpha) gets dL/dclip = sum of dL/dq * sign(x) over |x| >= clip.
     """
 
     @staticmethod
     def forward(ctx, x, levels, clip):
-        ctx.save_for_backward(x.abs() < clip)
+        ctx.learned = torch.is_tensor(clip)
+        if ctx.learned:  # sign(x) where clipped, for the clip's gradient
+            ctx.save_for_backward(torch.where(x.abs() >= clip, x.sign(), 0).to(torch.int8))
+        else:
+            ctx.save_for_backward(x.abs() < clip)
         return levels(x.clamp(-clip, clip))
 
     @staticmethod
     def backward(ctx, grad):
-        (inside,) = ctx.saved_tensors
-        return torch.where(inside, grad, 0.0), None, None
+        (saved,) = ctx.saved_tensors
+        if ctx.learned:
+            return torch.where(saved == 0, grad, 0.0), None, (grad * saved).sum()
+        return torch.where(saved, grad, 0.0), None, None
 
 
 def ternarize(w, per_row=False, clip=CLIP):
@@ -170,7 +177,10 @@ class PACT(nn.Module):
             with torch.no_grad():
                 self.alpha.copy_(x.abs().max().clamp(max=CLIP))
             self.calibrate = False
-        return PactSTE.apply(x, self.alpha, bits)
+        n = 2 ** (bits - 1) - 1
+        alpha = self.alpha.to(x.dtype)
+        s = n / alpha.clamp_min(n * torch.finfo(x.dtype).tiny)  # an all-zero first batch: q = 0
+        return ClipSTE.apply(x, lambda xc: torch.round(xc * s) / s, alpha)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -186,24 +196,6 @@ class AttentionClips(nn.ModuleDict):
 
     def forward(self, t, which):
         return self[which](t, self.bits)
-
-
-class PactSTE(torch.autograd.Function):
-    """PACT's quantizer and straight-through gradients (above): forward(x, alpha, bits) -> q."""
-
-    @staticmethod
-    def forward(ctx, x, alpha, bits):
-        n = 2 ** (bits - 1) - 1
-        a = alpha.to(x.dtype).clamp_min(n * torch.finfo(x.dtype).tiny)  # an all-zero first batch: q = 0
-        ctx.save_for_backward(torch.where(x.abs() >= a, x.sign(), 0).to(torch.int8))  # sign(x) where clipped
-        ctx.alpha_dtype = alpha.dtype
-        s = n / a
-        return torch.round(torch.minimum(torch.maximum(x, -a), a) * s) / s
-
-    @staticmethod
-    def backward(ctx, grad):
-        (clipped,) = ctx.saved_tensors
-        return torch.where(clipped == 0, grad, 0.0), (grad * clipped).sum().to(ctx.alpha_dtype), None
 
 
 def quantize_weight(w, bits, per_row=False):
