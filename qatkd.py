@@ -63,11 +63,8 @@ class ClipSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, levels, clip):
-        ctx.learned = torch.is_tensor(clip)
-        if ctx.learned:  # sign(x) where clipped, for the clip's gradient
-            ctx.save_for_backward(torch.where(x.abs() >= clip, x.sign(), 0).to(torch.int8))
-        else:
-            ctx.save_for_backward(x.abs() < clip)
+        ctx.learned = torch.is_tensor(clip)  # a learned clip's gradient needs sign(x) where x is clipped
+        ctx.save_for_backward(torch.where(x.abs() >= clip, x.sign(), 0).to(torch.int8) if ctx.learned else x.abs() < clip)
         return levels(x.clamp(-clip, clip))
 
     @staticmethod
