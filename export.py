@@ -164,15 +164,19 @@ def check_act_scale(trained, act_scale, path):
     return act_scale
 
 
+def clip_value(tensors, key, path):
+    """The learned clip alpha stored under key in tensors (a state dict): there and a positive number, or refused."""
+    alpha = tensors.get(key)
+    if alpha is None:
+        raise ValueError(f"{path} lacks the learned clip {key}: export the student again from its run")
+    if not (torch.isfinite(alpha).all() and (alpha > 0).all()):
+        raise ValueError(f"{path}: the learned clip {key} is {alpha.item()}, not a positive number")
+    return alpha
+
+
 def load_clips(student, tensors, path):
-    """Load a student's PACT clips (the is_clip entries of tensors, a state dict); each must be there."""
-    clips = {k: v for k, v in tensors.items() if is_clip(k)}
-    bad = [k for k, v in clips.items() if not (torch.isfinite(v).all() and (v > 0).all())]
-    if bad:
-        raise ValueError(f"{path}: the learned clip {bad[0]} is {clips[bad[0]].item()}, not a positive number")
-    missing = [k for k in student.load_state_dict(clips, strict=False).missing_keys if is_clip(k)]
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} of the student's learned clips ({missing[0]}, ...)")
+    """Load a student's PACT clips (act_scale "learned") from tensors, a state dict; each must be there (clip_value)."""
+    student.load_state_dict({k: clip_value(tensors, k, path) for k in student.state_dict() if is_clip(k)}, strict=False)
     return student
 
 
@@ -232,8 +236,6 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             load_clips(student, tensors, path)
     else:
         student, tokens = model, None
-        if act_scale == "learned":  # every clip there and positive, before IntLinear and attention read them
-            load_clips(qatkd.quantize_student(model, 32, abits, act_scale="learned"), tensors, path)
         if act_scale == "example":  # each call's token mask, for IntLinear and Q, K, V, P
             tokens = {}
             student.register_forward_pre_hook(lambda _m, _a, kw: tokens.update(mask=qatkd.token_mask(kw)),
@@ -248,7 +250,7 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             else:
                 new = IntLinear(*signed_codes(c, scale, wbits), old.bias, abits,
                                 None if tokens is None else (lambda: tokens["mask"]), kernel, wbits,
-                                tensors[f"{name}.act_quant.alpha"] if act_scale == "learned" else None)
+                                clip_value(tensors, f"{name}.act_quant.alpha", path) if act_scale == "learned" else None)
             setattr(student.get_submodule(parent), child, new)
         if qatkd.model_family(config).interface:  # attention: int8_attention (P V in integers)
             from transformers import AttentionInterface
@@ -259,7 +261,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             student.set_attn_implementation("qatkd_int8")
             names, n = {id(m): name for name, m in student.named_modules()}, 2 ** (abits - 1) - 1
             for m in qatkd.self_attention_modules(student):
-                clips = ({w: float(n / tensors[f"{names[id(m)]}.quantize_act.{w}.alpha"].float()) for w in "qkvp"}
+                clips = ({w: float(n / clip_value(tensors, f"{names[id(m)]}.quantize_act.{w}.alpha", path).float())
+                          for w in "qkvp"}
                          if act_scale == "learned" else None)  # static scales n / alpha, in float32 as PACT's
                 m.qatkd_int8 = (n, None if tokens is None else (lambda: tokens["mask"]), clips)
         else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training

@@ -657,13 +657,14 @@ def test_learned_clips_in_every_family(arch, tmp_path):
 
         file = export.packed_file(tmp_path / "packed")
         meta, tensors = export.safetensors_metadata(file), load_file(file)
-        key = next(k for k in tensors if export.is_clip(k) and ".quantize_act." in k)
-        for broken, message in (({k: v for k, v in tensors.items() if k != key}, "lacks 1 of the student's learned"),
-                                ({**tensors, key: torch.tensor(float("nan"))}, "not a positive number")):
-            save_file(broken, str(file), metadata=meta)
-            for backend in ("fake", "int8"):
-                with pytest.raises(ValueError, match=message):
-                    export.load_quantized(tmp_path / "packed", backend)
+        for kind in (".quantize_act.", ".act_quant."):  # an attention's clip, a Linear's
+            key = next(k for k in tensors if export.is_clip(k) and kind in k)
+            for broken, message in (({k: v for k, v in tensors.items() if k != key}, f"lacks the learned clip {key}"),
+                                    ({**tensors, key: torch.tensor(float("nan"))}, "not a positive number")):
+                save_file(broken, str(file), metadata=meta)
+                for backend in ("fake", "int8"):
+                    with pytest.raises(ValueError, match=message):
+                        export.load_quantized(tmp_path / "packed", backend)
 
 
 def test_bad_bit_widths(tiny_dir):
