@@ -1258,6 +1258,44 @@ def test_teacher_intervention_phases_and_resume(tiny_dir, tmp_path):
         assert all(torch.equal(resumed[k], weights[k]) for k in weights), stop
 
 
+def test_learned_clips_resume_to_the_uninterrupted_run(tiny_dir, tmp_path):
+    """A run with learned clips (PACT) stopped after a checkpoint and resumed ends with the uninterrupted run's
+    weights and clips: the fresh student is calibrated first (as experiment.calibrated does), then the
+    checkpoint's alphas, and their optimizer state, replace the calibration."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    feats = data.tokenize(data.load_glue(data.TASKS["mrpc"], write_tiny_mrpc(tmp_path / "d", 64, 8))["train"], tok, 32)
+    cfg = qatkd.TrainConfig(epochs=1, batch_size=8, seed=3, lr=1e-2)  # 8 steps
+    teacher = classifier(tiny_dir)
+    qat = qatkd.qat_loss_fn(teacher, "map")
+
+    def run(stop=None, checkpoint=None):
+        runtime.set_seed(3)
+        student, log, calls = qatkd.quantize_student(teacher, act_scale="learned"), [], []
+        with torch.no_grad():  # calibration: the first batch in file order, in eval mode
+            student.eval()(**qatkd.model_inputs(student, next(qatkd.batches(feats, 8, tok.pad_token_id))))
+        calibration = {k: v.clone() for k, v in student.state_dict().items() if export.is_clip(k)}
+
+        def loss_fn(model, b, *mode):  # Ctrl-C when step `stop` begins
+            calls.append(mode)
+            if len(calls) == stop:
+                raise KeyboardInterrupt
+            return qat(model, b, *mode)
+
+        with contextlib.suppress(KeyboardInterrupt):
+            runtime.run_training(student, loss_fn, feats, cfg, log=log.append, checkpoint=checkpoint, save_every=1)
+        return [r["loss"] for r in log if "loss" in r], student.state_dict(), calibration
+
+    losses, weights, calibration = run()
+    assert len(losses) == 8 and len(calibration) > 0
+    assert any(not torch.equal(weights[k], calibration[k]) for k in calibration)  # the clips were trained
+    first, _, _ = run(5, tmp_path / "ckpt.pt")  # the checkpoint holds step 4
+    rest, resumed, _ = run(None, tmp_path / "ckpt.pt")
+    assert first + rest == losses
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. attention-recovery diagnostics
 # ---------------------------------------------------------------------------------------------
