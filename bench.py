@@ -72,7 +72,8 @@ def benchmark(args, argv=()):
              else f"CPU, {torch.get_num_threads()} threads, malloc: {runtime.malloc_settings()}")
     params = sum(p.numel() for p in teacher.parameters())
     print(f"benchmark: {name} ({params / 1e6:.1f}M parameters), batch {args.batch_size} x length {args.max_len} "
-          f"(no padding), W{args.wbits}A{args.abits}, {where}; median of {args.bench_steps} rounds after "
+          f"(no padding), W{args.wbits}A{args.abits}, activation scales {args.act_scale or 'batch'}, {where}; "
+          f"median of {args.bench_steps} rounds after "
           f"{args.bench_warmup} warm-up rounds")
     phases = bench_phases(args, task, teacher, batch)
     if args.bench_phase is not None:  # a child of --bench_memory: this one phase alone
@@ -233,7 +234,13 @@ def bench_phases(args, task, teacher, batch):
         return model
 
     def quantized(wbits, abits, training=True):
-        return qatkd.quantize_student(teacher, wbits, abits).train(training)
+        """A student with --act_scale's activation scales; learned clips are set by the batch, as by a run's first."""
+        act_scale = (args.act_scale or "batch") if abits < 32 else "batch"
+        model = qatkd.quantize_student(teacher, wbits, abits, act_scale=act_scale)
+        if act_scale == "learned":
+            with torch.no_grad():
+                model.eval()(**qatkd.model_inputs(model, batch))
+        return model.train(training)
 
     wa, kds = f"W{args.wbits}A{args.abits}", ("map", "score", "output", "unified")
     shared = {}  # one student and optimizer for the four KD modes: memory for one, not four
@@ -329,14 +336,16 @@ def bench_report(args, name, params, where, rows):
     md += f"\nPeak memory of the whole benchmark (the rounds, every phase's model resident): {peak:.0f} MiB."
     B, S = args.batch_size, args.max_len
     stem = Path(args.output_dir) / (f"benchmark-{name.replace(' ', '-').replace('/', '--')}-b{B}-s{S}-{device.type}"
-                                    + ("-inference" if args.bench_inference else ""))
+                                    + ("-inference" if args.bench_inference else "")
+                                    + (f"-act{args.act_scale}" if args.act_scale not in (None, "batch") else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
-    header = (f"{name} ({params / 1e6:.1f}M parameters), batch {B} x length {S}, {wa}, {where}, "
+    header = (f"{name} ({params / 1e6:.1f}M parameters), batch {B} x length {S}, {wa}, activation scales "
+              f"{args.act_scale or 'batch'}, {where}, "
               f"torch {torch.__version__}; median of {n} rounds after {w} warm-up rounds\n\n")
     stem.with_suffix(".md").write_text(header + md + "\n")
     runtime.write_json(stem.with_suffix(".json"), {
         "model": name, "parameters": params, "batch_size": B, "seq_len": S, "wbits": args.wbits, "abits": args.abits,
-        "device": where, "torch": torch.__version__, "steps": n, "warmup": w, "reference": reference, "rows": rows,
+        "act_scale": args.act_scale or "batch", "device": where, "torch": torch.__version__, "steps": n, "warmup": w, "reference": reference, "rows": rows,
         "shares": shares, "peak_memory_mb": peak})
     summary = "" if args.bench_inference else f"map QAT / FP step: {seconds[f'QAT map {wa}'] / seconds[reference]:.2f}x; "
     print(f"\n{md}\n{summary}written to {stem}.md and {stem}.json")

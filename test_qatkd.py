@@ -2872,6 +2872,13 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
     if sys.platform == "linux":  # glibc's own peaks: the bytes malloc handed out fit in what it holds, and in the process
         assert all(0 < r["fresh_malloc_in_use_mb"] <= r["fresh_malloc_footprint_mb"] < r["fresh_peak_memory_mb"]
                    for r in rows)
+    # --act_scale: the students have those scales (learned clips set by the batch), in a table of its own
+    p = run_py("--task", "mrpc", "--benchmark", "--bench_inference", "--teacher", tiny_dir, "--batch_size", "4",
+               "--max_len", "16", "--bench_steps", "1", "--bench_warmup", "0", "--output_dir", tmp_path,
+               "--act_scale", "learned")
+    assert p.returncode == 0, p.stderr[-3000:]
+    (table,) = tmp_path.glob("benchmark-*-bert-b4-s16-*-inference-actlearned.json")
+    assert json.loads(table.read_text())["act_scale"] == "learned" and "activation scales learned" in p.stdout
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
