@@ -64,7 +64,7 @@ def benchmark(args, argv=()):
     quantizers off (W32A32) to get the quantizers' share, the KD loss alone (forward + backward on
     stored internals) to get the loss's share, and inference: teacher, fake-quant student, exported
     integer student. Phases are timed in interleaved rounds, so their ratios are measured side by
-    side. Writes a Markdown table and JSON to OUTPUT_DIR/benchmark-MODEL-bB-sS-DEVICE.{md,json}."""
+    side. Writes a Markdown table and JSON to OUTPUT_DIR/benchmark-MODEL-bB-sS-DEVICE[-inference][-actSCALE].{md,json}."""
     task = data.TASKS[args.task]
     teacher, name = bench_teacher(args, task)
     batch = bench_batch(args, task, teacher)
@@ -72,7 +72,7 @@ def benchmark(args, argv=()):
              else f"CPU, {torch.get_num_threads()} threads, malloc: {runtime.malloc_settings()}")
     params = sum(p.numel() for p in teacher.parameters())
     print(f"benchmark: {name} ({params / 1e6:.1f}M parameters), batch {args.batch_size} x length {args.max_len} "
-          f"(no padding), W{args.wbits}A{args.abits}, activation scales {args.act_scale or 'batch'}, {where}; "
+          f"(no padding), W{args.wbits}A{args.abits}, activation scales {act_scale_of(args)}, {where}; "
           f"median of {args.bench_steps} rounds after "
           f"{args.bench_warmup} warm-up rounds")
     phases = bench_phases(args, task, teacher, batch)
@@ -224,6 +224,11 @@ def recomputed(student):
     return student
 
 
+def act_scale_of(args):
+    """The activation scales the benchmark's quantized students have: --act_scale's, batch by default or at abits 32."""
+    return (args.act_scale or "batch") if args.abits < 32 else "batch"
+
+
 def bench_phases(args, task, teacher, batch):
     """{label: build}, each build() returning the function that one round times."""
     import copy
@@ -235,7 +240,7 @@ def bench_phases(args, task, teacher, batch):
 
     def quantized(wbits, abits, training=True):
         """A student with --act_scale's activation scales; learned clips are set by the batch, as by a run's first."""
-        act_scale = (args.act_scale or "batch") if abits < 32 else "batch"
+        act_scale = act_scale_of(args) if abits < 32 else "batch"
         model = qatkd.quantize_student(teacher, wbits, abits, act_scale=act_scale)
         if act_scale == "learned":
             with torch.no_grad():
@@ -337,15 +342,16 @@ def bench_report(args, name, params, where, rows):
     B, S = args.batch_size, args.max_len
     stem = Path(args.output_dir) / (f"benchmark-{name.replace(' ', '-').replace('/', '--')}-b{B}-s{S}-{device.type}"
                                     + ("-inference" if args.bench_inference else "")
-                                    + (f"-act{args.act_scale}" if args.act_scale not in (None, "batch") else ""))
+                                    + (f"-act{act_scale_of(args)}" if act_scale_of(args) != "batch" else ""))
     stem.parent.mkdir(parents=True, exist_ok=True)
     header = (f"{name} ({params / 1e6:.1f}M parameters), batch {B} x length {S}, {wa}, activation scales "
-              f"{args.act_scale or 'batch'}, {where}, "
+              f"{act_scale_of(args)}, {where}, "
               f"torch {torch.__version__}; median of {n} rounds after {w} warm-up rounds\n\n")
     stem.with_suffix(".md").write_text(header + md + "\n")
     runtime.write_json(stem.with_suffix(".json"), {
         "model": name, "parameters": params, "batch_size": B, "seq_len": S, "wbits": args.wbits, "abits": args.abits,
-        "act_scale": args.act_scale or "batch", "device": where, "torch": torch.__version__, "steps": n, "warmup": w, "reference": reference, "rows": rows,
+        "act_scale": act_scale_of(args), "device": where, "torch": torch.__version__, "steps": n, "warmup": w,
+        "reference": reference, "rows": rows,
         "shares": shares, "peak_memory_mb": peak})
     summary = "" if args.bench_inference else f"map QAT / FP step: {seconds[f'QAT map {wa}'] / seconds[reference]:.2f}x; "
     print(f"\n{md}\n{summary}written to {stem}.md and {stem}.json")

@@ -168,9 +168,9 @@ def clip_value(tensors, key, path):
     """The learned clip alpha stored under key in tensors (a state dict): there and a positive number, or refused."""
     alpha = tensors.get(key)
     if alpha is None:
-        raise ValueError(f"{path} lacks the learned clip {key}: export the student again from its run")
-    if not (torch.isfinite(alpha).all() and (alpha > 0).all()):
-        raise ValueError(f"{path}: the learned clip {key} is {alpha.item()}, not a positive number")
+        raise ValueError(f"{path} lacks the learned clip {key}: save or export the student again from its run")
+    if alpha.dim() != 0 or not (torch.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{path}: the learned clip {key} is {alpha.tolist()}, not a positive number")
     return alpha
 
 

@@ -175,9 +175,10 @@ class PACT(nn.Module):
                 self.alpha.copy_(x.abs().max().clamp(max=CLIP))
             self.calibrate = False
         n = 2 ** (bits - 1) - 1
-        alpha = self.alpha.to(x.dtype)
-        s = n / alpha.clamp_min(n * torch.finfo(x.dtype).tiny)  # an all-zero first batch: q = 0
-        return ClipSTE.apply(x, lambda xc: torch.round(xc * s) / s, alpha)
+        alpha = self.alpha.to(x.dtype)  # at least n * tiny (an all-zero first batch: q = 0), gradient straight through
+        a = alpha.detach().clamp_min(n * torch.finfo(x.dtype).tiny) + (alpha - alpha.detach())
+        s = n / a.detach()
+        return ClipSTE.apply(x, lambda xc: torch.round(xc * s) / s, a)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

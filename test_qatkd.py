@@ -583,6 +583,10 @@ def test_pact_clip_quantizes_and_learns_as_its_formula():
     assert torch.equal(x2.grad, xr.grad) and torch.equal(x2.grad, torch.where(xr.abs() < a.detach(), w, 0.0))
     assert torch.allclose(clip.alpha.grad, a.grad, rtol=1e-6) and clip.alpha.grad != 0
     assert torch.equal(qatkd.PACT()(torch.zeros(2, 3), 8), torch.zeros(2, 3))  # an all-zero first batch: zeros, not NaN
+    for alpha in (0.0, -0.3):  # after an all-zero first batch, a step can push alpha to 0 or below: q stays about 0
+        with torch.no_grad():
+            clip.alpha.fill_(alpha)
+        assert clip(x, 8).abs().max() < 1e-30
 
 
 @pytest.mark.parametrize("arch", list(FAMILY_CONFIGS))
