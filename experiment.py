@@ -483,8 +483,7 @@ def predict(args):
 
     if not Path(args.predict).is_dir():
         raise FileNotFoundError(f"--predict: no student folder {args.predict}")
-    model = models.load_any_student(args.predict, args.backend, args.act_scale or models.deploy_act_scale(args.predict),
-                                    args.device)
+    model = models.load_any_student(args.predict, args.backend, args.act_scale, args.device)
     tokenizer = AutoTokenizer.from_pretrained(args.predict)
     if args.text:
         pairs = [(args.text[0], args.text[1] if len(args.text) > 1 else None, 0)]

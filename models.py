@@ -177,13 +177,14 @@ def deploy_act_scale(path):
     return "example" if qatkd.model_family(AutoConfig.from_pretrained(path)).per_example else "batch"
 
 
-def load_any_student(path, backend="int8", act_scale="example", device="cpu"):
+def load_any_student(path, backend="int8", act_scale=None, device="cpu"):
     """A trained or exported student from its folder, for inference: an ONNX graph (model.onnx, export_onnx),
-    a packed student (student_packed/, export_quantized) or a trained one (student/, save_student).
-    Anything else is refused in one line."""
+    a packed student (student_packed/, export_quantized) or a trained one (student/, save_student), with the
+    activation scales it is served with (act_scale None: deploy_act_scale). Anything else is refused in one line."""
     import export
 
     path = Path(path)
+    act_scale = act_scale or deploy_act_scale(path)
     if (path / "model.onnx").is_file():
         return export.OnnxStudent(path)
     if not path.is_dir():
