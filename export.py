@@ -370,7 +370,6 @@ def onnx_matmul_codes(a, b, scale=None):
     return op.DequantizeLinear(op.MatMulInteger(a, b, zero), scale)
 
 
-
 def fuse_integer_rescale(model):
     """MatMulInteger(X_q + 128, W_q, 128) -> DequantizeLinear(c) [-> Add(b)] becomes ONNX Runtime's
     MatMulIntegerToFloat(X_q + 128, W_q, 1, c, 128[, b]) (its com.microsoft domain): the same float(sum) * c
@@ -587,7 +586,6 @@ def matmul_codes(a: torch.Tensor, b: torch.Tensor, scale: Optional[torch.Tensor]
 @matmul_codes.register_fake
 def _(a, b, scale=None):
     return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.float32)
-
 
 
 def int8_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **_):

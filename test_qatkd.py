@@ -1218,6 +1218,22 @@ def test_seed_fixes_the_run(tiny_dir, tmp_path):
     assert l1 == l2 and all(torch.equal(s1[k], s2[k]) for k in s1)
 
 
+def train_stopped(student, loss, feats, cfg, stop=None, checkpoint=None):
+    """runtime.run_training with a checkpoint every step, Ctrl-C when step `stop` begins (never if None);
+    returns the logged steps and the modes loss was called with."""
+    log, calls = [], []
+
+    def loss_fn(model, b, *mode):
+        calls.append(mode)
+        if len(calls) == stop:
+            raise KeyboardInterrupt
+        return loss(model, b, *mode)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        runtime.run_training(student, loss_fn, feats, cfg, log=log.append, checkpoint=checkpoint, save_every=1)
+    return [r for r in log if "loss" in r], calls
+
+
 def test_teacher_intervention_phases_and_resume(tiny_dir, tmp_path):
     """Teacher Intervention's schedule: gradual is output, context, then map; phase 1 and phase 2 take
     the baseline's steps together, each with its own warm-up and decay (a fresh optimizer); a run
@@ -1235,17 +1251,9 @@ def test_teacher_intervention_phases_and_resume(tiny_dir, tmp_path):
 
     def run(stop=None, checkpoint=None):
         runtime.set_seed(3)
-        student, log, calls = qatkd.quantize_student(teacher), [], []
-
-        def loss_fn(model, b, *mode):  # Ctrl-C when step `stop` begins
-            calls.append(mode)
-            if len(calls) == stop:
-                raise KeyboardInterrupt
-            return qat(model, b, *mode)
-
-        with contextlib.suppress(KeyboardInterrupt):
-            runtime.run_training(student, loss_fn, feats, cfg, log=log.append, checkpoint=checkpoint, save_every=1)
-        return [r for r in log if "loss" in r], student.state_dict(), calls
+        student = qatkd.quantize_student(teacher)
+        log, calls = train_stopped(student, qat, feats, cfg, stop, checkpoint)
+        return log, student.state_dict(), calls
 
     log, weights, calls = run()
     assert len(log) == cfg.total_steps(len(feats)) == 8
@@ -1276,20 +1284,12 @@ def test_learned_clips_resume_to_the_uninterrupted_run(tiny_dir, tmp_path):
 
     def run(stop=None, checkpoint=None):
         runtime.set_seed(3)
-        student, log, calls = qatkd.quantize_student(teacher, act_scale="learned"), [], []
+        student = qatkd.quantize_student(teacher, act_scale="learned")
         with torch.no_grad():  # calibration: the first batch in file order, in eval mode
             student.eval()(**qatkd.model_inputs(student, next(qatkd.batches(feats, 8, tok.pad_token_id))))
         calibration = {k: v.clone() for k, v in student.state_dict().items() if export.is_clip(k)}
-
-        def loss_fn(model, b, *mode):  # Ctrl-C when step `stop` begins
-            calls.append(mode)
-            if len(calls) == stop:
-                raise KeyboardInterrupt
-            return qat(model, b, *mode)
-
-        with contextlib.suppress(KeyboardInterrupt):
-            runtime.run_training(student, loss_fn, feats, cfg, log=log.append, checkpoint=checkpoint, save_every=1)
-        return [r["loss"] for r in log if "loss" in r], student.state_dict(), calibration
+        log, _ = train_stopped(student, qat, feats, cfg, stop, checkpoint)
+        return [r["loss"] for r in log], student.state_dict(), calibration
 
     losses, weights, calibration = run()
     assert len(losses) == 8 and len(calibration) > 0
