@@ -239,13 +239,9 @@ def bench_phases(args, task, teacher, batch):
         return model
 
     def quantized(wbits, abits, training=True):
-        """A student with --act_scale's activation scales; learned clips are set by the batch, as by a run's first."""
+        """A student with --act_scale's activation scales."""
         act_scale = act_scale_of(args) if abits < 32 else "batch"
-        model = qatkd.quantize_student(teacher, wbits, abits, act_scale=act_scale)
-        if act_scale == "learned":
-            with torch.no_grad():
-                model.eval()(**qatkd.model_inputs(model, batch))
-        return model.train(training)
+        return qatkd.quantize_student(teacher, wbits, abits, act_scale=act_scale).train(training)
 
     wa, kds = f"W{args.wbits}A{args.abits}", ("map", "score", "output", "unified")
     shared = {}  # one student and optimizer for the four KD modes: memory for one, not four
@@ -423,7 +419,7 @@ def serving_rows(rounds):
 def serving(args, argv=()):
     """--serving RUN_DIR: the table a user deciding how to ship needs. The run's teacher (PyTorch fp32,
     ONNX Runtime fp32, ONNX Runtime's dynamic int8 quantization of it) and its student (int8 backend,
-    ONNX Runtime; with the scales it is served with, models.deploy_act_scale: per example, or learned),
+    ONNX Runtime; with the scales it is served with, models.deploy_act_scale: per example where the family has them),
     each alone in a fresh process: dev metrics, file bytes, weight bytes in memory, latency at batch 1
     (median over 200 dev examples one at a time, after 10 untimed), throughput at batch 32 (the dev set
     in file order, after one untimed batch), peak resident memory. args.serving_rounds rounds over the five models, so that a slow spell of a

@@ -36,12 +36,12 @@ RECIPE_TAGS = (("lr", 2e-5, "lr"), ("epochs", 3.0, "ep"))
 
 def recipe_suffix(args):
     """-lrX and -epN for a learning rate or a number of epochs other than the paper's (2e-5, 3); -tiMODESTEPS
-    with Teacher Intervention; -actexample or -actlearned for per-example or learned activation scales; -trainN for a
-    training subset; -augN for TinyBERT's data augmentation."""
+    with Teacher Intervention; -actexample for per-example activation scales; -trainN for a training subset;
+    -augN for TinyBERT's data augmentation."""
     return ("".join(f"-{tag}{getattr(args, name):g}" for name, default, tag in RECIPE_TAGS
                     if getattr(args, name) != default)
             + (f"-ti{args.ti}{args.ti_steps}" if getattr(args, "ti", None) else "")
-            + (f"-act{args.act_scale}" if getattr(args, "act_scale", None) in ("example", "learned") else "")
+            + ("-actexample" if getattr(args, "act_scale", None) == "example" else "")
             + (f"-train{args.train_examples}" if getattr(args, "train_examples", None) else "")
             + (f"-aug{args.augment}" if getattr(args, "augment", None) else ""))
 
@@ -174,21 +174,9 @@ def is_main():
 def student_for(env, args):
     """The quantized student of a run; with --recompute each layer is recomputed in backward
     (transformers' activation checkpointing, non-reentrant: the same numbers in less memory)."""
-    student = calibrated(env, args, qatkd.quantize_student(env.teacher, args.wbits, args.abits,
-                                                           act_scale=args.act_scale or "batch"))
+    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits, act_scale=args.act_scale or "batch")
     if args.recompute:
         student.activation_checkpointing_enable({"use_reentrant": False})
-    return student
-
-
-def calibrated(env, args, student):
-    """The student with its PACT clips (--act_scale learned) set from the training set's first batch in file
-    order (the same for every seed, so a sweep's PTQ row is every run's start), in eval mode (no dropout, no
-    random draw), before the dev set or training sees it; any other student as it is."""
-    if student.qatkd_bits["act_scale"] == "learned":
-        batch = next(qatkd.batches(env.train, args.batch_size, env.pad_id, device=args.device, pad_to=pad_to(args)))
-        with torch.no_grad():
-            student.eval()(**qatkd.model_inputs(student, batch))
     return student
 
 
@@ -292,8 +280,7 @@ def recovery(env, student, args):
 
 def ptq_baseline(env, args):
     """The quantized student before any training: dev score and attention-recovery diagnostics."""
-    student = calibrated(env, args, qatkd.quantize_student(env.teacher, args.wbits, args.abits,
-                                                           act_scale=args.act_scale or "batch"))
+    student = qatkd.quantize_student(env.teacher, args.wbits, args.abits, act_scale=args.act_scale or "batch")
     metrics = evaluate(env, student, args, "eval PTQ")
     print(f"student W{args.wbits}A{args.abits} before QAT    {fmt(metrics)}")
     return {"metrics": metrics, "recovery": recovery(env, student, args)}

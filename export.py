@@ -140,53 +140,12 @@ def export_quantized(student, path, tokenizer=None):
     return sizes
 
 
-def is_clip(key):
-    """Whether a state-dict key is a PACT clip's alpha (act_scale "learned"): a Linear's or an attention's."""
-    return key.endswith(".alpha") and (key.endswith(".act_quant.alpha") or ".quantize_act." in key)
-
-
-def trained_act_scale(path):
-    """The act_scale a student folder (student/ or student_packed/) was trained with; None if it holds none."""
-    path = Path(path)
-    if (path / "quantization.json").is_file():
-        return json.loads((path / "quantization.json").read_text()).get("act_scale", "batch")
-    file = packed_file(path)
-    return None if file is None else json.loads(safetensors_metadata(file)["qatkd"]).get("act_scale", "batch")
-
-
-def check_act_scale(trained, act_scale, path):
-    """act_scale, unless it would serve a student with scales of another kind than it learned: a student
-    trained with learned clips (PACT) runs only with them, and no other student has any to run with."""
-    if (trained == "learned") != (act_scale == "learned"):
-        fix = ("leave act_scale out: its learned clips are its scales" if trained == "learned" else
-               "it has no learned clips; use batch or example")
-        raise ValueError(f"{path} was trained with act_scale {trained}, not servable with act_scale {act_scale}: {fix}")
-    return act_scale
-
-
-def clip_value(tensors, key, path):
-    """The learned clip alpha stored under key in tensors (a state dict): there and a positive number, or refused."""
-    alpha = tensors.get(key)
-    if alpha is None:
-        raise ValueError(f"{path} lacks the learned clip {key}: save or export the student again from its run")
-    if alpha.dim() != 0 or not (torch.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"{path}: the learned clip {key} is {alpha.tolist()}, not a positive number")
-    return alpha
-
-
-def load_clips(student, tensors, path):
-    """Load a student's PACT clips (act_scale "learned") from tensors, a state dict; each must be there (clip_value)."""
-    student.load_state_dict({k: clip_value(tensors, k, path) for k in student.state_dict() if is_clip(k)}, strict=False)
-    return student
-
-
 def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=None):
     """Rebuild an exported student.
 
     act_scale: None (as it was trained), "batch" (one scale per tensor over the batch, padding
     included: the original's) or "example" (one per example over its real tokens: a prediction that
-    depends on its input only, as a served model's must); a student trained with "learned" clips (PACT)
-    runs with them only, in the fake backend (check_act_scale). kernel: IntLinear's integer matmul (None:
+    depends on its input only, as a served model's must). kernel: IntLinear's integer matmul (None:
     the device's best, int8_kernel).
 
     backend "fake": dequantized fp32 weights, activations fake-quantized as in training; logits
@@ -215,14 +174,13 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     act_scale = act_scale or meta.get("act_scale", "batch")
     if act_scale not in qatkd.ACT_SCALES:
         raise ValueError(f"unknown activation scale {act_scale!r}; use one of {qatkd.ACT_SCALES}")
-    check_act_scale(meta.get("act_scale", "batch"), act_scale, path)
     config = AutoConfig.from_pretrained(path)
     if act_scale == "example" and not qatkd.model_family(config).per_example:
         raise ValueError(f"per-example activation scales are not available for {config.model_type} (its "
                          "relative-position embeddings share the Linear layers of the tokens); use act_scale batch")
     if backend == "int8" and abits > 8:
         raise ValueError(f"the int8 backend needs activations of 8 bits or fewer; this student has {abits}")
-    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale")) and not is_clip(k)}
+    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale"))}
     codes = {key: unpack_bits(tensors[key + ".codes"], wbits, math.prod(shape)).reshape(shape)
              for key, shape in meta["shapes"].items()}
     if backend == "fake":
@@ -232,8 +190,6 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     model.to(device)  # the integer kernels are chosen for the device the codes live on
     if backend == "fake":
         student = qatkd.quantize_student(model, 32, abits, act_scale=act_scale)
-        if act_scale == "learned":
-            load_clips(student, tensors, path)
     else:
         student, tokens = model, None
         if act_scale == "example":  # each call's token mask, for IntLinear and Q, K, V, P
@@ -249,8 +205,7 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
                 new = IntEmbedding(c, scale, wbits)
             else:
                 new = IntLinear(*signed_codes(c, scale, wbits), old.bias, abits,
-                                None if tokens is None else (lambda: tokens["mask"]), kernel, wbits,
-                                clip_value(tensors, f"{name}.act_quant.alpha", path) if act_scale == "learned" else None)
+                                None if tokens is None else (lambda: tokens["mask"]), kernel, wbits)
             setattr(student.get_submodule(parent), child, new)
         if qatkd.model_family(config).interface:  # attention: int8_attention (P V in integers)
             from transformers import AttentionInterface
@@ -259,20 +214,13 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             AttentionInterface.register("qatkd_int8", int8_attention)
             AttentionMaskInterface.register("qatkd_int8", eager_mask)
             student.set_attn_implementation("qatkd_int8")
-            names, n = {id(m): name for name, m in student.named_modules()}, 2 ** (abits - 1) - 1
             for m in qatkd.self_attention_modules(student):
-                clips = ({w: float(n / clip_value(tensors, f"{names[id(m)]}.quantize_act.{w}.alpha", path).float())
-                          for w in "qkvp"}
-                         if act_scale == "learned" else None)  # static scales n / alpha, in float32 as PACT's
-                m.qatkd_int8 = (n, None if tokens is None else (lambda: tokens["mask"]), clips)
+                m.qatkd_int8 = (2 ** (abits - 1) - 1, None if tokens is None else (lambda: tokens["mask"]))
         else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training
             qatkd.use_qatkd_attention(student)
             for m in qatkd.self_attention_modules(student):
-                m.quantize_act = (qatkd.AttentionClips(abits, device) if act_scale == "learned" else
-                                  (lambda t, _which: qatkd.quantize_uniform(t, abits)) if tokens is None else
-                                  (lambda t, _which: qatkd.quantize_per_example(t, abits, tokens["mask"])))
-            if act_scale == "learned":
-                load_clips(student, tensors, path)
+                m.quantize_act = ((lambda t: qatkd.quantize_uniform(t, abits)) if tokens is None else
+                                  (lambda t: qatkd.quantize_per_example(t, abits, tokens["mask"])))
     student.qatkd_bits = {"wbits": wbits, "abits": abits, "act_scale": act_scale}
     return student.eval()
 
@@ -446,12 +394,10 @@ class IntLinear(nn.Module):
     """A QuantLinear computed in integers: y = (X_q W_q^T) * (c / s_x) + b.
 
     x: [..., in] float -> y: [..., out] float. W_q: int8 codes [out, in] with W = W_q * c (c: the
-    weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) (a learned clip: clamp(x,
-    -alpha, alpha)) are the activation's int8
+    weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) are the activation's int8
     codes with exactly the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor,
     symmetric; per example over its real tokens when tokens, a function returning the batch's [B, S]
-    token mask, is given; static, s_x = (2^(a-1) - 1) / alpha, with a learned PACT clip alpha, as
-    qatkd.PACT). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
+    token mask, is given). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
     uint8 X_q + 128 and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its
     uint8 x int8 products are summed in pairs in int16 and could saturate for |W_q| > 64, so 8-bit
     weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs). Under torch.export (export_onnx,
@@ -459,15 +405,13 @@ class IntLinear(nn.Module):
     as graph ops around matmul_integer.
     """
 
-    def __init__(self, q, step, bias, abits=8, tokens=None, kernel=None, wbits=8, clip=None):
+    def __init__(self, q, step, bias, abits=8, tokens=None, kernel=None, wbits=8):
         # tokens is a function, not the mask holder itself: torch.export replaces dict attributes by copies
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.abits, self.step, self.wbits = abits, step, wbits
-        self.tokens = None if clip is not None else tokens  # a static scale needs no token mask
+        self.abits, self.step, self.tokens, self.wbits = abits, step, tokens, wbits
         self.kernel = kernel or int8_kernel(q.device)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("clip", None if clip is None else clip.detach().to(q.device, torch.float32).clone())
         if self.kernel == "onnx":  # packed wbits codes (>= 0), unpacked by graph ops that ONNX Runtime folds at load
             unsigned = (q.to(torch.int16) + SIGNED_OFFSET[wbits]) // (1 + (wbits == 1))
             self.register_buffer("codes", pack_bits(unsigned, wbits))
@@ -484,17 +428,14 @@ class IntLinear(nn.Module):
         n = 2 ** (self.abits - 1) - 1
         tokens = None if self.tokens is None else self.tokens()
         if torch.compiler.is_exporting():  # ONNX: graph ops, MatMulInteger for X_q W_q^T
-            s = activation_scale(x, n, tokens) if self.clip is None else n / self.clip.to(x.dtype)
+            s = activation_scale(x, n, tokens)
             xs, w = (x * s).clamp(-n, n), self.weight_codes().t()  # X_q = round(xs)
             if tokens is None:
                 y = matmul_integer(xs, w, self.step / s, self.wbits > 4)
             else:  # * c, then / s_x, as below (c / s_x of shape [B, 1, 1] is no scalar)
                 y = matmul_integer(xs, w, x.new_tensor(self.step), self.wbits > 4) / s
             return y if self.bias is None else y + self.bias
-        if self.clip is not None:
-            s = float(n / self.clip.to(x.dtype))  # static: PACT's scale, in x's precision
-            factor = self.step / s
-        elif tokens is None:
+        if tokens is None:
             lo, hi = torch.aminmax(x)
             m = float(torch.maximum(-lo, hi))
             s = n / max(min(m, CLIP), n * torch.finfo(x.dtype).tiny)  # the activation quantizer's scale, per tensor
@@ -533,7 +474,7 @@ class IntLinear(nn.Module):
         return q.to(torch.int8).reshape(self.out_features, -1)
 
     def extra_repr(self):
-        scale = "learned clip" if self.clip is not None else "per tensor" if self.tokens is None else "per example"
+        scale = "per tensor" if self.tokens is None else "per example"
         return f"in_features={self.in_features}, out_features={self.out_features}, abits={self.abits}, {scale}, {self.kernel}"
 
 
@@ -593,29 +534,28 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     Teacher Intervention), with P V summed in integers.
 
     query, key, value: [B, H, S, d_h]; attention_mask: additive [B, 1, S, S] or None. module.qatkd_int8 is
-    (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask, or None for per-tensor scales[, the
-    static scales of learned PACT clips {"q", "k", "v", "p": n / alpha}]).
+    (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask, or None for per-tensor scales).
         Q, K <- Q_a(Q), Q_a(K)                      fake-quantized: codes / s, the values qat_attention uses
         P = softmax(Q K^T / sqrt(d_h) + mask)
         C = (P_q V_q) / s_P / s_V                  P_q in [0, n], V_q in [-n, n]: the codes of Q_a(P), Q_a(V)
     C is qat_attention's Q_a(P) Q_a(V) with its sum exact (integers) instead of rounded in float. With
-    scalar scales (per tensor, or learned) C = (P_q V_q) * (1 / (s_P s_V)), as ONNX Runtime's
+    per-tensor (scalar) scales C = (P_q V_q) * (1 / (s_P s_V)), as ONNX Runtime's
     MatMulIntegerToFloat computes it (matmul_codes).
     Returns (C as [B, S, H, d_h], P).
     """
-    n, tokens, clips = (*module.qatkd_int8, None)[:3]
+    n, tokens = module.qatkd_int8
     tokens = None if tokens is None else tokens()
 
-    def codes(x, which, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
-        s = activation_scale(x, n, tokens) if clips is None else clips[which]
+    def codes(x, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
+        s = activation_scale(x, n, tokens)
         return quantize_codes((x * s).clamp(lo, n), lo == 0), s
 
-    (q, s_q), (k, s_k), (v, s_v) = codes(query, "q"), codes(key, "k"), codes(value, "v")
+    (q, s_q), (k, s_k), (v, s_v) = codes(query), codes(key), codes(value)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     # not DequantizeLinear: ONNX Runtime would fuse it into an int8 x int8 Q K^T that saturates int16 sums
     scores = torch.matmul(q.float() / s_q, (k.float() / s_k).transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
-    p, s_p = codes(probs, "p", 0)
+    p, s_p = codes(probs, 0)
     if tokens is None:  # scalar scales: the rescale inside ONNX Runtime's MatMulIntegerToFloat, * (1 / (s_P s_V))
         ctx = matmul_codes(p, v, torch.as_tensor(1 / (s_p * s_v), dtype=torch.float32, device=query.device))
     else:
@@ -647,7 +587,7 @@ def export_onnx(path, out, act_scale="example"):
     batch and length dynamic; output logits [B, C]. Every quantized Linear is packed weight codes
     (unpacked to int8 [in, out] by nodes ONNX Runtime folds at load) and an integer product on the
     activation's codes (per example over the real tokens with act_scale "example", per tensor with
-    "batch", static with "learned"), rescaled once (matmul_integer, fuse_integer_rescale); attention's P V is a MatMulInteger
+    "batch"), rescaled once (matmul_integer, fuse_integer_rescale); attention's P V is a MatMulInteger
     on the codes of P and V (int8_attention); the word embedding is gathered from its packed codes.
     Returns the path of model.onnx.
     """

@@ -139,10 +139,7 @@ def save_student(student, path, tokenizer=None):
 
 def load_student(path, act_scale=None):
     """Rebuild a student saved by save_student: the architecture, its latent weights, re-quantized
-    (activation scales as trained, or act_scale: "batch" or "example"; a student trained with learned
-    clips only with them, export.check_act_scale)."""
-    import export
-
+    (activation scales as trained, or act_scale: "batch" or "example")."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -156,24 +153,16 @@ def load_student(path, act_scale=None):
     if untied:
         raise ValueError(f"{weights} lacks {len(untied)} of the student's tensors ({untied[0]}, ...); it is not this "
                          "student's weights file")
-    trained = bits.get("act_scale", "batch")
-    act_scale = export.check_act_scale(trained, act_scale or trained, path)
-    student = qatkd.quantize_student(model.eval(), bits["wbits"], bits["abits"], act_scale=act_scale)
-    if act_scale == "learned":  # the PACT clips, which the plain architecture has no place for
-        export.load_clips(student, load_file(weights), weights)
-    return student
+    return qatkd.quantize_student(model.eval(), bits["wbits"], bits["abits"], act_scale=act_scale or bits.get("act_scale", "batch"))
 
 
 def deploy_act_scale(path):
-    """The activation scales a student is served with: its learned clips if it learned them, else per example
-    (an answer independent of its batch), or per batch for a family that has no per-example scales (DeBERTa)."""
-    import export
+    """The activation scales a student is served with: per example (an answer independent of its batch),
+    or per batch for a family that has no per-example scales (DeBERTa)."""
     from transformers import AutoConfig
 
     if not (Path(path) / "config.json").is_file():
         return "example"  # not a model folder: load_any_student says so
-    if export.trained_act_scale(path) == "learned":
-        return "learned"
     return "example" if qatkd.model_family(AutoConfig.from_pretrained(path)).per_example else "batch"
 
 

@@ -8,8 +8,7 @@ A reference implementation of
 
 This file is the method and only the method, top to bottom in data-flow order:
 
-    1. quantizers              ternary, binary and uniform k-bit, with the clipped straight-through estimator;
-                               PACT's learned activation clip
+    1. quantizers              ternary, binary and uniform k-bit, with the clipped straight-through estimator
     2. quantized modules       QuantLinear, QuantEmbedding, the quantized self-attention
     3. student and internals   FAMILIES (one row per encoder family), quantize_student, forward_internals
     4. KD losses               prediction, hidden states, attention scores (TernaryBERT), attention map
@@ -58,21 +57,17 @@ class ClipSTE(torch.autograd.Function):
 
         forward:  q = levels(clamp(x, -clip, clip))        x: any shape; levels: x_c -> q, same shape
         backward: dL/dx = dL/dq * 1[|x| < clip]             thresholds and scales get no gradient
-    A learned clip (a 0-dim tensor, PACT's alpha) gets dL/dclip = sum of dL/dq * sign(x) over |x| >= clip.
     """
 
     @staticmethod
     def forward(ctx, x, levels, clip):
-        ctx.learned = torch.is_tensor(clip)  # a learned clip's gradient needs sign(x) where x is clipped
-        ctx.save_for_backward(torch.where(x.abs() >= clip, x.sign(), 0).to(torch.int8) if ctx.learned else x.abs() < clip)
+        ctx.save_for_backward(x.abs() < clip)
         return levels(x.clamp(-clip, clip))
 
     @staticmethod
     def backward(ctx, grad):
-        (saved,) = ctx.saved_tensors
-        if ctx.learned:
-            return torch.where(saved == 0, grad, 0.0), None, (grad * saved).sum()
-        return torch.where(saved, grad, 0.0), None, None
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, 0.0), None, None
 
 
 def ternarize(w, per_row=False, clip=CLIP):
@@ -155,47 +150,6 @@ def quantize_per_example(x, bits, tokens, clip=CLIP):
     return ClipSTE.apply(x, levels, clip)
 
 
-class PACT(nn.Module):
-    """A learned clip alpha for one activation (PACT, Choi et al. 2018; symmetric, as BinaryBERT's): a static
-    scale, learned with the weights, instead of the per-tensor max |x|. x: any shape; alpha: a 0-dim parameter
-        x_c = clamp(x, -alpha, alpha);   s = (2^(k-1) - 1) / alpha;   q = round(x_c * s) / s
-    Gradient (PACT's estimator): dL/dx = dL/dq where |x| < alpha, else 0; dL/dalpha = sum of dL/dq * sign(x)
-    over |x| >= alpha. alpha starts as min(max |x|, 2.5) of the first batch it sees (q is quantize_uniform's
-    there, to the bit): show it a training batch first. A loaded alpha is kept (loading clears `calibrate`).
-    """
-
-    def __init__(self, device=None):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.tensor(float("nan"), device=device))
-        self.calibrate = True  # a flag, not alpha.isnan(): no device sync per call
-
-    def forward(self, x, bits):
-        if self.calibrate:  # the first batch sets alpha
-            with torch.no_grad():
-                self.alpha.copy_(x.abs().max().clamp(max=CLIP))
-            self.calibrate = False
-        n = 2 ** (bits - 1) - 1
-        alpha = self.alpha.to(x.dtype)  # at least n * tiny (an all-zero first batch: q = 0), gradient straight through
-        a = alpha.detach().clamp_min(n * torch.finfo(x.dtype).tiny) + (alpha - alpha.detach())
-        s = n / a.detach()
-        return ClipSTE.apply(x, lambda xc: torch.round(xc * s) / s, a)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.calibrate = False
-
-
-class AttentionClips(nn.ModuleDict):
-    """One PACT clip for each of self-attention's quantized tensors: clips(t, which), which in "q", "k", "v", "p"."""
-
-    def __init__(self, bits, device=None):
-        super().__init__({which: PACT(device) for which in "qkvp"})
-        self.bits = bits
-
-    def forward(self, t, which):
-        return self[which](t, self.bits)
-
-
 def quantize_weight(w, bits, per_row=False):
     """Weight quantizer by bit width: 1 binary, 2 ternary, 4 and 8 uniform, 32 full precision."""
     if bits == 32:
@@ -264,8 +218,7 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
 
     Called through transformers' attention interface (use_qatkd_attention); teacher and student both
     use it. query, key, value: [B, H, S, d_h]; attention_mask: additive [B, 1, S, S] or None.
-    module.quantize_act(t, which) is Q_a of Q, K, V or P (which: "q", "k", "v", "p"; set by quantize_student;
-    absent in a teacher: no quantization):
+    module.quantize_act is Q_a (set by quantize_student; absent in a teacher: no quantization):
         Q, K, V <- Q_a(Q), Q_a(K), Q_a(V)
         A = Q K^T / sqrt(d_h)                  scores                            [B, H, S, S]
         P = softmax(A + mask)                  attention map                     [B, H, S, S]
@@ -275,14 +228,14 @@ def qat_attention(module, query, key, value, attention_mask, scaling=None, dropo
     student's own, for the losses. While forward_internals runs, (A, P, C) are recorded: the scores
     without the additive mask, the map before dropout and quantization. Returns (C as [B, S, H, d_h], P).
     """
-    quant = getattr(module, "quantize_act", None) or (lambda t, _: t)
+    quant = getattr(module, "quantize_act", None) or (lambda t: t)
     mode, teacher = getattr(module, "qatkd_feed", (None, None))
-    q, k, v = quant(query, "q"), quant(key, "k"), quant(value, "v")
+    q, k, v = quant(query), quant(key), quant(value)
     scaling = q.size(-1) ** -0.5 if scaling is None else scaling
     scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
     used = next(teacher) if mode == "map" else probs  # Teacher Intervention "map": the teacher's P_t
-    ctx = torch.matmul(quant(F.dropout(used, p=dropout, training=module.training), "p"), v)
+    ctx = torch.matmul(quant(F.dropout(used, p=dropout, training=module.training)), v)
     ctx = next(teacher) if mode == "context" else ctx  # Teacher Intervention "context": the teacher's C_t
     record_attention(module, scores, probs, ctx)
     return ctx.transpose(1, 2).contiguous(), probs
@@ -315,11 +268,11 @@ def deberta_attention(module, hidden_states, attention_mask, output_attentions=F
     """
     from transformers.models.deberta_v2.modeling_deberta_v2 import scaled_size_sqrt
 
-    quant, heads = getattr(module, "quantize_act", None) or (lambda t, _: t), module.num_attention_heads
+    quant, heads = getattr(module, "quantize_act", None) or (lambda t: t), module.num_attention_heads
     query_states = hidden_states if query_states is None else query_states
-    q = quant(module.transpose_for_scores(module.query_proj(query_states), heads), "q")
-    k = quant(module.transpose_for_scores(module.key_proj(hidden_states), heads), "k")
-    v = quant(module.transpose_for_scores(module.value_proj(hidden_states), heads), "v")
+    q = quant(module.transpose_for_scores(module.query_proj(query_states), heads))
+    k = quant(module.transpose_for_scores(module.key_proj(hidden_states), heads))
+    v = quant(module.transpose_for_scores(module.value_proj(hidden_states), heads))
     scale_factor = 1 + ("c2p" in module.pos_att_type) + ("p2c" in module.pos_att_type)
     scores = torch.bmm(q, k.transpose(-1, -2) / scaled_size_sqrt(q, scale_factor).to(dtype=q.dtype))
     if module.relative_attention:
@@ -329,7 +282,7 @@ def deberta_attention(module, hidden_states, attention_mask, output_attentions=F
     probs = torch.softmax(scores.masked_fill(~attention_mask.bool(), torch.finfo(q.dtype).min), dim=-1)
     mode, teacher = getattr(module, "qatkd_feed", (None, None))  # Teacher Intervention, as in qat_attention
     dropped = F.dropout(next(teacher) if mode == "map" else probs, p=module.dropout.p, training=module.training)
-    ctx = torch.matmul(quant(dropped.view(-1, probs.size(-2), probs.size(-1)), "p"), v)  # [B*H, S, d_h]
+    ctx = torch.matmul(quant(dropped.view(-1, probs.size(-2), probs.size(-1))), v)  # [B*H, S, d_h]
     ctx = next(teacher) if mode == "context" else ctx.view(probs.shape[:-1] + ctx.shape[-1:])  # [B, H, S, d_h]
     record_attention(module, scores, probs, ctx)
     ctx = ctx.permute(0, 2, 1, 3).contiguous()
@@ -441,7 +394,7 @@ def use_qatkd_attention(model):
     return model
 
 
-ACT_SCALES = ("batch", "example", "learned")
+ACT_SCALES = ("batch", "example")
 
 
 def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_scale="batch"):
@@ -456,10 +409,7 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
       token-type and relative-position embeddings.
     act_quant(x, bits): the activation quantizer of every Linear input and of Q, K, V, P. act_scale
     "batch": its scale per tensor over the whole batch, padding included (the original's); "example":
-    quantize_per_example, the batch's attention_mask taken from each call; "learned": each Linear's
-    input, and each attention's Q, K, V and P, through its own PACT clip (static scales, so an answer
-    does not depend on its batch; each alpha set by the first batch the student sees; ALBERT's shared
-    layer: by its first call, for all N). The latent weights start as
+    quantize_per_example, the batch's attention_mask taken from each call. The latent weights start as
     the teacher's; with wbits = abits = 32 the student computes what the teacher does.
     """
     if wbits not in WEIGHT_BITS:
@@ -468,10 +418,8 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
         raise ValueError(f"unsupported activation bit width {abits}; use 2..16, or 32 for full precision")
     if act_scale not in ACT_SCALES:
         raise ValueError(f"unknown activation scale {act_scale!r}; use one of {ACT_SCALES}")
-    if act_scale == "learned" and abits == 32:
-        raise ValueError("act_scale='learned' clips quantized activations; with abits=32 there are none: use abits 2..16")
-    if act_scale != "batch" and act_quant is not quantize_uniform:
-        raise ValueError(f"act_scale={act_scale!r} chooses the quantizer itself; pass act_quant or act_scale, not both")
+    if act_scale == "example" and act_quant is not quantize_uniform:
+        raise ValueError("act_scale='example' quantizes with quantize_per_example; pass act_quant or act_scale, not both")
     family = model_family(teacher.config)
     if act_scale == "example" and not family.per_example:
         raise ValueError(f"per-example activation scales are not available for {teacher.config.model_type} (its "
@@ -485,8 +433,7 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
     for parent in list(student.modules()):
         for name, child in parent.named_children():
             if type(child) is nn.Linear and child is not keep:
-                quant = PACT(child.weight.device) if act_scale == "learned" else act_quant
-                q = QuantLinear(child.in_features, child.out_features, child.bias is not None, wbits, abits, quant,
+                q = QuantLinear(child.in_features, child.out_features, child.bias is not None, wbits, abits, act_quant,
                                 device="meta")
                 q.weight, q.bias = child.weight, child.bias
                 setattr(parent, name, q)
@@ -496,8 +443,7 @@ def quantize_student(teacher, wbits=2, abits=8, act_quant=quantize_uniform, act_
     student.set_input_embeddings(qemb)
     for m in self_attention_modules(student):
         # DEVIATION (activation bits): abits governs Q, K, V and P too; the original always quantizes those to 8 bits
-        m.quantize_act = (None if abits == 32 else AttentionClips(abits, emb.weight.device)
-                          if act_scale == "learned" else (lambda t, _which=None, bits=abits: act_quant(t, bits)))
+        m.quantize_act = None if abits == 32 else (lambda t, bits=abits: act_quant(t, bits))
     student.qatkd_bits = {"wbits": wbits, "abits": abits, "act_scale": act_scale}
     return student
 

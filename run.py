@@ -27,7 +27,7 @@ KD_MODES = ("pred", "score", "map", "output", "unified")  # qatkd.KD_MODES
 WEIGHT_BITS = (1, 2, 4, 8, 32)  # qatkd.WEIGHT_BITS
 OPTIMIZERS = ("bertadam", "adamw")  # qatkd.OPTIMIZERS
 TI_MODES = ("gradual", "map", "context", "output")  # qatkd.TI_MODES
-ACT_SCALES = ("batch", "example", "learned")  # qatkd.ACT_SCALES
+ACT_SCALES = ("batch", "example")  # qatkd.ACT_SCALES
 PAPER = {"epochs": 3.0, "lr": 2e-5, "warmup": 0.1, "seed": 42, "max_steps": 0}  # qatkd.TrainConfig's defaults
 # --recipe: the settings each recipe changes (flags given on the command line win). best: chosen on MRPC
 # (RESULTS.md, "Closing the gap to the teacher"): 5x the paper's learning rate, the same steps and time
@@ -68,10 +68,9 @@ def build_parser():
                    help="add this times the ground-truth cross-entropy to the KD loss (paper: 0). Default: 0")
     g.add_argument("--act_scale", default=None, choices=ACT_SCALES,
                    help="activation scales: batch (one per tensor over the whole batch, padding included: the "
-                        "original's), example (one per example over its real tokens: an answer that does not "
-                        "depend on its batch) or learned (every activation clipped at its own learned alpha, PACT: "
-                        "static scales). Default: batch for training, example for --eval_export and --export_onnx "
-                        "(learned for a student trained so)")
+                        "original's) or example (one per example over its real tokens: an answer that does not "
+                        "depend on its batch). Default: batch for training, example for --eval_export and "
+                        "--export_onnx")
     g.add_argument("--ti", default=None, choices=TI_MODES,
                    help="Teacher Intervention (Kim et al., EACL 2023): for the first --ti_steps steps the "
                         "teacher's attention outputs (output), contexts (context) or maps (map) replace the "

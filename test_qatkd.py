@@ -558,117 +558,8 @@ def test_per_example_scales_do_not_depend_on_the_batch(tiny_dir):
     assert not torch.allclose(batch_scale(**batch).logits, alone(batch_scale), atol=1e-5)  # the original's
     with pytest.raises(ValueError, match="activation scale"):
         qatkd.quantize_student(teacher, act_scale="token")
-    for act_scale in ("example", "learned"):  # never silently ignored
-        with pytest.raises(ValueError, match="pass act_quant or act_scale, not both"):
-            qatkd.quantize_student(teacher, act_quant=lambda x, bits: x, act_scale=act_scale)
-
-
-def test_pact_clip_quantizes_and_learns_as_its_formula():
-    """PACT: on its first batch alpha = min(max |x|, 2.5) and q is quantize_uniform's to the bit; then a
-    static scale, with x's gradient straight through inside the clip and alpha's sum(dL/dq sign(x)) outside."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 6, 5, generator=g) * 1.5
-    clip = qatkd.PACT()
-    assert torch.equal(clip(x, 8), qatkd.quantize_uniform(x, 8))
-    assert clip.alpha.item() == min(x.abs().max().item(), qatkd.CLIP)
-    x2 = (torch.randn(4, 6, 5, generator=g) * 3).requires_grad_()
-    w = torch.randn(4, 6, 5, generator=g)
-    (clip(x2, 4) * w).sum().backward()
-    a, xr = clip.alpha.detach().clone().requires_grad_(), x2.detach().clone().requires_grad_()
-    ref = torch.where(xr.abs() < a, xr, xr.sign() * a)  # clamp(x, -alpha, alpha), differentiable in alpha
-    s = 7 / a.detach()
-    assert torch.equal(clip(x2.detach(), 4), torch.round(ref.detach() * s) / s)
-    assert (xr.abs() >= a).any() and (xr.abs() < a).any()
-    (ref * w).sum().backward()  # PACT's estimator: the rounding passes gradients straight through
-    assert torch.equal(x2.grad, xr.grad) and torch.equal(x2.grad, torch.where(xr.abs() < a.detach(), w, 0.0))
-    assert torch.allclose(clip.alpha.grad, a.grad, rtol=1e-6) and clip.alpha.grad != 0
-    assert torch.equal(qatkd.PACT()(torch.zeros(2, 3), 8), torch.zeros(2, 3))  # an all-zero first batch: zeros, not NaN
-    for alpha in (0.0, -0.3):  # after an all-zero first batch, a step can push alpha to 0 or below: q stays about 0
-        with torch.no_grad():
-            clip.alpha.fill_(alpha)
-        assert clip(x, 8).abs().max() < 1e-30
-
-
-@pytest.mark.parametrize("arch", list(FAMILY_CONFIGS))
-def test_learned_clips_in_every_family(arch, tmp_path):
-    """act_scale="learned": every QuantLinear and each attention's Q, K, V and P its own PACT clip, set by the
-    first batch (where the student computes what the paper's per-batch student does, bit for bit); an example's
-    logits then do not depend on its batch; trained (alpha gets gradients, no decay);
-    saved and reloaded with its clips (student/, student_packed/ in both backends, ONNX); refused with other scales."""
-    task = data.TASKS["mrpc"]
-    model_dir = write_tiny_model(tmp_path / arch, arch, dropout=0.0)
-    torch.manual_seed(0)
-    teacher, tok, _ = models.load_teacher(str(model_dir), task)
-    b = family_batch(tok)
-    student = qatkd.quantize_student(teacher.eval(), 2, 8, act_scale="learned").eval()
-    linears = [m for m in student.modules() if isinstance(m, qatkd.QuantLinear)]
-    attention = [m.quantize_act for m in qatkd.self_attention_modules(student)]
-    clips = [m.act_quant for m in linears] + [c for a in attention for c in a.values()]
-    assert len(attention) == (1 if arch == "albert" else teacher.config.num_hidden_layers)
-    assert all(isinstance(c, qatkd.PACT) for c in clips) and len({id(c) for c in clips}) == len(linears) + 4 * len(attention)
-    with torch.no_grad():
-        first = student(**b).logits
-    per_batch = qatkd.quantize_student(teacher, 2, 8).eval()(**b).logits
-    # ALBERT's one layer runs N times: its clips are set by its first call and hold for the others
-    assert torch.equal(first, per_batch) != (arch == "albert")
-    assert all(0 < c.alpha.item() <= qatkd.CLIP for c in clips)
-    other = {k: v.flip(0) for k, v in b.items()}  # other batches: static clips, not the batch's max
-    with torch.no_grad():
-        alone = torch.cat([student(**{k: v[i:i + 1, :int(n)] for k, v in other.items()}).logits
-                           for i, n in enumerate(other["attention_mask"].sum(-1))])
-        assert torch.allclose(student(**other).logits, alone, atol=1e-5)
-    cfg = qatkd.TrainConfig(lr=1e-3)
-    opt, _ = qatkd.make_optimizer(student, cfg, 10)
-    assert all(any(p is c.alpha for p in grp["params"]) == (grp["weight_decay"] == 0) for c in clips[:1]
-               for grp in opt.param_groups)
-    student.train()
-    loss = torch.nn.functional.cross_entropy(student(**other).logits, torch.tensor([0, 1, 1]))
-    loss.backward()
-    assert sum(c.alpha.grad.abs().item() > 0 for c in clips) > len(clips) // 2
-    opt.step()
-    student.eval()
-    with torch.no_grad():
-        logits = student(**other).logits
-    models.save_student(student, tmp_path / "student", tok)
-    export.export_quantized(student, tmp_path / "packed", tok)
-    for path, load in ((tmp_path / "student", models.load_student), (tmp_path / "packed", export.load_quantized)):
-        assert models.deploy_act_scale(path) == "learned"
-        with torch.no_grad():
-            assert torch.equal(load(path).eval()(**other).logits, logits), path
-        with pytest.raises(ValueError, match="was trained with act_scale learned, not servable with act_scale example"):
-            load(path, act_scale="example")
-    with torch.no_grad():  # the integer backend, to float rounding; its scales static too
-        int8 = export.load_quantized(tmp_path / "packed", "int8")
-        assert torch.allclose(int8(**other).logits, logits, atol=0.05), (int8(**other).logits - logits).abs().max()
-        assert torch.allclose(int8(**other).logits, torch.cat([int8(**{k: v[i:i + 1, :int(n)] for k, v in other.items()})
-                              .logits for i, n in enumerate(other["attention_mask"].sum(-1))]), atol=1e-5)
-    if arch == "bert":  # and ONNX: static scales, no reductions for them; the int8 backend's logits
-        import onnx
-
-        path = export.export_onnx(tmp_path / "packed", tmp_path / "onnx", act_scale="learned")
-        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-        assert "ReduceMax" not in ops and ops.count("MatMulIntegerToFloat") == len(linears) + 2  # and P V per layer
-        with torch.no_grad():
-            got = export.OnnxStudent(tmp_path / "onnx")(**other).logits
-        assert torch.allclose(got, int8(**other).logits, atol=1e-5), (got - int8(**other).logits).abs().max()
-    export.export_quantized(qatkd.quantize_student(teacher, 2, 8), tmp_path / "batch", tok)
-    with pytest.raises(ValueError, match="no learned clips"):
-        export.load_quantized(tmp_path / "batch", act_scale="learned")
-    with pytest.raises(ValueError, match="with abits=32 there are none"):
-        qatkd.quantize_student(teacher, 2, 32, act_scale="learned")
-    if arch == "bert":  # a packed file that lost a clip, or holds a useless one, is refused by both backends
-        from safetensors.torch import load_file, save_file
-
-        file = export.packed_file(tmp_path / "packed")
-        meta, tensors = export.safetensors_metadata(file), load_file(file)
-        for kind in (".quantize_act.", ".act_quant."):  # an attention's clip, a Linear's
-            key = next(k for k in tensors if export.is_clip(k) and kind in k)
-            for broken, message in (({k: v for k, v in tensors.items() if k != key}, f"lacks the learned clip {key}"),
-                                    ({**tensors, key: torch.tensor(float("nan"))}, "not a positive number")):
-                save_file(broken, str(file), metadata=meta)
-                for backend in ("fake", "int8"):
-                    with pytest.raises(ValueError, match=message):
-                        export.load_quantized(tmp_path / "packed", backend)
+    with pytest.raises(ValueError, match="pass act_quant or act_scale, not both"):  # never silently ignored
+        qatkd.quantize_student(teacher, act_quant=lambda x, bits: x, act_scale="example")
 
 
 def test_bad_bit_widths(tiny_dir):
@@ -1270,36 +1161,6 @@ def test_teacher_intervention_phases_and_resume(tiny_dir, tmp_path):
         assert all(torch.equal(resumed[k], weights[k]) for k in weights), stop
 
 
-def test_learned_clips_resume_to_the_uninterrupted_run(tiny_dir, tmp_path):
-    """A run with learned clips (PACT) stopped after a checkpoint and resumed ends with the uninterrupted run's
-    weights and clips: the fresh student is calibrated first (as experiment.calibrated does), then the
-    checkpoint's alphas, and their optimizer state, replace the calibration."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
-    feats = data.tokenize(data.load_glue(data.TASKS["mrpc"], write_tiny_mrpc(tmp_path / "d", 64, 8))["train"], tok, 32)
-    cfg = qatkd.TrainConfig(epochs=1, batch_size=8, seed=3, lr=1e-2)  # 8 steps
-    teacher = classifier(tiny_dir)
-    qat = qatkd.qat_loss_fn(teacher, "map")
-
-    def run(stop=None, checkpoint=None):
-        runtime.set_seed(3)
-        student = qatkd.quantize_student(teacher, act_scale="learned")
-        with torch.no_grad():  # calibration: the first batch in file order, in eval mode
-            student.eval()(**qatkd.model_inputs(student, next(qatkd.batches(feats, 8, tok.pad_token_id))))
-        calibration = {k: v.clone() for k, v in student.state_dict().items() if export.is_clip(k)}
-        log, _ = train_stopped(student, qat, feats, cfg, stop, checkpoint)
-        return [r["loss"] for r in log], student.state_dict(), calibration
-
-    losses, weights, calibration = run()
-    assert len(losses) == 8 and len(calibration) > 0
-    assert any(not torch.equal(weights[k], calibration[k]) for k in calibration)  # the clips were trained
-    first, _, _ = run(5, tmp_path / "ckpt.pt")  # the checkpoint holds step 4
-    rest, resumed, _ = run(None, tmp_path / "ckpt.pt")
-    assert first + rest == losses
-    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
-
-
 # ---------------------------------------------------------------------------------------------
 # 8. attention-recovery diagnostics
 # ---------------------------------------------------------------------------------------------
@@ -1586,15 +1447,6 @@ def test_run_py_end_to_end(tmp_path, tiny_dir):
                    "--eval_every", "0"])
     ti_log = (out / "mrpc-map-w2a8-seed42-lr0.001-tioutput2" / "log.jsonl").read_text().splitlines()
     assert m3["steps"] == 5 and [json.loads(r).get("ti") for r in ti_log if '"loss"' in r] == ["output"] * 2 + [None] * 3
-    # learned activation clips (PACT): their own folder; the saved student and its export reproduce the last score
-    m4 = run.main([*map(str, common), "--kd", "map", "--act_scale", "learned", "--max_steps", "3", "--eval_every", "0"])
-    learned = out / "mrpc-map-w2a8-seed42-lr0.001-actlearned"
-    assert data.evaluate(models.load_student(learned / "student"), data.TASKS["mrpc"], dev, 8) == m4["last"]
-    assert run.main(["--eval_export", str(learned / "student_packed"), "--backend", "fake", "--task", "mrpc",
-                     "--data_dir", str(ds), "--batch_size", "8"])["metrics"] == m4["last"]
-    p = run_py("--eval_export", learned / "student_packed", "--task", "mrpc", "--data_dir", ds, "--act_scale", "batch")
-    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].endswith("leave act_scale out: its learned clips "
-                                                                             "are its scales")
     p = run_py(*common, "--kd", "map", "--epochs", "2")
     assert p.returncode != 0 and "already holds a run; pass --resume to continue it, --overwrite" in p.stderr
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics  # nothing lost
@@ -1644,7 +1496,7 @@ def test_int8_attention_quantizes_as_training_does(per_example):
         codes = export.quantize_codes((t * s).clamp(lo, n), lo == 0)
         assert codes.dtype == (torch.uint8 if lo == 0 else torch.int8)
         assert torch.equal(codes.float() / s, fake(t))
-    module = types.SimpleNamespace(training=False, quantize_act=lambda t, _which: fake(t),
+    module = types.SimpleNamespace(training=False, quantize_act=fake,
                                    qatkd_int8=(n, (lambda: tokens) if per_example else None))
     q, k, v = torch.randn(3, B, H, S, X).unbind()
     additive = (1.0 - tokens[:, None, None, :].float()) * torch.finfo(torch.float32).min
@@ -2668,13 +2520,12 @@ def test_real_minilm_mrpc(tmp_path):
 
 
 def test_qatkd_is_the_method_alone():
-    """qatkd.py: at most 1040 lines (1000 for the paper's method and Teacher Intervention, 40 for learned
-    activation clips), imports only the standard library, torch, transformers and tqdm, and holds no
+    """qatkd.py: at most 1000 lines, imports only the standard library, torch, transformers and tqdm, and holds no
     compiled graphs, saved-tensor hooks, formula twins or global switches."""
     import ast
 
     source = Path(qatkd.__file__).read_text()
-    assert len(source.splitlines()) <= 1040
+    assert len(source.splitlines()) <= 1000
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -2876,13 +2727,13 @@ def test_benchmark_runs_and_writes_its_table(tmp_path, tiny_dir):
     if sys.platform == "linux":  # glibc's own peaks: the bytes malloc handed out fit in what it holds, and in the process
         assert all(0 < r["fresh_malloc_in_use_mb"] <= r["fresh_malloc_footprint_mb"] < r["fresh_peak_memory_mb"]
                    for r in rows)
-    # --act_scale: the students have those scales (learned clips set by the batch), in a table of its own
+    # --act_scale: the students have those scales, in a table of its own
     p = run_py("--task", "mrpc", "--benchmark", "--bench_inference", "--teacher", tiny_dir, "--batch_size", "4",
                "--max_len", "16", "--bench_steps", "1", "--bench_warmup", "0", "--output_dir", tmp_path,
-               "--act_scale", "learned")
+               "--act_scale", "example")
     assert p.returncode == 0, p.stderr[-3000:]
-    (table,) = tmp_path.glob("benchmark-*-bert-b4-s16-*-inference-actlearned.json")
-    assert json.loads(table.read_text())["act_scale"] == "learned" and "activation scales learned" in p.stdout
+    (table,) = tmp_path.glob("benchmark-*-bert-b4-s16-*-inference-actexample.json")
+    assert json.loads(table.read_text())["act_scale"] == "example" and "activation scales example" in p.stdout
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
