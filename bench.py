@@ -360,6 +360,8 @@ SERVING = {  # --serving: what is compared, each in a fresh process
     "teacher, ONNX Runtime quantize_dynamic int8": "teacher-onnx-int8",
     "student, PyTorch int8 backend": "student-int8",
     "student, ONNX Runtime": "student-onnx",
+    "student, PyTorch int8 backend, static scales": "student-int8-static",  # a run's export with calibrated clips
+    "student, ONNX Runtime, static scales": "student-onnx-static",
 }
 
 
@@ -419,13 +421,14 @@ def serving_rows(rounds):
 def serving(args, argv=()):
     """--serving RUN_DIR: the table a user deciding how to ship needs. The run's teacher (PyTorch fp32,
     ONNX Runtime fp32, ONNX Runtime's dynamic int8 quantization of it) and its student (int8 backend,
-    ONNX Runtime; with the scales it is served with, models.deploy_act_scale: per example where the family has them),
-    each alone in a fresh process: dev metrics, file bytes, weight bytes in memory, latency at batch 1
-    (median over 200 dev examples one at a time, after 10 untimed), throughput at batch 32 (the dev set
-    in file order, after one untimed batch), peak resident memory. args.serving_rounds rounds over the five models, so that a slow spell of a
-    shared machine falls on every model alike: each speed is the median over rounds, the peak the
-    largest (every round's values are kept in the JSON). The ONNX graphs are made afresh in
-    RUN_DIR/serving/ (teacher/, student/); writes RUN_DIR/serving.{md,json}."""
+    ONNX Runtime; with the scales it is served with by default, models.deploy_act_scale, and with static
+    scales where its export holds calibrated clips), each alone in a fresh process: dev metrics, file
+    bytes, weight bytes in memory, latency at batch 1 (median over 200 dev examples one at a time, after
+    10 untimed), throughput at batch 32 (the dev set in file order, after one untimed batch), peak
+    resident memory. args.serving_rounds rounds over the models, so that a slow spell of a shared
+    machine falls on every model alike: each speed is the median over rounds, the peak the largest
+    (every round's values are kept in the JSON). The ONNX graphs are made afresh in RUN_DIR/serving/
+    (teacher/, student/, student_static/); writes RUN_DIR/serving.{md,json}."""
     import subprocess
 
     from tqdm.auto import tqdm
@@ -434,9 +437,12 @@ def serving(args, argv=()):
     teacher, packed = serving_inputs(run)
     teacher_onnx(teacher, run / "serving" / "teacher")
     export.export_onnx(packed, run / "serving" / "student", act_scale=models.deploy_act_scale(packed))
-    rounds, child = {name: [] for name in SERVING}, [sys.executable, str(Path(__file__).resolve().with_name("run.py")),
-                                                     *argv, "--serving_model"]
-    todo = [(name, kind) for _ in range(args.serving_rounds) for name, kind in SERVING.items()]
+    kinds = {name: kind for name, kind in SERVING.items() if not kind.endswith("static") or export.has_clips(packed)}
+    if "student-onnx-static" in kinds.values():
+        export.export_onnx(packed, run / "serving" / "student_static", act_scale="static")
+    rounds, child = {name: [] for name in kinds}, [sys.executable, str(Path(__file__).resolve().with_name("run.py")),
+                                                   *argv, "--serving_model"]
+    todo = [(name, kind) for _ in range(args.serving_rounds) for name, kind in kinds.items()]
     for name, kind in tqdm(todo, desc="serving: a process per model and round", dynamic_ncols=True):
         try:
             p = subprocess.run(child + [kind], capture_output=True, text=True, timeout=3600)  # a hang guard
@@ -478,12 +484,15 @@ def serving_model(args):
                     "teacher-onnx": (made / "teacher", "model.onnx"),
                     "teacher-onnx-int8": (made / "teacher", "model_int8.onnx"),
                     "student-int8": (packed, export.packed_file(packed).name),
-                    "student-onnx": (made / "student", "model.onnx")}[kind]
+                    "student-onnx": (made / "student", "model.onnx"),
+                    "student-int8-static": (packed, export.packed_file(packed).name),
+                    "student-onnx-static": (made / "student_static", "model.onnx")}[kind]
     file = folder / file
     if kind == "teacher-pytorch":
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    elif kind == "student-int8":
-        model = export.load_quantized(folder, "int8", act_scale=models.deploy_act_scale(folder))
+    elif kind.startswith("student-int8"):
+        model = export.load_quantized(folder, "int8", act_scale="static" if kind.endswith("static") else
+                                      models.deploy_act_scale(folder))
     else:
         model = export.OnnxStudent(folder, threads=torch.get_num_threads(), file=file.name)
     if not args.task and not args.train_file and not args.dataset:  # --validation_file alone: classes by name

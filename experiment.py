@@ -221,7 +221,7 @@ def run_qat(env, args, ptq=None):
                                       args.save_every, started=start)
     result["steps"] = result.pop("step")
     models.save_student(student, run_dir / "student", env.tokenizer)
-    sizes = export_student(env, student, run_dir / "student_packed")
+    sizes = export_student(env, student, run_dir / "student_packed", args)
     qat_recovery = recovery(env, student, args)
     diagnostics.print_recovery(ptq["recovery"], qat_recovery)
     diagnostics.plot_recovery(run_dir / "attention_recovery.png", ptq["recovery"], qat_recovery)
@@ -294,9 +294,11 @@ def log_step(line):
         return float("inf")
 
 
-def export_student(env, student, path):
-    """Packed low-bit export of the student, and a size table against the fp32 teacher."""
-    sizes = export.export_quantized(student, path, env.tokenizer)
+def export_student(env, student, path, args):
+    """Packed low-bit export of the student, with its clips for static scales calibrated on the first
+    training batch in file order (export.calibrate_clips), and a size table against the fp32 teacher."""
+    first = next(qatkd.batches(env.train, args.batch_size, env.pad_id, device=args.device, pad_to=pad_to(args)))
+    sizes = export.export_quantized(student, path, env.tokenizer, export.calibrate_clips(student, first))
     sizes["teacher_fp32_bytes"] = sum(p.numel() * 4 for p in env.teacher.state_dict().values())
     sizes["file_bytes"] = export.packed_file(path).stat().st_size
     sizes["ratio"] = sizes["teacher_fp32_bytes"] / sizes["file_bytes"]

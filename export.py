@@ -2,11 +2,12 @@
 
     export_quantized   the trained student as integer codes packed into bytes plus their scales, and the
                        full-precision parts (LayerNorms, biases, position embeddings, classifier) as they
-                       are, in one safetensors file (no pickle)
+                       are, in one safetensors file (no pickle); calibrate_clips gives it constant
+                       activation clips, calibrated on one training batch, for static scales
     load_quantized     rebuilds it: backend "fake" (fp32 weights set to the quantized values: logits
                        bit-identical to the student's) or "int8" (integer matrix products: IntLinear,
-                       IntEmbedding, int8_attention), with activation scales per batch (the original's)
-                       or per example
+                       IntEmbedding, int8_attention), with activation scales per batch (the original's),
+                       per example, or static (int8 only)
     export_onnx        the same integer student as an ONNX graph (packed weight codes, integer products on
                        the activations' codes), for ONNX Runtime; OnnxStudent runs it, called like the
                        PyTorch model
@@ -14,6 +15,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -104,13 +106,13 @@ def safetensors_metadata(path):
         return f.metadata() or {}
 
 
-def export_quantized(student, path, tokenizer=None):
+def export_quantized(student, path, tokenizer=None, clips=None):
     """Write the student in packed low-bit form to path/ (PACKED_FILE, config, tokenizer).
 
     For each quantized weight W ("name.weight"): "name.weight.codes" (packed uint8),
     "name.weight.scale" (float32, per tensor or per row) and its shape in the metadata; every other
-    tensor of the state dict stays as it is. Returns {"packed_bytes", "fp_bytes"}: bytes of codes
-    and scales, and bytes kept in full precision.
+    tensor of the state dict stays as it is; clips (calibrate_clips), if given, for static scales.
+    Returns {"packed_bytes", "fp_bytes"}: bytes of codes and scales, and bytes kept in full precision.
     """
     from safetensors.torch import save_file
 
@@ -131,6 +133,8 @@ def export_quantized(student, path, tokenizer=None):
         else:
             tensors[key] = value.contiguous()
             sizes["fp_bytes"] += value.numel() * value.element_size()
+    tensors.update({key: torch.tensor(alpha, dtype=torch.float32) for key, alpha in (clips or {}).items()})
+    sizes["fp_bytes"] += 4 * len(clips or {})
     meta = {"qatkd": json.dumps({**bits, "shapes": shapes})}
     with atomic_path(path / PACKED_FILE) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -140,12 +144,74 @@ def export_quantized(student, path, tokenizer=None):
     return sizes
 
 
+SERVED_SCALES = ("batch", "example", "static")  # qatkd.ACT_SCALES, and static: calibrated clips (calibrate_clips)
+
+
+def calibrate_clips(student, batch):
+    """Static activation clips for serving, calibrated on one batch (a run's first training batch in
+    file order): for each quantized Linear's input ("NAME.act_clip") and each self-attention's Q, K, V
+    and P ("NAME.act_clip.q", ...), alpha = min(max |x| over the batch, 2.5), x as the student
+    computes it with its training-time (per-batch) scales. Served with s = (2^(a-1) - 1) / alpha, a
+    constant: no maximum over a tensor at inference, and no answer depends on its batch. ALBERT's
+    shared layer: the largest over its N calls. Returns {key: alpha} for export_quantized(clips=...)."""
+    clips, undo, was_training = {}, [], student.training
+
+    def keep(key, x):  # an all-zero activation gets a small positive clip: its codes are 0 all the same
+        clips[key] = max(clips.get(key, 1e-6), float(x.detach().abs().max().clamp(max=qatkd.CLIP)))
+
+    def recording(name, quant):  # Q, K, V, then P: the order in which qat_attention quantizes them
+        calls = itertools.count()
+
+        def quantize(t):
+            keep(f"{name}.act_clip.{'qkvp'[next(calls) % 4]}", t)
+            return quant(t)
+
+        return quantize
+
+    for name, m in student.named_modules():
+        if isinstance(m, QuantLinear) and m.abits < 32:
+            undo.append(m.register_forward_pre_hook(lambda _m, args, key=f"{name}.act_clip": keep(key, args[0])))
+    quantizers = {name: m.quantize_act for name, m in student.named_modules() if getattr(m, "quantize_act", None)}
+    for name, quant in quantizers.items():
+        student.get_submodule(name).quantize_act = recording(name, quant)
+    try:
+        with torch.no_grad():
+            student.eval()(**qatkd.model_inputs(student, batch))
+    finally:
+        for h in undo:
+            h.remove()
+        for name, quant in quantizers.items():
+            student.get_submodule(name).quantize_act = quant
+        student.train(was_training)
+    return clips
+
+
+def has_clips(path):
+    """Whether the exported student at path/ holds calibrated clips (calibrate_clips), for static scales."""
+    from safetensors import safe_open
+
+    with safe_open(str(packed_file(Path(path))), "pt") as f:
+        return any(".act_clip" in k for k in f.keys())
+
+
+def clip_value(tensors, key, path):
+    """The calibrated clip stored under key in tensors (a state dict): there and a positive number, or refused."""
+    alpha = tensors.get(key)
+    if alpha is None:
+        raise ValueError(f"{path} holds no calibrated clip {key}: static scales need an export written by a run "
+                         "(it calibrates them on its first training batch); use act_scale example")
+    if alpha.dim() != 0 or not (torch.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{path}: the calibrated clip {key} is {alpha.tolist()}, not a positive number")
+    return alpha
+
+
 def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=None):
     """Rebuild an exported student.
 
     act_scale: None (as it was trained), "batch" (one scale per tensor over the batch, padding
-    included: the original's) or "example" (one per example over its real tokens: a prediction that
-    depends on its input only, as a served model's must). kernel: IntLinear's integer matmul (None:
+    included: the original's), "example" (one per example over its real tokens: a prediction that
+    depends on its input only, as a served model's must) or "static" (int8 backend: constant scales
+    from the clips calibrated on a training batch, calibrate_clips; faster, and also batch-independent). kernel: IntLinear's integer matmul (None:
     the device's best, int8_kernel).
 
     backend "fake": dequantized fp32 weights, activations fake-quantized as in training; logits
@@ -172,15 +238,19 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     wbits, abits = meta["wbits"], meta["abits"]
     act_scale = act_scale or meta.get("act_scale", "batch")
-    if act_scale not in qatkd.ACT_SCALES:
-        raise ValueError(f"unknown activation scale {act_scale!r}; use one of {qatkd.ACT_SCALES}")
+    if act_scale not in SERVED_SCALES:
+        raise ValueError(f"unknown activation scale {act_scale!r}; use one of {SERVED_SCALES}")
+    if act_scale == "static" and backend != "int8":
+        raise ValueError("static scales are served by the int8 backend and ONNX; use backend int8")
     config = AutoConfig.from_pretrained(path)
+    if act_scale == "static" and not qatkd.model_family(config).interface:
+        raise ValueError(f"static scales are not available for {config.model_type} (its own attention); use act_scale batch")
     if act_scale == "example" and not qatkd.model_family(config).per_example:
         raise ValueError(f"per-example activation scales are not available for {config.model_type} (its "
                          "relative-position embeddings share the Linear layers of the tokens); use act_scale batch")
     if backend == "int8" and abits > 8:
         raise ValueError(f"the int8 backend needs activations of 8 bits or fewer; this student has {abits}")
-    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale"))}
+    state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale")) and ".act_clip" not in k}
     codes = {key: unpack_bits(tensors[key + ".codes"], wbits, math.prod(shape)).reshape(shape)
              for key, shape in meta["shapes"].items()}
     if backend == "fake":
@@ -205,7 +275,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
                 new = IntEmbedding(c, scale, wbits)
             else:
                 new = IntLinear(*signed_codes(c, scale, wbits), old.bias, abits,
-                                None if tokens is None else (lambda: tokens["mask"]), kernel, wbits)
+                                None if tokens is None else (lambda: tokens["mask"]), kernel, wbits,
+                                clip_value(tensors, f"{name}.act_clip", path) if act_scale == "static" else None)
             setattr(student.get_submodule(parent), child, new)
         if qatkd.model_family(config).interface:  # attention: int8_attention (P V in integers)
             from transformers import AttentionInterface
@@ -214,8 +285,11 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             AttentionInterface.register("qatkd_int8", int8_attention)
             AttentionMaskInterface.register("qatkd_int8", eager_mask)
             student.set_attn_implementation("qatkd_int8")
+            names, n = {id(m): name for name, m in student.named_modules()}, 2 ** (abits - 1) - 1
             for m in qatkd.self_attention_modules(student):
-                m.qatkd_int8 = (2 ** (abits - 1) - 1, None if tokens is None else (lambda: tokens["mask"]))
+                scales = (None if act_scale != "static" else  # constant scales n / alpha, in float32
+                          [float(n / clip_value(tensors, f"{names[id(m)]}.act_clip.{w}", path)) for w in "qkvp"])
+                m.qatkd_int8 = (n, None if tokens is None else (lambda: tokens["mask"]), scales)
         else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training
             qatkd.use_qatkd_attention(student)
             for m in qatkd.self_attention_modules(student):
@@ -394,10 +468,10 @@ class IntLinear(nn.Module):
     """A QuantLinear computed in integers: y = (X_q W_q^T) * (c / s_x) + b.
 
     x: [..., in] float -> y: [..., out] float. W_q: int8 codes [out, in] with W = W_q * c (c: the
-    weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) are the activation's int8
-    codes with exactly the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor,
+    weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) (a calibrated clip alpha:
+    clamp(x, -alpha, alpha)) are the activation's int8 codes with exactly the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor,
     symmetric; per example over its real tokens when tokens, a function returning the batch's [B, S]
-    token mask, is given). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
+    token mask, is given; static, s_x = (2^(a-1) - 1) / alpha, with clip). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
     uint8 X_q + 128 and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its
     uint8 x int8 products are summed in pairs in int16 and could saturate for |W_q| > 64, so 8-bit
     weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs). Under torch.export (export_onnx,
@@ -405,13 +479,15 @@ class IntLinear(nn.Module):
     as graph ops around matmul_integer.
     """
 
-    def __init__(self, q, step, bias, abits=8, tokens=None, kernel=None, wbits=8):
+    def __init__(self, q, step, bias, abits=8, tokens=None, kernel=None, wbits=8, clip=None):
         # tokens is a function, not the mask holder itself: torch.export replaces dict attributes by copies
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.abits, self.step, self.tokens, self.wbits = abits, step, tokens, wbits
+        self.abits, self.step, self.wbits = abits, step, wbits
+        self.tokens = None if clip is not None else tokens  # a static scale needs no token mask
         self.kernel = kernel or int8_kernel(q.device)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer("clip", None if clip is None else clip.detach().to(q.device, torch.float32).clone())
         if self.kernel == "onnx":  # packed wbits codes (>= 0), unpacked by graph ops that ONNX Runtime folds at load
             unsigned = (q.to(torch.int16) + SIGNED_OFFSET[wbits]) // (1 + (wbits == 1))
             self.register_buffer("codes", pack_bits(unsigned, wbits))
@@ -428,14 +504,17 @@ class IntLinear(nn.Module):
         n = 2 ** (self.abits - 1) - 1
         tokens = None if self.tokens is None else self.tokens()
         if torch.compiler.is_exporting():  # ONNX: graph ops, MatMulInteger for X_q W_q^T
-            s = activation_scale(x, n, tokens)
+            s = activation_scale(x, n, tokens) if self.clip is None else n / self.clip.to(x.dtype)
             xs, w = (x * s).clamp(-n, n), self.weight_codes().t()  # X_q = round(xs)
             if tokens is None:
                 y = matmul_integer(xs, w, self.step / s, self.wbits > 4)
             else:  # * c, then / s_x, as below (c / s_x of shape [B, 1, 1] is no scalar)
                 y = matmul_integer(xs, w, x.new_tensor(self.step), self.wbits > 4) / s
             return y if self.bias is None else y + self.bias
-        if tokens is None:
+        if self.clip is not None:
+            s = float(n / self.clip.to(x.dtype))  # static, in x's precision
+            factor = self.step / s
+        elif tokens is None:
             lo, hi = torch.aminmax(x)
             m = float(torch.maximum(-lo, hi))
             s = n / max(min(m, CLIP), n * torch.finfo(x.dtype).tiny)  # the activation quantizer's scale, per tensor
@@ -474,7 +553,7 @@ class IntLinear(nn.Module):
         return q.to(torch.int8).reshape(self.out_features, -1)
 
     def extra_repr(self):
-        scale = "per tensor" if self.tokens is None else "per example"
+        scale = "static" if self.clip is not None else "per tensor" if self.tokens is None else "per example"
         return f"in_features={self.in_features}, out_features={self.out_features}, abits={self.abits}, {scale}, {self.kernel}"
 
 
@@ -534,28 +613,29 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     Teacher Intervention), with P V summed in integers.
 
     query, key, value: [B, H, S, d_h]; attention_mask: additive [B, 1, S, S] or None. module.qatkd_int8 is
-    (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask, or None for per-tensor scales).
+    (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask or None, and None or the static
+    scales [s_Q, s_K, s_V, s_P] = n / alpha of calibrated clips); without either, per-tensor scales.
         Q, K <- Q_a(Q), Q_a(K)                      fake-quantized: codes / s, the values qat_attention uses
         P = softmax(Q K^T / sqrt(d_h) + mask)
         C = (P_q V_q) / s_P / s_V                  P_q in [0, n], V_q in [-n, n]: the codes of Q_a(P), Q_a(V)
     C is qat_attention's Q_a(P) Q_a(V) with its sum exact (integers) instead of rounded in float. With
-    per-tensor (scalar) scales C = (P_q V_q) * (1 / (s_P s_V)), as ONNX Runtime's
+    scalar scales (per tensor, or static) C = (P_q V_q) * (1 / (s_P s_V)), as ONNX Runtime's
     MatMulIntegerToFloat computes it (matmul_codes).
     Returns (C as [B, S, H, d_h], P).
     """
-    n, tokens = module.qatkd_int8
+    n, tokens, static = module.qatkd_int8
     tokens = None if tokens is None else tokens()
 
-    def codes(x, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
-        s = activation_scale(x, n, tokens)
+    def codes(x, i, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
+        s = activation_scale(x, n, tokens) if static is None else static[i]
         return quantize_codes((x * s).clamp(lo, n), lo == 0), s
 
-    (q, s_q), (k, s_k), (v, s_v) = codes(query), codes(key), codes(value)
+    (q, s_q), (k, s_k), (v, s_v) = codes(query, 0), codes(key, 1), codes(value, 2)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     # not DequantizeLinear: ONNX Runtime would fuse it into an int8 x int8 Q K^T that saturates int16 sums
     scores = torch.matmul(q.float() / s_q, (k.float() / s_k).transpose(-1, -2)) * scaling
     probs = torch.softmax(scores if attention_mask is None else scores + attention_mask, dim=-1)
-    p, s_p = codes(probs, 0)
+    p, s_p = codes(probs, 3, 0)
     if tokens is None:  # scalar scales: the rescale inside ONNX Runtime's MatMulIntegerToFloat, * (1 / (s_P s_V))
         ctx = matmul_codes(p, v, torch.as_tensor(1 / (s_p * s_v), dtype=torch.float32, device=query.device))
     else:
@@ -587,7 +667,7 @@ def export_onnx(path, out, act_scale="example"):
     batch and length dynamic; output logits [B, C]. Every quantized Linear is packed weight codes
     (unpacked to int8 [in, out] by nodes ONNX Runtime folds at load) and an integer product on the
     activation's codes (per example over the real tokens with act_scale "example", per tensor with
-    "batch"), rescaled once (matmul_integer, fuse_integer_rescale); attention's P V is a MatMulInteger
+    "batch", constant with "static"), rescaled once (matmul_integer, fuse_integer_rescale); attention's P V is a MatMulInteger
     on the codes of P and V (int8_attention); the word embedding is gathered from its packed codes.
     Returns the path of model.onnx.
     """

@@ -27,7 +27,7 @@ KD_MODES = ("pred", "score", "map", "output", "unified")  # qatkd.KD_MODES
 WEIGHT_BITS = (1, 2, 4, 8, 32)  # qatkd.WEIGHT_BITS
 OPTIMIZERS = ("bertadam", "adamw")  # qatkd.OPTIMIZERS
 TI_MODES = ("gradual", "map", "context", "output")  # qatkd.TI_MODES
-ACT_SCALES = ("batch", "example")  # qatkd.ACT_SCALES
+ACT_SCALES = ("batch", "example", "static")  # qatkd.ACT_SCALES, and export.SERVED_SCALES' static
 PAPER = {"epochs": 3.0, "lr": 2e-5, "warmup": 0.1, "seed": 42, "max_steps": 0}  # qatkd.TrainConfig's defaults
 # --recipe: the settings each recipe changes (flags given on the command line win). best: chosen on MRPC
 # (RESULTS.md, "Closing the gap to the teacher"): 5x the paper's learning rate, the same steps and time
@@ -68,9 +68,10 @@ def build_parser():
                    help="add this times the ground-truth cross-entropy to the KD loss (paper: 0). Default: 0")
     g.add_argument("--act_scale", default=None, choices=ACT_SCALES,
                    help="activation scales: batch (one per tensor over the whole batch, padding included: the "
-                        "original's) or example (one per example over its real tokens: an answer that does not "
-                        "depend on its batch). Default: batch for training, example for --eval_export and "
-                        "--export_onnx")
+                        "original's), example (one per example over its real tokens: an answer that does not "
+                        "depend on its batch) or, to serve (int8 backend, ONNX), static (constant scales from clips "
+                        "the run calibrated on its first training batch: faster, and batch-independent too). "
+                        "Default: batch for training, example for --eval_export, --predict and --export_onnx")
     g.add_argument("--ti", default=None, choices=TI_MODES,
                    help="Teacher Intervention (Kim et al., EACL 2023): for the first --ti_steps steps the "
                         "teacher's attention outputs (output), contexts (context) or maps (map) replace the "
@@ -299,6 +300,11 @@ def parse_args(argv=None):
     if (args.text or args.input) and not args.predict:
         p.error("--text and --input go with --predict DIR")
     deploy = args.eval_export or args.export_onnx or args.predict or args.serving
+    if args.act_scale == "static" and not (args.eval_export or args.export_onnx or args.predict):
+        p.error("--act_scale static serves a trained student (--eval_export, --predict, --export_onnx) with the clips "
+                "its run calibrated; train with batch or example")
+    if args.act_scale == "static" and args.backend == "fake":
+        p.error("--act_scale static is served by the int8 backend and ONNX; leave --backend fake out")
     if deploy and not sources and args.validation_file:  # an exported student needs only the data it evaluates
         sources = ["--validation_file"]
     if len(sources) != 1 and not (args.export_onnx or args.predict):

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -1497,7 +1498,7 @@ def test_int8_attention_quantizes_as_training_does(per_example):
         assert codes.dtype == (torch.uint8 if lo == 0 else torch.int8)
         assert torch.equal(codes.float() / s, fake(t))
     module = types.SimpleNamespace(training=False, quantize_act=fake,
-                                   qatkd_int8=(n, (lambda: tokens) if per_example else None))
+                                   qatkd_int8=(n, (lambda: tokens) if per_example else None, None))
     q, k, v = torch.randn(3, B, H, S, X).unbind()
     additive = (1.0 - tokens[:, None, None, :].float()) * torch.finfo(torch.float32).min
     got, got_p = export.int8_attention(module, q, k, v, additive)
@@ -1580,6 +1581,65 @@ def test_onnx_export_of_other_families(arch, tmp_path):
     assert torch.allclose(export.OnnxStudent(tmp_path / "onnx")(**batch).logits, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", [a for a in FAMILY_CONFIGS if a != "deberta-v2"])
+def test_static_scales_from_calibrated_clips(arch, tmp_path):
+    """calibrate_clips: one clip per quantized Linear input and per attention's Q, K, V and P (ALBERT's shared
+    layer: one set, the largest over its calls), each min(max |x|, 2.5) on the calibration batch, checked
+    against the same maxima taken independently (Linear inputs and BERT's Q, K, V by hooks, P from
+    forward_internals); served by the int8 backend with those constant scales, each example's logits do not
+    depend on its batch or padding; BERT's ONNX graph gives the int8 backend's logits with no maximum over
+    any tensor. Refused in one line: the fake backend, an export without clips."""
+    from transformers import AutoTokenizer
+
+    model_dir = write_tiny_model(tmp_path / arch, arch, dropout=0.0)
+    teacher, tok = classifier(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    student = qatkd.quantize_student(teacher, 2, 8).train()
+    calibration = family_batch(tok)
+    clips = export.calibrate_clips(student, calibration)
+    assert student.training  # left as it was
+    linears = {n: m for n, m in student.named_modules() if isinstance(m, qatkd.QuantLinear)}
+    attention = [n for n, m in student.named_modules() if getattr(m, "quantize_act", None)]
+    assert set(clips) == {f"{n}.act_clip" for n in linears} | {f"{n}.act_clip.{w}" for n in attention for w in "qkvp"}
+    assert len(attention) == (1 if arch == "albert" else teacher.config.num_hidden_layers)
+    seen = {}  # the same maxima, taken independently
+    keep = lambda key, t: seen.__setitem__(key, max(seen.get(key, 0.0), min(t.abs().max().item(), qatkd.CLIP)))  # noqa: E731
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: keep(f"{n}.act_clip", a[0])) for n, m in linears.items()]
+    if arch == "bert":
+        hooks += [linears[f"{n.removesuffix('.self')}.self.{proj}"].register_forward_hook(
+                  lambda _m, _a, out, n=n, w=proj[0]: keep(f"{n}.act_clip.{w}", out)) for n in attention
+                  for proj in ("query", "key", "value")]
+    with torch.no_grad():
+        probs = qatkd.forward_internals(student.eval(), calibration).attn_probs
+    for h in hooks:
+        h.remove()
+    for n, p in zip(attention * len(probs) if arch == "albert" else attention, probs):
+        keep(f"{n}.act_clip.p", p)
+    assert all(clips[k] == pytest.approx(v, rel=1e-6) for k, v in seen.items()) and len(seen) >= len(linears) + len(attention)
+    assert all(0 < a <= qatkd.CLIP for a in clips.values()) and any(a < qatkd.CLIP for a in clips.values())
+    export.export_quantized(student, tmp_path / "packed", tok, clips)
+    int8 = export.load_quantized(tmp_path / "packed", "int8", act_scale="static")
+    with torch.no_grad():
+        other = {k: v.flip(0) for k, v in calibration.items()}
+        alone = torch.cat([int8(**{k: v[i:i + 1, :int(n)] for k, v in other.items()}).logits
+                           for i, n in enumerate(other["attention_mask"].sum(-1))])
+        padded = {k: torch.nn.functional.pad(v, (0, 4)) for k, v in other.items()}
+        assert torch.allclose(int8(**other).logits, alone, atol=1e-5)
+        assert torch.allclose(int8(**padded).logits, alone, atol=1e-5)
+    if arch == "bert":
+        import onnx
+
+        path = export.export_onnx(tmp_path / "packed", tmp_path / "onnx", act_scale="static")
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert "ReduceMax" not in ops and ops.count("MatMulIntegerToFloat") == len(linears) + len(attention)
+        with torch.no_grad():
+            assert torch.allclose(export.OnnxStudent(tmp_path / "onnx")(**other).logits, int8(**other).logits, atol=1e-5)
+    with pytest.raises(ValueError, match="served by the int8 backend and ONNX"):
+        export.load_quantized(tmp_path / "packed", "fake", act_scale="static")
+    export.export_quantized(student, tmp_path / "plain", tok)
+    with pytest.raises(ValueError, match="holds no calibrated clip"):
+        export.load_quantized(tmp_path / "plain", "int8", act_scale="static")
+
+
 def test_deberta_has_no_onnx_export_and_no_per_example_scales(tmp_path):
     teacher = classifier(write_tiny_model(tmp_path / "deberta", "deberta-v2", num_layers=1))
     with pytest.raises(ValueError, match="per-example activation scales are not available for deberta-v2"):
@@ -1591,8 +1651,9 @@ def test_deberta_has_no_onnx_export_and_no_per_example_scales(tmp_path):
 
 
 def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tiny_dir):
-    """--export_onnx, --eval_export of the ONNX graph (the int8 backend's metrics, per-example scales),
-    --predict on text and on a file from any student folder, --serving; bad input refused in one line."""
+    """--export_onnx, --eval_export of the ONNX graph (the int8 backend's metrics, per-example scales, and
+    static scales from the clips the run calibrated), --predict on text and on a file from any student
+    folder, --serving; bad input refused in one line."""
     import bench
     import run
 
@@ -1607,6 +1668,13 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
     int8 = run.main(common + ["--eval_export", str(packed)])
     ort_result = run.main(common + ["--eval_export", str(onnx_dir)])
     assert ort_result["metrics"] == int8["metrics"]
+    assert export.has_clips(packed)  # the run calibrated them on its first training batch
+    static_dir = tmp_path / "static" / "student_packed"
+    shutil.copytree(packed, static_dir)
+    run.main(["--export_onnx", str(static_dir), "--act_scale", "static"])
+    static = run.main(common + ["--eval_export", str(packed), "--act_scale", "static"])
+    assert run.main(common + ["--eval_export", str(static_dir.with_name("student_packed_onnx"))])["metrics"] == \
+        static["metrics"]
     # own data: the dev file alone is enough
     dev = tmp_path / "dev.tsv"
     dev.write_text("label\ta\tb\n" + "".join(f"{['not_equivalent', 'equivalent'][i % 2]}\tgood day {i}\tday {i}\n"
@@ -1622,6 +1690,7 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
     # the comparison for shipping, on the run's own data: each model in a process of its own
     rows = {r["model"]: r for r in run.main(["--serving", str(run_dir), "--serving_rounds", "1"])}
     assert list(rows) == list(bench.SERVING) and (run_dir / "serving.md").is_file()
+    assert rows["student, ONNX Runtime, static scales"]["metrics"] == static["metrics"]
     teacher, int8_teacher = rows["teacher, PyTorch fp32"], rows["teacher, ONNX Runtime quantize_dynamic int8"]
     assert rows["teacher, ONNX Runtime fp32"]["metrics"] == teacher["metrics"]
     assert rows["student, ONNX Runtime"]["metrics"] == rows["student, PyTorch int8 backend"]["metrics"] == int8["metrics"]
@@ -1641,6 +1710,9 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
                           (["--predict", str(onnx_dir), "--input", str(dev), "--text_columns", "a,c"], "no column 'c'"),
                           (["--predict", str(onnx_dir)], "--predict takes --text A [B] or --input FILE"),
                           (["--export_onnx", str(run_dir / "student")], "holds no exported student"),
+                          (common + ["--act_scale", "static"], "--act_scale static serves a trained student"),
+                          (["--predict", str(packed), "--text", "x", "--backend", "fake", "--act_scale", "static"],
+                           "served by the int8 backend and ONNX"),
                           (["--serving", str(tmp_path)], "is not a finished run folder (no args.json)"),
                           (["--serving", str(run_dir), "--serving_rounds", "0"], "--serving_rounds must be at least 1")):
         p = run_py(*argv)
