@@ -298,7 +298,9 @@ def export_student(env, student, path, args):
     """Packed low-bit export of the student, with its clips for static scales calibrated on the first
     training batch in file order (export.calibrate_clips), and a size table against the fp32 teacher."""
     first = next(qatkd.batches(env.train, args.batch_size, env.pad_id, device=args.device, pad_to=pad_to(args)))
-    sizes = export.export_quantized(student, path, env.tokenizer, export.calibrate_clips(student, first))
+    # DeBERTa's own attention has no static scales: no clips for it
+    clips = export.calibrate_clips(student, first) if qatkd.model_family(student.config).interface else None
+    sizes = export.export_quantized(student, path, env.tokenizer, clips)
     sizes["teacher_fp32_bytes"] = sum(p.numel() * 4 for p in env.teacher.state_dict().values())
     sizes["file_bytes"] = export.packed_file(path).stat().st_size
     sizes["ratio"] = sizes["teacher_fp32_bytes"] / sizes["file_bytes"]
@@ -455,7 +457,7 @@ def eval_export(args):
     peak = runtime.peak_memory_mb()  # before model_bytes, which has ONNX Runtime load the graph once more
     weight_bytes = model_bytes(model)
     print(f"{args.eval_export} ({backend}, W{model.qatkd_bits['wbits']}A{model.qatkd_bits['abits']}, activation scales "
-          f"per {model.qatkd_bits['act_scale']}) "
+          f"{'' if model.qatkd_bits['act_scale'] == 'static' else 'per '}{model.qatkd_bits['act_scale']}) "
           f"on {args.validation_file or task.name + ' dev'}: {fmt(metrics)}")
     print(f"{n / seconds:.1f} examples per second ({n} examples, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads, malloc: {runtime.malloc_settings()}); weights {weight_bytes / 1e6:.1f} MB "

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -150,31 +149,30 @@ SERVED_SCALES = ("batch", "example", "static")  # qatkd.ACT_SCALES, and static: 
 def calibrate_clips(student, batch):
     """Static activation clips for serving, calibrated on one batch (a run's first training batch in
     file order): for each quantized Linear's input ("NAME.act_clip") and each self-attention's Q, K, V
-    and P ("NAME.act_clip.q", ...), alpha = min(max |x| over the batch, 2.5), x as the student
-    computes it with its training-time (per-batch) scales. Served with s = (2^(a-1) - 1) / alpha, a
-    constant: no maximum over a tensor at inference, and no answer depends on its batch. ALBERT's
-    shared layer: the largest over its N calls. Returns {key: alpha} for export_quantized(clips=...)."""
-    clips, undo, was_training = {}, [], student.training
+    and P ("NAME.act_clip.q", ...), alpha = min(max |x| over the batch, 2.5), x as the student computes
+    it with its own training-time scales. Served with s = (2^(a-1) - 1) / alpha, a constant: no maximum
+    over a tensor at inference, and no answer depends on its batch. ALBERT's shared layer: the largest
+    over its N calls. Returns {key: alpha} for export_quantized(clips=...)."""
+    clips, undo, calls, was_training = {}, [], {}, student.training
 
     def keep(key, x):  # an all-zero activation gets a small positive clip: its codes are 0 all the same
         clips[key] = max(clips.get(key, 1e-6), float(x.detach().abs().max().clamp(max=qatkd.CLIP)))
 
-    def recording(name, quant):  # Q, K, V, then P: the order in which qat_attention quantizes them
-        calls = itertools.count()
-
+    def recording(name, quant):  # Q, K, V, then P: the order in which qat_attention (and DeBERTa's) quantize
         def quantize(t):
-            keep(f"{name}.act_clip.{'qkvp'[next(calls) % 4]}", t)
+            calls[name] = calls.get(name, -1) + 1
+            keep(f"{name}.act_clip.{'qkvp'[calls[name] % 4]}", t)
             return quant(t)
 
         return quantize
 
-    for name, m in student.named_modules():
-        if isinstance(m, QuantLinear) and m.abits < 32:
-            undo.append(m.register_forward_pre_hook(lambda _m, args, key=f"{name}.act_clip": keep(key, args[0])))
     quantizers = {name: m.quantize_act for name, m in student.named_modules() if getattr(m, "quantize_act", None)}
-    for name, quant in quantizers.items():
-        student.get_submodule(name).quantize_act = recording(name, quant)
     try:
+        for name, m in student.named_modules():
+            if isinstance(m, QuantLinear) and m.abits < 32:
+                undo.append(m.register_forward_pre_hook(lambda _m, args, key=f"{name}.act_clip": keep(key, args[0])))
+        for name, quant in quantizers.items():
+            student.get_submodule(name).quantize_act = recording(name, quant)
         with torch.no_grad():
             student.eval()(**qatkd.model_inputs(student, batch))
     finally:
@@ -183,7 +181,17 @@ def calibrate_clips(student, batch):
         for name, quant in quantizers.items():
             student.get_submodule(name).quantize_act = quant
         student.train(was_training)
+    if any((n + 1) % 4 for n in calls.values()):  # each attention call quantizes exactly Q, K, V and P
+        raise RuntimeError(f"an attention quantized {calls} tensors, not Q, K, V and P per call; no clips for it")
     return clips
+
+
+def trained_scales(trained, path):
+    """The act_scale a student was trained with, refused in one line if qatkd no longer has it."""
+    if trained not in qatkd.ACT_SCALES:  # "learned": PACT clips, removed (no better than per-batch scales)
+        raise ValueError(f"{path} was trained with act_scale {trained}, which qatkd no longer has (learned clips were "
+                         "removed: they did not beat per-batch scales); train the student again")
+    return trained
 
 
 def has_clips(path):
@@ -198,8 +206,8 @@ def clip_value(tensors, key, path):
     """The calibrated clip stored under key in tensors (a state dict): there and a positive number, or refused."""
     alpha = tensors.get(key)
     if alpha is None:
-        raise ValueError(f"{path} holds no calibrated clip {key}: static scales need an export written by a run "
-                         "(it calibrates them on its first training batch); use act_scale example")
+        raise ValueError(f"{path} holds no calibrated clip {key}: it was exported before runs calibrated clips, or "
+                         "not by a run; use act_scale example")
     if alpha.dim() != 0 or not (torch.isfinite(alpha) and alpha > 0):
         raise ValueError(f"{path}: the calibrated clip {key} is {alpha.tolist()}, not a positive number")
     return alpha
@@ -211,8 +219,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     act_scale: None (as it was trained), "batch" (one scale per tensor over the batch, padding
     included: the original's), "example" (one per example over its real tokens: a prediction that
     depends on its input only, as a served model's must) or "static" (int8 backend: constant scales
-    from the clips calibrated on a training batch, calibrate_clips; faster, and also batch-independent). kernel: IntLinear's integer matmul (None:
-    the device's best, int8_kernel).
+    from the clips calibrated on a training batch, calibrate_clips; faster, and also batch-independent).
+    kernel: IntLinear's integer matmul (None: the device's best, int8_kernel).
 
     backend "fake": dequantized fp32 weights, activations fake-quantized as in training; logits
     bit-identical to the trained student's. Weights are set to the exact quantized values (wbits=32
@@ -222,7 +230,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     embedding is looked up from its packed codes; nothing holds an fp32 copy of a quantized weight.
     Self-attention (int8_attention): Q K^T in fp32 on fake-quantized Q, K (as in training), P V on the codes
     of P and V with exact integer sums (DeBERTa: both in fp32 on fake-quantized Q, K, V, P).
-    Logits agree with the fake path to float rounding (its fp32 sums round, the int32 sums do not).
+    Logits agree with the fake path (the same scales) to float rounding (its fp32 sums round, the int32
+    sums do not).
     """
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -237,7 +246,7 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
         meta = json.loads(f.metadata()["qatkd"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     wbits, abits = meta["wbits"], meta["abits"]
-    act_scale = act_scale or meta.get("act_scale", "batch")
+    act_scale = act_scale or trained_scales(meta.get("act_scale", "batch"), path)
     if act_scale not in SERVED_SCALES:
         raise ValueError(f"unknown activation scale {act_scale!r}; use one of {SERVED_SCALES}")
     if act_scale == "static" and backend != "int8":
@@ -468,10 +477,11 @@ class IntLinear(nn.Module):
     """A QuantLinear computed in integers: y = (X_q W_q^T) * (c / s_x) + b.
 
     x: [..., in] float -> y: [..., out] float. W_q: int8 codes [out, in] with W = W_q * c (c: the
-    weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) (a calibrated clip alpha:
-    clamp(x, -alpha, alpha)) are the activation's int8 codes with exactly the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor,
-    symmetric; per example over its real tokens when tokens, a function returning the batch's [B, S]
-    token mask, is given; static, s_x = (2^(a-1) - 1) / alpha, with clip). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
+    weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) are the activation's int8
+    codes, with the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor, symmetric;
+    per example over its real tokens when tokens, a function returning the batch's [B, S] token mask,
+    is given) or, with a calibrated clip alpha (calibrate_clips), the static s_x = (2^(a-1) - 1) / alpha
+    and clamp(x, -alpha, alpha). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
     uint8 X_q + 128 and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its
     uint8 x int8 products are summed in pairs in int16 and could saturate for |W_q| > 64, so 8-bit
     weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs). Under torch.export (export_onnx,

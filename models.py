@@ -140,6 +140,7 @@ def save_student(student, path, tokenizer=None):
 def load_student(path, act_scale=None):
     """Rebuild a student saved by save_student: the architecture, its latent weights, re-quantized
     (activation scales as trained, or act_scale: "batch" or "example")."""
+    import export
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -153,7 +154,8 @@ def load_student(path, act_scale=None):
     if untied:
         raise ValueError(f"{weights} lacks {len(untied)} of the student's tensors ({untied[0]}, ...); it is not this "
                          "student's weights file")
-    return qatkd.quantize_student(model.eval(), bits["wbits"], bits["abits"], act_scale=act_scale or bits.get("act_scale", "batch"))
+    trained = export.trained_scales(bits.get("act_scale", "batch"), path)
+    return qatkd.quantize_student(model.eval(), bits["wbits"], bits["abits"], act_scale=act_scale or trained)
 
 
 def deploy_act_scale(path):
@@ -180,6 +182,9 @@ def load_any_student(path, backend="int8", act_scale=None, device="cpu"):
         raise FileNotFoundError(f"no student folder {path}; pass RUN_DIR/student, RUN_DIR/student_packed or an "
                                 "ONNX export (student_packed_onnx)")
     if (path / "quantization.json").is_file():
+        if act_scale == "static":
+            raise ValueError(f"static scales are served from the export with the run's calibrated clips; pass "
+                             f"{path.with_name('student_packed')} instead of {path}")
         return load_student(path, act_scale).to(device).eval()
     if export.packed_file(path) is not None:
         return export.load_quantized(path, backend=backend, device=device, act_scale=act_scale)

@@ -206,11 +206,12 @@ def build_parser():
                         "is ignored)")
     g.add_argument("--serving", default=None, metavar="RUN_DIR",
                    help="the comparison for shipping: the run's teacher (PyTorch, ONNX Runtime fp32 and its dynamic "
-                        "int8 quantization) and student (int8 backend, ONNX Runtime) on the dev set: metric, file and "
+                        "int8 quantization) and student (int8 backend, ONNX Runtime; per-example and, where the run "
+                        "calibrated clips, static scales) on the dev set: metric, file and "
                         "weight bytes, latency at batch 1, throughput at batch 32, peak memory, each model in a "
                         "fresh process; RUN_DIR/serving.md. Data: the run's, unless given")
     g.add_argument("--serving_rounds", type=int, default=3,
-                   help="--serving: rounds over the five models (a fresh process each time); the table gives each "
+                   help="--serving: rounds over the models (a fresh process each time); the table gives each "
                         "speed's median over rounds. Default: 3")
     g.add_argument("--serving_model", default=None, help=argparse.SUPPRESS)  # internal: a child of --serving
     g.add_argument("--backend", default="int8", choices=("int8", "fake"),
@@ -301,8 +302,8 @@ def parse_args(argv=None):
         p.error("--text and --input go with --predict DIR")
     deploy = args.eval_export or args.export_onnx or args.predict or args.serving
     if args.act_scale == "static" and not (args.eval_export or args.export_onnx or args.predict):
-        p.error("--act_scale static serves a trained student (--eval_export, --predict, --export_onnx) with the clips "
-                "its run calibrated; train with batch or example")
+        p.error("--act_scale static serves an exported student (--eval_export, --predict, --export_onnx) with the "
+                "clips its run calibrated; train with batch or example (--serving adds the static rows itself)")
     if args.act_scale == "static" and args.backend == "fake":
         p.error("--act_scale static is served by the int8 backend and ONNX; leave --backend fake out")
     if deploy and not sources and args.validation_file:  # an exported student needs only the data it evaluates

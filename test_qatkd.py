@@ -1638,6 +1638,20 @@ def test_static_scales_from_calibrated_clips(arch, tmp_path):
     export.export_quantized(student, tmp_path / "plain", tok)
     with pytest.raises(ValueError, match="holds no calibrated clip"):
         export.load_quantized(tmp_path / "plain", "int8", act_scale="static")
+    if arch == "bert":  # a student/ folder has no clips; a student trained with the removed learned clips is refused
+        from safetensors.torch import load_file, save_file
+
+        models.save_student(student, tmp_path / "student", tok)
+        with pytest.raises(ValueError, match="static scales are served from the export"):
+            models.load_any_student(tmp_path / "student", act_scale="static")
+        file = export.packed_file(tmp_path / "plain")
+        meta = json.loads(export.safetensors_metadata(file)["qatkd"])
+        save_file(load_file(file), str(file), metadata={"qatkd": json.dumps({**meta, "act_scale": "learned"})})
+        bits = json.loads((tmp_path / "student" / "quantization.json").read_text())
+        (tmp_path / "student" / "quantization.json").write_text(json.dumps({**bits, "act_scale": "learned"}))
+        for load, folder in ((export.load_quantized, "plain"), (models.load_student, "student")):
+            with pytest.raises(ValueError, match="trained with act_scale learned, which qatkd no longer has"):
+                load(tmp_path / folder)
 
 
 def test_deberta_has_no_onnx_export_and_no_per_example_scales(tmp_path):
@@ -1710,7 +1724,7 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
                           (["--predict", str(onnx_dir), "--input", str(dev), "--text_columns", "a,c"], "no column 'c'"),
                           (["--predict", str(onnx_dir)], "--predict takes --text A [B] or --input FILE"),
                           (["--export_onnx", str(run_dir / "student")], "holds no exported student"),
-                          (common + ["--act_scale", "static"], "--act_scale static serves a trained student"),
+                          (common + ["--act_scale", "static"], "--act_scale static serves an exported student"),
                           (["--predict", str(packed), "--text", "x", "--backend", "fake", "--act_scale", "static"],
                            "served by the int8 backend and ONNX"),
                           (["--serving", str(tmp_path)], "is not a finished run folder (no args.json)"),
@@ -2446,7 +2460,7 @@ def test_help_imports_no_torch_and_offers_what_the_modules_define():
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
     assert run.TASKS == tuple(data.TASKS) and run.KD_MODES == qatkd.KD_MODES
     assert run.WEIGHT_BITS == qatkd.WEIGHT_BITS and run.OPTIMIZERS == qatkd.OPTIMIZERS
-    assert run.TI_MODES == qatkd.TI_MODES and run.ACT_SCALES == qatkd.ACT_SCALES
+    assert run.TI_MODES == qatkd.TI_MODES and run.ACT_SCALES == export.SERVED_SCALES[:len(run.ACT_SCALES)] and export.SERVED_SCALES[:2] == qatkd.ACT_SCALES
     assert all(getattr(qatkd.TrainConfig, k) == v for k, v in run.PAPER.items())
 
 
