@@ -2898,6 +2898,7 @@ def _record_dropout_draws(rank, world, folder):
 
     runtime.run_training(model, loss_fn, feats, qatkd.TrainConfig(batch_size=4, max_steps=3), log=lambda r: None)
     (Path(folder) / f"draws{rank}.json").write_text(json.dumps(draws))
+    dist.barrier()  # neither tears gloo down while the other still talks to it (seen: std::terminate at exit)
     dist.destroy_process_group()
 
 
