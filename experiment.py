@@ -440,7 +440,7 @@ def eval_export(args):
 
     start = time.time()
     act_scale = args.act_scale or models.deploy_act_scale(folder)
-    model = (export.OnnxStudent(folder) if onnx else
+    model = (export.OnnxStudent(models.onnx_without_scales(folder, args.act_scale)) if onnx else
              export.load_quantized(folder, backend=args.backend, device=args.device, act_scale=act_scale))
     backend = "ONNX Runtime" if onnx else f"{args.backend} backend"
     load_seconds = time.time() - start

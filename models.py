@@ -168,6 +168,14 @@ def deploy_act_scale(path):
     return "example" if qatkd.model_family(AutoConfig.from_pretrained(path)).per_example else "batch"
 
 
+def onnx_without_scales(path, act_scale):
+    """path, an ONNX export, unless activation scales are asked of it: a graph has its own, fixed when exported."""
+    if act_scale:
+        raise ValueError(f"{path} is an ONNX graph whose activation scales were fixed when it was exported; leave "
+                         "act_scale out, or export it again with --export_onnx --act_scale")
+    return path
+
+
 def load_any_student(path, backend="int8", act_scale=None, device="cpu"):
     """A trained or exported student from its folder, for inference: an ONNX graph (model.onnx, export_onnx),
     a packed student (student_packed/, export_quantized) or a trained one (student/, save_student), with the
@@ -175,9 +183,9 @@ def load_any_student(path, backend="int8", act_scale=None, device="cpu"):
     import export
 
     path = Path(path)
-    act_scale = act_scale or deploy_act_scale(path)
     if (path / "model.onnx").is_file():
-        return export.OnnxStudent(path)
+        return export.OnnxStudent(onnx_without_scales(path, act_scale))
+    act_scale = act_scale or deploy_act_scale(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no student folder {path}; pass RUN_DIR/student, RUN_DIR/student_packed or an "
                                 "ONNX export (student_packed_onnx)")

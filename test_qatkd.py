@@ -1725,6 +1725,8 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
                           (["--predict", str(onnx_dir)], "--predict takes --text A [B] or --input FILE"),
                           (["--export_onnx", str(run_dir / "student")], "holds no exported student"),
                           (common + ["--act_scale", "static"], "--act_scale static serves an exported student"),
+                          (["--predict", str(onnx_dir), "--text", "x", "--act_scale", "batch"], "fixed when it was exported"),
+                          (common + ["--eval_export", str(onnx_dir), "--act_scale", "static"], "fixed when it was exported"),
                           (["--predict", str(packed), "--text", "x", "--backend", "fake", "--act_scale", "static"],
                            "served by the int8 backend and ONNX"),
                           (["--serving", str(tmp_path)], "is not a finished run folder (no args.json)"),
