@@ -493,8 +493,7 @@ class IntLinear(nn.Module):
         # tokens is a function, not the mask holder itself: torch.export replaces dict attributes by copies
         super().__init__()
         self.out_features, self.in_features = q.shape
-        self.abits, self.step, self.wbits = abits, step, wbits
-        self.tokens = None if clip is not None else tokens  # a static scale needs no token mask
+        self.abits, self.step, self.tokens, self.wbits = abits, step, tokens, wbits
         self.kernel = kernel or int8_kernel(q.device)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("clip", None if clip is None else clip.detach().to(q.device, torch.float32).clone())

@@ -141,6 +141,7 @@ def load_student(path, act_scale=None):
     """Rebuild a student saved by save_student: the architecture, its latent weights, re-quantized
     (activation scales as trained, or act_scale: "batch" or "example")."""
     import export
+
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
