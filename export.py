@@ -259,6 +259,9 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
                          "relative-position embeddings share the Linear layers of the tokens); use act_scale batch")
     if backend == "int8" and abits > 8:
         raise ValueError(f"the int8 backend needs activations of 8 bits or fewer; this student has {abits}")
+    if backend == "int8" and wbits > 8:  # its Linears would stay fp32, activations unquantized: no integer model
+        raise ValueError(f"the int8 backend needs weights of 8 bits or fewer; this student keeps {wbits}-bit "
+                         "weights; use backend fake")
     state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale")) and ".act_clip" not in k}
     codes = {key: unpack_bits(tensors[key + ".codes"], wbits, math.prod(shape)).reshape(shape)
              for key, shape in meta["shapes"].items()}
@@ -296,9 +299,10 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             student.set_attn_implementation("qatkd_int8")
             names, n = {id(m): name for name, m in student.named_modules()}, 2 ** (abits - 1) - 1
             for m in qatkd.self_attention_modules(student):
-                scales = (None if act_scale != "static" else  # constant scales n / alpha, in float32
-                          [float(n / clip_value(tensors, f"{names[id(m)]}.act_clip.{w}", path)) for w in "qkvp"])
-                m.qatkd_int8 = (n, None if tokens is None else (lambda: tokens["mask"]), scales)
+                clips = [] if act_scale != "static" else [
+                    clip_value(tensors, f"{names[id(m)]}.act_clip.{w}", path).float() for w in "qkvp"]
+                static = [(float(a), (a / n).to(device), float(n / a)) for a in clips] or None  # in float32
+                m.qatkd_int8 = (n, None if tokens is None else (lambda: tokens["mask"]), static)
         else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training
             qatkd.use_qatkd_attention(student)
             for m in qatkd.self_attention_modules(student):
@@ -343,11 +347,12 @@ def int_codes(x, s, n, shift, dtype):
 
 
 @torch.library.custom_op("qatkd::matmul_integer", mutates_args=())
-def matmul_integer(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, wide: bool) -> torch.Tensor:
-    """IntLinear under torch.export: round(x) [..., K] (x within [-127, 127]) times int8 w [K, N], the
-    int32 sum times c (a scalar tensor) -> float [..., N]. Exact up to the one rounding of the float
+def matmul_integer(x: torch.Tensor, step: torch.Tensor, w: torch.Tensor, c: torch.Tensor, wide: bool) -> torch.Tensor:
+    """IntLinear under torch.export: X_q = round(x / step) [..., K] (x / step within [-127, 127]; step a
+    scalar tensor: 1 where x holds the scaled activation, alpha / n for static scales) times int8 w [K, N],
+    the int32 sum times c (a scalar tensor) -> float [..., N]. Exact up to the one rounding of the float
     product. export_onnx writes it as three ONNX nodes:
-        QuantizeLinear(x, 1, 128) -> uint8 X_q + 128      (round half to even, as here)
+        QuantizeLinear(x, step, 128) -> uint8 X_q + 128   (x / step, round half to even, as here)
         MatMulInteger(., w, a_zero_point 128) -> int32   (uint8 x int8: the kernel ONNX Runtime
                                                             optimizes; RESULTS.md measures the other)
         DequantizeLinear(., c) -> float(sum) * c
@@ -356,15 +361,15 @@ def matmul_integer(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, wide: bool
     on x86 CPUs without VNNI the uint8 x int8 kernel sums pairs of products in int16, which |W_q| up
     to 127 can saturate; |W_q| <= 7 cannot (2 * 255 * 7 < 2^15).
     """
-    return (x.round().to(torch.int32) @ w.to(torch.int32)).to(x.dtype) * c
+    return ((x / step).round().to(torch.int32) @ w.to(torch.int32)).to(x.dtype) * c
 
 
 @matmul_integer.register_fake
-def _(x, w, c, wide):
+def _(x, step, w, c, wide):
     return x.new_empty((*x.shape[:-1], w.shape[-1]))
 
 
-def onnx_matmul_integer(x, w, c, wide):
+def onnx_matmul_integer(x, step, w, c, wide):
     """matmul_integer's ONNX nodes (export_onnx's translation table)."""
     import onnx
     from onnxscript import opset18 as op
@@ -373,20 +378,19 @@ def onnx_matmul_integer(x, w, c, wide):
         return op.Constant(value=onnx.helper.make_tensor("c", dtype, [], [value]))
 
     if wide:
-        codes = op.QuantizeLinear(x, const(1.0, onnx.TensorProto.FLOAT), const(0, onnx.TensorProto.INT8))
+        codes = op.QuantizeLinear(x, step, const(0, onnx.TensorProto.INT8))
         return op.DequantizeLinear(op.MatMulInteger(codes, w), c)
-    codes = op.QuantizeLinear(x, const(1.0, onnx.TensorProto.FLOAT), const(128, onnx.TensorProto.UINT8))
+    codes = op.QuantizeLinear(x, step, const(128, onnx.TensorProto.UINT8))
     return op.DequantizeLinear(op.MatMulInteger(codes, w, const(128, onnx.TensorProto.UINT8)), c)
 
 
-def onnx_quantize_codes(x, unsigned):
-    """quantize_codes' ONNX node: QuantizeLinear(x, 1, 0) (int8, or uint8 when unsigned)."""
+def onnx_quantize_codes(x, step, unsigned):
+    """quantize_codes' ONNX node: QuantizeLinear(x, step, 0) (int8, or uint8 when unsigned)."""
     import onnx
     from onnxscript import opset18 as op
 
     kind = onnx.TensorProto.UINT8 if unsigned else onnx.TensorProto.INT8
-    return op.QuantizeLinear(x, op.Constant(value=onnx.helper.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0])),
-                             op.Constant(value=onnx.helper.make_tensor("zero", kind, [], [0])))
+    return op.QuantizeLinear(x, step, op.Constant(value=onnx.helper.make_tensor("zero", kind, [], [0])))
 
 
 def onnx_matmul_codes(a, b, scale=None):
@@ -480,9 +484,10 @@ class IntLinear(nn.Module):
     weight's step, signed_codes); X_q = round(clamp(x, -2.5, 2.5) * s_x) are the activation's int8
     codes, with the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor, symmetric;
     per example over its real tokens when tokens, a function returning the batch's [B, S] token mask,
-    is given) or, with a calibrated clip alpha (calibrate_clips), the static s_x = (2^(a-1) - 1) / alpha
-    and clamp(x, -alpha, alpha). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
-    uint8 X_q + 128 and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its
+    is given) or, with a calibrated clip alpha (calibrate_clips), static: X_q = round(clamp(x, -alpha,
+    alpha) / step_x) with step_x = alpha / (2^(a-1) - 1), one ONNX QuantizeLinear (dividing by the step
+    where training multiplies by its inverse: codes may differ at exact ties). X_q W_q^T is an int32 sum:
+    exact. On CPU (oneDNN) X_q travels as uint8 X_q + 128 and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its
     uint8 x int8 products are summed in pairs in int16 and could saturate for |W_q| > 64, so 8-bit
     weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs). Under torch.export (export_onnx,
     kernel "onnx": W_q kept packed, wbits per code, and unpacked by graph ops) the same arithmetic runs
@@ -497,6 +502,7 @@ class IntLinear(nn.Module):
         self.kernel = kernel or int8_kernel(q.device)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.register_buffer("clip", None if clip is None else clip.detach().to(q.device, torch.float32).clone())
+        self.alpha = None if clip is None else float(self.clip)  # clamp's bounds, constants in the ONNX graph
         if self.kernel == "onnx":  # packed wbits codes (>= 0), unpacked by graph ops that ONNX Runtime folds at load
             unsigned = (q.to(torch.int16) + SIGNED_OFFSET[wbits]) // (1 + (wbits == 1))
             self.register_buffer("codes", pack_bits(unsigned, wbits))
@@ -512,17 +518,22 @@ class IntLinear(nn.Module):
     def forward(self, x):
         n = 2 ** (self.abits - 1) - 1
         tokens = None if self.tokens is None else self.tokens()
+        if self.clip is not None:  # static: X_q = round(clamp(x, -alpha, alpha) / step_x), step_x = alpha / n
+            step = self.clip.to(x.dtype) / n  # in x's precision; ONNX: Clip, then QuantizeLinear(x, step_x)
+            x = x.clamp(-self.alpha, self.alpha)
         if torch.compiler.is_exporting():  # ONNX: graph ops, MatMulInteger for X_q W_q^T
-            s = activation_scale(x, n, tokens) if self.clip is None else n / self.clip.to(x.dtype)
-            xs, w = (x * s).clamp(-n, n), self.weight_codes().t()  # X_q = round(xs)
-            if tokens is None:
-                y = matmul_integer(xs, w, self.step / s, self.wbits > 4)
-            else:  # * c, then / s_x, as below (c / s_x of shape [B, 1, 1] is no scalar)
-                y = matmul_integer(xs, w, x.new_tensor(self.step), self.wbits > 4) / s
+            w = self.weight_codes().t()
+            if self.clip is not None:  # y = (X_q W_q^T) * (c step_x) + b
+                y = matmul_integer(x, step, w, self.step * step, self.wbits > 4)
+            else:  # X_q = round(clamp(x * s_x, -n, n)): QuantizeLinear with step 1
+                s, one = activation_scale(x, n, tokens), x.new_ones(())
+                if tokens is None:
+                    y = matmul_integer((x * s).clamp(-n, n), one, w, self.step / s, self.wbits > 4)
+                else:  # * c, then / s_x, as below (c / s_x of shape [B, 1, 1] is no scalar)
+                    y = matmul_integer((x * s).clamp(-n, n), one, w, x.new_tensor(self.step), self.wbits > 4) / s
             return y if self.bias is None else y + self.bias
-        if self.clip is not None:
-            s = float(n / self.clip.to(x.dtype))  # static, in x's precision
-            factor = self.step / s
+        if self.clip is not None:  # the codes of x / step_x, as ONNX Runtime's QuantizeLinear computes them
+            x, s, factor = x / step, 1.0, self.step * float(step)
         elif tokens is None:
             lo, hi = torch.aminmax(x)
             m = float(torch.maximum(-lo, hi))
@@ -592,14 +603,15 @@ class IntEmbedding(nn.Module):
 
 
 @torch.library.custom_op("qatkd::quantize_codes", mutates_args=())
-def quantize_codes(x: torch.Tensor, unsigned: bool) -> torch.Tensor:
-    """round(x) as int8 codes (uint8 when unsigned), x within [-127, 127] ([0, 127]); round half to even.
-    ONNX: QuantizeLinear(x, 1, 0) (torch.export would write Round, which ONNX Runtime runs slowly)."""
-    return x.round().to(torch.uint8 if unsigned else torch.int8)
+def quantize_codes(x: torch.Tensor, step: torch.Tensor, unsigned: bool) -> torch.Tensor:
+    """round(x / step) as int8 codes (uint8 when unsigned), x / step within [-127, 127] ([0, 127]); round
+    half to even; step a scalar tensor. ONNX: QuantizeLinear(x, step, 0) (torch.export would write Round,
+    which ONNX Runtime runs slowly)."""
+    return (x / step).round().to(torch.uint8 if unsigned else torch.int8)
 
 
 @quantize_codes.register_fake
-def _(x, unsigned):
+def _(x, step, unsigned):
     return torch.empty_like(x, dtype=torch.uint8 if unsigned else torch.int8)
 
 
@@ -622,8 +634,8 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     Teacher Intervention), with P V summed in integers.
 
     query, key, value: [B, H, S, d_h]; attention_mask: additive [B, 1, S, S] or None. module.qatkd_int8 is
-    (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask or None, and None or the static
-    scales [s_Q, s_K, s_V, s_P] = n / alpha of calibrated clips); without either, per-tensor scales.
+    (n = 2^(a-1) - 1, a function returning the batch's [B, S] token mask or None, and None or, for Q, K, V
+    and P, the calibrated clips' (alpha, step alpha / n, s = n / alpha)); without either, per-tensor scales.
         Q, K <- Q_a(Q), Q_a(K)                      fake-quantized: codes / s, the values qat_attention uses
         P = softmax(Q K^T / sqrt(d_h) + mask)
         C = (P_q V_q) / s_P / s_V                  P_q in [0, n], V_q in [-n, n]: the codes of Q_a(P), Q_a(V)
@@ -636,8 +648,11 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     tokens = None if tokens is None else tokens()
 
     def codes(x, i, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
-        s = activation_scale(x, n, tokens) if static is None else static[i]
-        return quantize_codes((x * s).clamp(lo, n), lo == 0), s
+        if static is None:
+            s = activation_scale(x, n, tokens)
+            return quantize_codes((x * s).clamp(lo, n), x.new_ones(()), lo == 0), s
+        alpha, step, s = static[i]  # static: round(clamp(x, -alpha, alpha) / step), as in IntLinear
+        return quantize_codes(x.clamp(-alpha if lo else 0.0, alpha), step, lo == 0), s
 
     (q, s_q), (k, s_k), (v, s_v) = codes(query, 0), codes(key, 1), codes(value, 2)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling

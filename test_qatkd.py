@@ -1494,7 +1494,7 @@ def test_int8_attention_quantizes_as_training_does(per_example):
     mask = tokens if per_example else None
     for t, lo in ((x, -n), (x.softmax(-1), 0)):
         s = export.activation_scale(t, n, mask)
-        codes = export.quantize_codes((t * s).clamp(lo, n), lo == 0)
+        codes = export.quantize_codes((t * s).clamp(lo, n), torch.ones(()), lo == 0)
         assert codes.dtype == (torch.uint8 if lo == 0 else torch.int8)
         assert torch.equal(codes.float() / s, fake(t))
     module = types.SimpleNamespace(training=False, quantize_act=fake,
@@ -1629,8 +1629,15 @@ def test_static_scales_from_calibrated_clips(arch, tmp_path):
         import onnx
 
         path = export.export_onnx(tmp_path / "packed", tmp_path / "onnx", act_scale="static")
-        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        graph = onnx.load(str(path)).graph
+        ops, made = [n.op_type for n in graph.node], {o: n for n in graph.node for o in n.output}
         assert "ReduceMax" not in ops and ops.count("MatMulIntegerToFloat") == len(linears) + len(attention)
+        # each activation's quantizer is Clip(-alpha, alpha) -> QuantizeLinear(alpha / n): no Mul by a scale
+        steps = {t.name: float(onnx.numpy_helper.to_array(t)) for t in graph.initializer if not t.dims}
+        quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+        assert len(quantizers) >= 3 * len(attention) + 3 and all(made[n.input[0]].op_type == "Clip" for n in quantizers)
+        assert all(made[made[n.input[0]].input[0]].op_type != "Mul" and steps[n.input[1]] < 2.5 / 127 * 1.0001
+                   for n in quantizers)
         with torch.no_grad():
             assert torch.allclose(export.OnnxStudent(tmp_path / "onnx")(**other).logits, int8(**other).logits, atol=1e-5)
     with pytest.raises(ValueError, match="served by the int8 backend and ONNX"):
@@ -1652,6 +1659,20 @@ def test_static_scales_from_calibrated_clips(arch, tmp_path):
         for load, folder in ((export.load_quantized, "plain"), (models.load_student, "student")):
             with pytest.raises(ValueError, match="trained with act_scale learned, which qatkd no longer has"):
                 load(tmp_path / folder)
+
+
+def test_integer_inference_refuses_students_with_full_precision_parts(tmp_path):
+    """W32 (weights left in fp32) or A32 students have nothing the int8 backend or ONNX export can compute in
+    integers: refused in one line, not served as fp32 Linears under an "int8" label."""
+    teacher = classifier(write_tiny_model(tmp_path / "bert", num_layers=1))
+    for wbits, abits, message in ((32, 8, "weights of 8 bits or fewer; this student keeps 32-bit"),
+                                  (2, 32, "activations of 8 bits or fewer; this student has 32")):
+        export.export_quantized(qatkd.quantize_student(teacher, wbits, abits), tmp_path / f"w{wbits}a{abits}")
+        export.load_quantized(tmp_path / f"w{wbits}a{abits}", "fake")  # the fake backend takes it
+        with pytest.raises(ValueError, match=message):
+            export.load_quantized(tmp_path / f"w{wbits}a{abits}", "int8")
+        with pytest.raises(ValueError, match=message):
+            export.export_onnx(tmp_path / f"w{wbits}a{abits}", tmp_path / "onnx")
 
 
 def test_deberta_has_no_onnx_export_and_no_per_example_scales(tmp_path):
@@ -1719,6 +1740,12 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
         data.load_data_files(dev, dev, ["a", "label"])
     unlabelled = tmp_path / "pairs.csv"
     unlabelled.write_text("text,sentiment\ngood day,positive\n")
+    w32 = tmp_path / "w32"  # a run whose student keeps fp32 weights: nothing to serve in integers
+    shutil.copytree(run_dir, w32, ignore=shutil.ignore_patterns("serving*"))
+    file = export.packed_file(w32 / "student_packed")
+    meta = json.loads(export.safetensors_metadata(file)["qatkd"])
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(file), str(file), metadata={"qatkd": json.dumps({**meta, "wbits": 32})})
     for argv, message in ((["--predict", str(tmp_path), "--text", "x"], "is not a qatkd student"),
                           (["--predict", str(onnx_dir), "--input", str(unlabelled)], "cannot tell whether 'text' and"),
                           (["--predict", str(onnx_dir), "--input", str(dev), "--text_columns", "a,c"], "no column 'c'"),
@@ -1730,6 +1757,7 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
                           (["--predict", str(packed), "--text", "x", "--backend", "fake", "--act_scale", "static"],
                            "served by the int8 backend and ONNX"),
                           (["--serving", str(tmp_path)], "is not a finished run folder (no args.json)"),
+                          (["--serving", str(w32)], "is W32A8; integer inference needs weights and activations"),
                           (["--serving", str(run_dir), "--serving_rounds", "0"], "--serving_rounds must be at least 1")):
         p = run_py(*argv)
         assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
