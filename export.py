@@ -150,9 +150,9 @@ def calibrate_clips(student, batch):
     """Static activation clips for serving, calibrated on one batch (a run's first training batch in
     file order): for each quantized Linear's input ("NAME.act_clip") and each self-attention's Q, K, V
     and P ("NAME.act_clip.q", ...), alpha = min(max |x| over the batch, 2.5), x as the student computes
-    it with its own training-time scales. Served with s = (2^(a-1) - 1) / alpha, a constant: no maximum
-    over a tensor at inference, and no answer depends on its batch. ALBERT's shared layer: the largest
-    over its N calls. Returns {key: alpha} for export_quantized(clips=...)."""
+    it with its own training-time scales. Served with the constant step alpha / (2^(a-1) - 1)
+    (IntLinear, int8_attention): no maximum over a tensor at inference, and no answer depends on its
+    batch. ALBERT's shared layer: the largest over its N calls. Returns {key: alpha} for export_quantized(clips=...)."""
     clips, undo, calls, was_training = {}, [], {}, student.training
 
     def keep(key, x):  # an all-zero activation gets a small positive clip: its codes are 0 all the same
@@ -260,8 +260,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     if backend == "int8" and abits > 8:
         raise ValueError(f"the int8 backend needs activations of 8 bits or fewer; this student has {abits}")
     if backend == "int8" and wbits > 8:  # its Linears would stay fp32, activations unquantized: no integer model
-        raise ValueError(f"the int8 backend needs weights of 8 bits or fewer; this student keeps {wbits}-bit "
-                         "weights; use backend fake")
+        raise ValueError(f"integer inference (the int8 backend, ONNX) needs weights of 8 bits or fewer; this "
+                         f"student keeps {wbits}-bit weights: evaluate it with the fake backend")
     state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale")) and ".act_clip" not in k}
     codes = {key: unpack_bits(tensors[key + ".codes"], wbits, math.prod(shape)).reshape(shape)
              for key, shape in meta["shapes"].items()}
@@ -299,9 +299,10 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
             student.set_attn_implementation("qatkd_int8")
             names, n = {id(m): name for name, m in student.named_modules()}, 2 ** (abits - 1) - 1
             for m in qatkd.self_attention_modules(student):
-                clips = [] if act_scale != "static" else [
-                    clip_value(tensors, f"{names[id(m)]}.act_clip.{w}", path).float() for w in "qkvp"]
-                static = [(float(a), (a / n).to(device), float(n / a)) for a in clips] or None  # in float32
+                static = None
+                if act_scale == "static":  # Q, K, V, P: (alpha, step alpha / n, s = n / alpha), in float32
+                    clips = [clip_value(tensors, f"{names[id(m)]}.act_clip.{w}", path).float() for w in "qkvp"]
+                    static = [(float(a), (a / n).to(device), float(n / a)) for a in clips]
                 m.qatkd_int8 = (n, None if tokens is None else (lambda: tokens["mask"]), static)
         else:  # DeBERTa: its own attention, with Q, K, V and P fake-quantized as in training
             qatkd.use_qatkd_attention(student)
@@ -338,12 +339,13 @@ def int8_kernel(device):
     return "plain"
 
 
-def int_codes(x, s, n, shift, dtype):
-    """IntLinear's activation codes: round(clamp(x * s, -n, n)) + shift, as dtype (int8 with shift 0, or
-    uint8 with shift 128 for oneDNN). Clamping x * s to [-n, n] gives the codes of round(clamp(x, -2.5,
-    2.5) * s), the training-time quantizer's. x: any shape; s: a float, or a tensor that broadcasts
-    against x (one scale per example)."""
-    return (x * s).clamp_(-n, n).round_().add_(shift).to(dtype)
+def int_codes(xs, n, shift, dtype):
+    """IntLinear's activation codes: round(clamp(xs, -n, n)) + shift, as dtype (int8 with shift 0, or
+    uint8 with shift 128 for oneDNN). xs: the scaled activation, any shape, a fresh tensor (changed in
+    place): x * s gives the codes of round(clamp(x, -2.5, 2.5) * s), the training-time quantizer's
+    (s a float, or one scale per example that broadcasts against x); x / step_x those of
+    round(clamp(x, -alpha, alpha) / step_x) (static: alpha / step_x rounds to n)."""
+    return xs.clamp_(-n, n).round_().add_(shift).to(dtype)
 
 
 @torch.library.custom_op("qatkd::matmul_integer", mutates_args=())
@@ -485,8 +487,9 @@ class IntLinear(nn.Module):
     codes, with the training-time scale s_x = (2^(a-1) - 1) / max |clamp(x)| (per tensor, symmetric;
     per example over its real tokens when tokens, a function returning the batch's [B, S] token mask,
     is given) or, with a calibrated clip alpha (calibrate_clips), static: X_q = round(clamp(x, -alpha,
-    alpha) / step_x) with step_x = alpha / (2^(a-1) - 1), one ONNX QuantizeLinear (dividing by the step
-    where training multiplies by its inverse: codes may differ at exact ties). X_q W_q^T is an int32 sum:
+    alpha) / step_x) with step_x = alpha / (2^(a-1) - 1), one ONNX QuantizeLinear (it divides by the step
+    where training multiplies by n / alpha: a code may differ by one where x / step_x lies within float
+    rounding of a half-integer). X_q W_q^T is an int32 sum:
     exact. On CPU (oneDNN) X_q travels as uint8 X_q + 128 and the kernel subtracts the zero point
     exactly; on x86 CPUs without VNNI its uint8 x int8 products are summed in pairs in int16 and could
     saturate for |W_q| > 64, so 8-bit weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs).
@@ -518,13 +521,11 @@ class IntLinear(nn.Module):
     def forward(self, x):
         n = 2 ** (self.abits - 1) - 1
         tokens = None if self.tokens is None else self.tokens()
-        if self.clip is not None:  # static: X_q = round(clamp(x, -alpha, alpha) / step_x), step_x = alpha / n
-            step = self.clip.to(x.dtype) / n  # in x's precision; ONNX: Clip, then QuantizeLinear(x, step_x)
-            x = x.clamp(-self.alpha, self.alpha)
+        step = None if self.clip is None else self.clip.to(x.dtype) / n  # static: step_x = alpha / n, in x's precision
         if torch.compiler.is_exporting():  # ONNX: graph ops, MatMulInteger for X_q W_q^T
             w = self.weight_codes().t()
-            if self.clip is not None:  # y = (X_q W_q^T) * (c step_x) + b
-                y = matmul_integer(x, step, w, self.step * step, self.wbits > 4)
+            if step is not None:  # Clip(-alpha, alpha), QuantizeLinear(x, step_x); y = (X_q W_q^T) * (c step_x) + b
+                y = matmul_integer(x.clamp(-self.alpha, self.alpha), step, w, self.step * step, self.wbits > 4)
             else:  # X_q = round(clamp(x * s_x, -n, n)): QuantizeLinear with step 1
                 s, one = activation_scale(x, n, tokens), x.new_ones(())
                 if tokens is None:
@@ -532,19 +533,19 @@ class IntLinear(nn.Module):
                 else:  # * c, then / s_x, as below (c / s_x of shape [B, 1, 1] is no scalar)
                     y = matmul_integer((x * s).clamp(-n, n), one, w, x.new_tensor(self.step), self.wbits > 4) / s
             return y if self.bias is None else y + self.bias
-        if self.clip is not None:  # the codes of x / step_x, as ONNX Runtime's QuantizeLinear computes them
-            x, s, factor = x / step, 1.0, self.step * float(step)
+        if step is not None:  # x / step_x, rounded, as ONNX Runtime's QuantizeLinear computes it
+            xs, factor = x / step, self.step * float(step)
         elif tokens is None:
             lo, hi = torch.aminmax(x)
             m = float(torch.maximum(-lo, hi))
             s = n / max(min(m, CLIP), n * torch.finfo(x.dtype).tiny)  # the activation quantizer's scale, per tensor
             s = float(torch.tensor(s, dtype=x.dtype))  # in x's precision, as uniform_scale computes it
-            factor = self.step / s  # y = (X_q W_q^T) * c / s_x + b
+            xs, factor = x * s, self.step / s  # y = (X_q W_q^T) * c / s_x + b
         else:
             s = activation_scale(x, n, tokens)  # [B, 1, 1] or [B, 1]
-            factor = self.step
+            xs, factor = x * s, self.step
         onednn = self.kernel == "onednn"
-        codes = int_codes(x, s, n, 128 if onednn else 0, torch.uint8 if onednn else torch.int8)
+        codes = int_codes(xs, n, 128 if onednn else 0, torch.uint8 if onednn else torch.int8)
         if onednn:
             qx, ones, zeros = codes, torch.ones(1), torch.zeros(1, dtype=torch.long)
             y = None
@@ -652,7 +653,7 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
             s = activation_scale(x, n, tokens)
             return quantize_codes((x * s).clamp(lo, n), x.new_ones(()), lo == 0), s
         alpha, step, s = static[i]  # static: round(clamp(x, -alpha, alpha) / step), as in IntLinear
-        return quantize_codes(x.clamp(-alpha if lo else 0.0, alpha), step, lo == 0), s
+        return quantize_codes(x.clamp(0.0 if lo == 0 else -alpha, alpha), step, lo == 0), s
 
     (q, s_q), (k, s_k), (v, s_v) = codes(query, 0), codes(key, 1), codes(value, 2)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling

@@ -1506,6 +1506,42 @@ def test_int8_attention_quantizes_as_training_does(per_example):
     assert torch.equal(got_p, want_p) and torch.allclose(got, want, atol=1e-6)
 
 
+def test_static_codes_divide_by_the_step_as_onnx_runtime_does():
+    """Static scales: X_q = round(clamp(x, -alpha, alpha) / step) with step = alpha / n, a division as in ONNX
+    Runtime's QuantizeLinear, where training multiplies by n / alpha. On inputs where the two round apart,
+    IntLinear (plain and oneDNN kernels), matmul_integer (its ONNX op) and quantize_codes give the division's
+    codes, and so does a one-node ONNX Runtime graph."""
+    import onnx
+    import onnxruntime as ort
+
+    n, alpha = 127, torch.tensor(1.7)
+    step, a = alpha / n, float(alpha)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(-127, 127, (100000,), generator=g) + 0.5) * step  # x / step half-integers, then a few ulps off
+    x = x + torch.randint(-3, 4, x.shape, generator=g) * torch.finfo(torch.float32).eps * x.abs()
+    apart = torch.round(x / step) != torch.round(x * (n / alpha))
+    assert apart.sum() >= 16
+    x = torch.cat([x[apart][:60], torch.tensor([-3.0, 3.0, a, -a])])  # and beyond the clip: [64]
+    want = torch.round(x.clamp(-a, a) / step)
+    assert not torch.equal(want, torch.round(x.clamp(-a, a) * (n / alpha)))
+    eye = torch.eye(64, dtype=torch.int8)  # y = X_q * step: the codes come back as y / step
+    for kernel in ("plain", "onednn"):
+        y = export.IntLinear(eye, 1.0, None, 8, kernel=kernel, clip=alpha)(x[None])
+        assert torch.equal(torch.round(y[0] / step), want), kernel
+    assert torch.equal(export.matmul_integer(x.clamp(-a, a), step, eye.t(), torch.tensor(1.0), False), want)
+    assert torch.equal(export.quantize_codes(x.clamp(-a, a), step, False).float(), want)
+    node = onnx.helper.make_node("QuantizeLinear", ["x", "step", "zero"], ["q"])
+    graph = onnx.helper.make_graph(
+        [node], "q", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64])],
+        [onnx.helper.make_tensor_value_info("q", onnx.TensorProto.UINT8, [64])],
+        [onnx.numpy_helper.from_array(step.numpy(), "step"),
+         onnx.helper.make_tensor("zero", onnx.TensorProto.UINT8, [], [128])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=9)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    codes = session.run(None, {"x": x.clamp(-a, a).numpy()})[0].astype("int32") - 128
+    assert torch.equal(torch.from_numpy(codes).float(), want)
+
+
 def test_serving_rows_take_the_median_speed_over_rounds():
     import bench
 
@@ -1635,7 +1671,9 @@ def test_static_scales_from_calibrated_clips(arch, tmp_path):
         # each activation's quantizer is Clip(-alpha, alpha) -> QuantizeLinear(alpha / n): no Mul by a scale
         steps = {t.name: float(onnx.numpy_helper.to_array(t)) for t in graph.initializer if not t.dims}
         quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
-        assert len(quantizers) >= 3 * len(attention) + 3 and all(made[n.input[0]].op_type == "Clip" for n in quantizers)
+        # one per Linear input, Q, K and V's shared, and Q, K, V, P in each attention
+        assert len(quantizers) == len(linears) + 2 * len(attention)
+        assert all(made[n.input[0]].op_type == "Clip" for n in quantizers)
         assert all(made[made[n.input[0]].input[0]].op_type != "Mul" and steps[n.input[1]] < 2.5 / 127 * 1.0001
                    for n in quantizers)
         with torch.no_grad():
