@@ -489,10 +489,10 @@ class IntLinear(nn.Module):
     is given) or, with a calibrated clip alpha (calibrate_clips), static: X_q = round(clamp(x, -alpha,
     alpha) / step_x) with step_x = alpha / (2^(a-1) - 1), one ONNX QuantizeLinear (it divides by the step
     where training multiplies by n / alpha: a code may differ by one where x / step_x lies within float
-    rounding of a half-integer). X_q W_q^T is an int32 sum:
-    exact. On CPU (oneDNN) X_q travels as uint8 X_q + 128 and the kernel subtracts the zero point
-    exactly; on x86 CPUs without VNNI its uint8 x int8 products are summed in pairs in int16 and could
-    saturate for |W_q| > 64, so 8-bit weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs).
+    rounding of a half-integer). X_q W_q^T is an int32 sum: exact. On CPU (oneDNN) X_q travels as
+    uint8 X_q + 128 and the kernel subtracts the zero point exactly; on x86 CPUs without VNNI its
+    uint8 x int8 products are summed in pairs in int16 and could saturate for |W_q| > 64, so 8-bit
+    weights are split as W_q = 128 W_hi + W_lo (two exact GEMMs).
     Under torch.export (export_onnx, kernel "onnx": W_q kept packed, wbits per code, and unpacked by
     graph ops) the same arithmetic runs as graph ops around matmul_integer.
     """
