@@ -403,9 +403,10 @@ def serving_inputs(run):
     if export.packed_file(packed) is None:
         raise FileNotFoundError(f"--serving: {packed} holds no exported student")
     bits = json.loads(export.safetensors_metadata(export.packed_file(packed))["qatkd"])
-    if max(bits["wbits"], bits["abits"]) > 8:
-        raise ValueError(f"--serving: the student is W{bits['wbits']}A{bits['abits']}; integer inference needs weights "
-                         "and activations of 8 bits or fewer")
+    try:
+        export.check_integer_bits(bits["wbits"], bits["abits"])
+    except ValueError as e:
+        raise ValueError(f"--serving: {e}") from None
     model_type = AutoConfig.from_pretrained(packed).model_type
     if model_type in export.ONNX_UNSUPPORTED:
         raise ValueError(f"--serving: no ONNX export for {model_type}: {export.ONNX_UNSUPPORTED[model_type]}")

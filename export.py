@@ -213,6 +213,15 @@ def clip_value(tensors, key, path):
     return alpha
 
 
+def check_integer_bits(wbits, abits):
+    """Refuse in one line a student that integer inference (the int8 backend, ONNX) cannot compute: weights
+    or activations wider than 8 bits (its Linears would stay fp32, unquantized, under an "int8" label)."""
+    for kind, bits in (("weights", wbits), ("activations", abits)):
+        if bits > 8:
+            raise ValueError(f"integer inference (the int8 backend, ONNX) needs {kind} of 8 bits or fewer; this "
+                             f"student has {bits}-bit {kind}: evaluate it with the fake backend")
+
+
 def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=None):
     """Rebuild an exported student.
 
@@ -257,11 +266,8 @@ def load_quantized(path, backend="fake", device="cpu", act_scale=None, kernel=No
     if act_scale == "example" and not qatkd.model_family(config).per_example:
         raise ValueError(f"per-example activation scales are not available for {config.model_type} (its "
                          "relative-position embeddings share the Linear layers of the tokens); use act_scale batch")
-    if backend == "int8" and abits > 8:
-        raise ValueError(f"the int8 backend needs activations of 8 bits or fewer; this student has {abits}")
-    if backend == "int8" and wbits > 8:  # its Linears would stay fp32, activations unquantized: no integer model
-        raise ValueError(f"integer inference (the int8 backend, ONNX) needs weights of 8 bits or fewer; this "
-                         f"student keeps {wbits}-bit weights: evaluate it with the fake backend")
+    if backend == "int8":
+        check_integer_bits(wbits, abits)
     state = {k: v for k, v in tensors.items() if not k.endswith((".codes", ".scale")) and ".act_clip" not in k}
     codes = {key: unpack_bits(tensors[key + ".codes"], wbits, math.prod(shape)).reshape(shape)
              for key, shape in meta["shapes"].items()}
@@ -504,8 +510,7 @@ class IntLinear(nn.Module):
         self.abits, self.step, self.tokens, self.wbits = abits, step, tokens, wbits
         self.kernel = kernel or int8_kernel(q.device)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self.register_buffer("clip", None if clip is None else clip.detach().to(q.device, torch.float32).clone())
-        self.alpha = None if clip is None else float(self.clip)  # clamp's bounds, constants in the ONNX graph
+        self.alpha = None if clip is None else float(clip)  # the calibrated clip, a constant in the ONNX graph
         if self.kernel == "onnx":  # packed wbits codes (>= 0), unpacked by graph ops that ONNX Runtime folds at load
             unsigned = (q.to(torch.int16) + SIGNED_OFFSET[wbits]) // (1 + (wbits == 1))
             self.register_buffer("codes", pack_bits(unsigned, wbits))
@@ -521,7 +526,7 @@ class IntLinear(nn.Module):
     def forward(self, x):
         n = 2 ** (self.abits - 1) - 1
         tokens = None if self.tokens is None else self.tokens()
-        step = None if self.clip is None else self.clip.to(x.dtype) / n  # static: step_x = alpha / n, in x's precision
+        step = None if self.alpha is None else x.new_tensor(self.alpha) / n  # static: step_x = alpha / n
         if torch.compiler.is_exporting():  # ONNX: graph ops, MatMulInteger for X_q W_q^T
             w = self.weight_codes().t()
             if step is not None:  # Clip(-alpha, alpha), QuantizeLinear(x, step_x); y = (X_q W_q^T) * (c step_x) + b
@@ -574,7 +579,7 @@ class IntLinear(nn.Module):
         return q.to(torch.int8).reshape(self.out_features, -1)
 
     def extra_repr(self):
-        scale = "static" if self.clip is not None else "per tensor" if self.tokens is None else "per example"
+        scale = "static" if self.alpha is not None else "per tensor" if self.tokens is None else "per example"
         return f"in_features={self.in_features}, out_features={self.out_features}, abits={self.abits}, {scale}, {self.kernel}"
 
 

@@ -1703,8 +1703,8 @@ def test_integer_inference_refuses_students_with_full_precision_parts(tmp_path):
     """W32 (weights left in fp32) or A32 students have nothing the int8 backend or ONNX export can compute in
     integers: refused in one line, not served as fp32 Linears under an "int8" label."""
     teacher = classifier(write_tiny_model(tmp_path / "bert", num_layers=1))
-    for wbits, abits, message in ((32, 8, "weights of 8 bits or fewer; this student keeps 32-bit"),
-                                  (2, 32, "activations of 8 bits or fewer; this student has 32")):
+    for wbits, abits, message in ((32, 8, "weights of 8 bits or fewer; this student has 32-bit weights"),
+                                  (2, 32, "activations of 8 bits or fewer; this student has 32-bit activations")):
         export.export_quantized(qatkd.quantize_student(teacher, wbits, abits), tmp_path / f"w{wbits}a{abits}")
         export.load_quantized(tmp_path / f"w{wbits}a{abits}", "fake")  # the fake backend takes it
         with pytest.raises(ValueError, match=message):
@@ -1795,7 +1795,7 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
                           (["--predict", str(packed), "--text", "x", "--backend", "fake", "--act_scale", "static"],
                            "served by the int8 backend and ONNX"),
                           (["--serving", str(tmp_path)], "is not a finished run folder (no args.json)"),
-                          (["--serving", str(w32)], "is W32A8; integer inference needs weights and activations"),
+                          (["--serving", str(w32)], "--serving: integer inference (the int8 backend, ONNX) needs weights"),
                           (["--serving", str(run_dir), "--serving_rounds", "0"], "--serving_rounds must be at least 1")):
         p = run_py(*argv)
         assert p.returncode != 0 and message in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
