@@ -467,6 +467,49 @@ def fuse_integer_rescale(model):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
 
 
+# the output range of ops whose outputs are bounded: a Clip after them cannot cut beyond it (GELU's
+# minimum is -0.16997, at x = -0.752)
+BOUNDED = {"Gelu": (-0.17, math.inf), "Softmax": (0.0, 1.0)}
+
+
+def drop_saturated_clips(model):
+    """Clip(x, lo, hi) -> QuantizeLinear(step, zero point) gives the codes of QuantizeLinear alone where
+    neither bound cuts anything that QuantizeLinear's saturation does not, and the Clip is removed. A bound
+    is redundant when its code round(bound / step) + zero point is at or beyond the code type's limit
+    (int8 [-128, 127], uint8 [0, 255]: 8-bit static scales saturate at code 127, the upper clip) or when x's
+    producer cannot pass it (BOUNDED). With static scales this removes the Clip before the FFN's second
+    Linear (its input is GELU's output, >= -0.17 > -alpha). Only Clips read by the QuantizeLinear alone,
+    with scalar constant bounds, step and zero point. model: an onnx.ModelProto, changed in place."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.dims}
+    made = {o: n for n in graph.node for o in n.output}
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    dropped = set()
+    for node in graph.node:
+        clip = made.get(node.input[0]) if node.op_type == "QuantizeLinear" and len(node.input) == 3 else None
+        if clip is None or clip.op_type != "Clip" or len(readers[clip.output[0]]) != 1 or \
+                not all(name in consts for name in [*clip.input[1:3], *node.input[1:3]]):
+            continue
+        lo, hi = (float(consts[name]) for name in clip.input[1:3])
+        step, zero = consts[node.input[1]], consts[node.input[2]]
+        qmin, qmax = np.iinfo(zero.dtype).min, np.iinfo(zero.dtype).max
+        code = lambda bound: float(np.rint(np.float32(bound) / step)) + int(zero)  # noqa: E731
+        low, high = BOUNDED.get(getattr(made.get(clip.input[0]), "op_type", None), (-math.inf, math.inf))
+        if (code(lo) <= qmin or low >= lo) and (code(hi) >= qmax or high <= hi):
+            node.input[0] = clip.input[0]
+            dropped.add(id(clip))
+    if dropped:
+        nodes = [n for n in graph.node if id(n) not in dropped]
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
 def activation_scale(x, n, tokens=None):
     """The activation quantizer's scale s = n / min(max |x|, 2.5), as a tensor in x's dtype, bit for bit
     qatkd's quantizers' scale.
@@ -588,7 +631,8 @@ class IntEmbedding(nn.Module):
 
     Holds the codes packed (4 per byte for ternary) and one scale per row; only the looked-up rows
     are unpacked, with the export's arithmetic (codes_to_weight), so it returns the fp32 student's
-    embedding bit for bit.
+    embedding bit for bit. Under torch.export (export_onnx) the whole table is unpacked and then
+    looked up: nodes on constants, which ONNX Runtime folds once at load, so a call only gathers.
     """
 
     def __init__(self, codes, scale, bits):
@@ -600,9 +644,13 @@ class IntEmbedding(nn.Module):
         self.register_buffer("scale", scale.reshape(self.num_embeddings, 1))
 
     def forward(self, ids):
-        rows = self.codes[ids]  # [B, S, d * pack / 8]
-        codes = unpack_bits(rows.reshape(-1), self.pack, ids.numel() * self.embedding_dim)
-        return codes_to_weight(codes.reshape(*ids.shape, self.embedding_dim), self.scale[ids], self.bits)
+        if torch.compiler.is_exporting():  # ONNX: unpack the table [V, d] (folded at load), then gather
+            table = unpack_bits(self.codes.reshape(-1), self.pack, self.num_embeddings * self.embedding_dim)
+            codes = table.reshape(self.num_embeddings, self.embedding_dim)[ids]
+        else:  # unpack only the rows looked up, [B, S, d * pack / 8] -> [B, S, d]
+            rows = self.codes[ids].reshape(-1)
+            codes = unpack_bits(rows, self.pack, ids.numel() * self.embedding_dim).reshape(*ids.shape, -1)
+        return codes_to_weight(codes, self.scale[ids], self.bits)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.bits}-bit codes"
@@ -697,9 +745,10 @@ def export_onnx(path, out, act_scale="example"):
     batch and length dynamic; output logits [B, C]. Every quantized Linear is packed weight codes
     (unpacked to int8 [in, out] by nodes ONNX Runtime folds at load) and an integer product on the
     activation's codes (per example over the real tokens with act_scale "example", per tensor with
-    "batch", constant with "static"), rescaled once (matmul_integer, fuse_integer_rescale); attention's P V is a MatMulInteger
-    on the codes of P and V (int8_attention); the word embedding is gathered from its packed codes.
-    Returns the path of model.onnx.
+    "batch", constant with "static"), rescaled once (matmul_integer, fuse_integer_rescale), with no Clip
+    where QuantizeLinear's saturation does its work (drop_saturated_clips); attention's P V is a
+    MatMulInteger on the codes of P and V (int8_attention); the word embedding is gathered from its
+    codes, the table packed in the file and unpacked at load. Returns the path of model.onnx.
     """
     import shutil
 
@@ -735,6 +784,7 @@ def export_onnx(path, out, act_scale="example"):
     onnxscript.optimizer.optimize(graph.model, input_size_limit=16)
     model = graph.model_proto
     fuse_integer_rescale(model)
+    drop_saturated_clips(model)
     for node in model.graph.node:  # the exporter's per-node stack traces (this machine's paths): a third of the file
         del node.metadata_props[:]
     with atomic_path(out / "model.onnx") as tmp:

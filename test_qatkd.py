@@ -1542,6 +1542,52 @@ def test_static_codes_divide_by_the_step_as_onnx_runtime_does():
     assert torch.equal(torch.from_numpy(codes).float(), want)
 
 
+def test_clips_that_quantize_linear_saturation_makes_are_dropped():
+    """drop_saturated_clips removes a Clip before QuantizeLinear only where both bounds are the quantizer's
+    saturation or beyond what x's producer can reach, and the codes stay the same: after GELU (>= -0.17)
+    with 8-bit static scales (code 127 + 128 = 255 saturates at the upper clip), after softmax with a clip
+    at 1; kept where a bound cuts: GELU with a clip below 0.17, an unbounded input (code -127 is not
+    int8's -128), softmax with a clip below 1."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    cases = [("Gelu", 2.5, "uint8", True), ("Gelu", 0.1, "uint8", False), ("Identity", 2.5, "uint8", False),
+             ("Identity", 2.5, "int8", False), ("Softmax", 1.0, "uint8", True), ("Softmax", 0.9, "uint8", False)]
+    nodes, inits, outputs = [], [], []
+    for i, (op, alpha, kind, _) in enumerate(cases):
+        lo = 0.0 if op == "Softmax" else -alpha
+        zero = 128 if kind == "uint8" and op != "Softmax" else 0
+        inits += [numpy_helper.from_array(np.array(v, np.float32), f"{name}{i}")
+                  for name, v in (("lo", lo), ("hi", alpha), ("step", np.float32(alpha) / np.float32(127)))]
+        inits.append(numpy_helper.from_array(np.array(zero, kind), f"zero{i}"))
+        nodes += [helper.make_node(op, ["x"], [f"y{i}"], **({"axis": -1} if op == "Softmax" else {})),
+                  helper.make_node("Clip", [f"y{i}", f"lo{i}", f"hi{i}"], [f"c{i}"]),
+                  helper.make_node("QuantizeLinear", [f"c{i}", f"step{i}", f"zero{i}"], [f"q{i}"])]
+        outputs.append(helper.make_tensor_value_info(f"q{i}", getattr(TensorProto, kind.upper()), [4, 64]))
+    graph = helper.make_graph(nodes, "clips", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 64])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+    x = np.random.default_rng(0).normal(0, 4, (4, 64)).astype(np.float32)
+    x[0, :8] = [-0.75, -0.7518, 3.0, 40.0, -40.0, 2.5, -2.5, 0.0]  # GELU's minimum, beyond the clips
+    x[1] = 0.0
+    x[1, 0] = 60.0  # a softmax row with one probability of 1
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})  # noqa: E731
+    want, bare = run(model), onnx.ModelProto()
+    bare.CopyFrom(model)
+    for node in bare.graph.node:
+        if node.op_type == "QuantizeLinear":
+            node.input[0] = "y" + node.input[0][1:]
+    unclipped = run(bare)  # the same, every Clip left out: the clips that are not saturation change codes
+    assert [np.array_equal(a, b) for a, b in zip(unclipped, want)] == [dropped for *_, dropped in cases]
+    export.drop_saturated_clips(model)
+    onnx.checker.check_model(model)
+    readers = {i: n for n in model.graph.node for i in n.input}
+    assert [readers[f"y{i}"].op_type != "Clip" for i in range(len(cases))] == [dropped for *_, dropped in cases]
+    assert all(np.array_equal(a, b) for a, b in zip(run(model), want))
+
+
 def test_serving_rows_take_the_median_speed_over_rounds():
     import bench
 
@@ -1590,6 +1636,8 @@ def test_onnx_student_computes_what_the_int8_backend_computes(wbits, act_scale, 
         fused = {n.op_type for n in ort_student.optimized_graph(disabled=[]).node}
         assert "SkipLayerNormalization" in fused
         assert "SkipLayerNormalization" not in {n.op_type for n in ort_student.optimized_graph().node}
+    # every unpacking of codes (weights, the embedding table) runs once, at load: a call only gathers
+    assert "BitShift" not in {n.op_type for n in ort_student.optimized_graph().node} and "BitShift" in ops
     int8 = export.load_quantized(tmp_path / "packed", "int8", act_scale=act_scale)
     for lengths, pad in (([6, 3, 5], None), ([9], None), ([4, 7, 2, 8], 12)):
         batch = make_batch(lengths, pad_to=pad, seed=len(lengths))
@@ -1673,7 +1721,10 @@ def test_static_scales_from_calibrated_clips(arch, tmp_path):
         quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear"]
         # one per Linear input, Q, K and V's shared, and Q, K, V, P in each attention
         assert len(quantizers) == len(linears) + 2 * len(attention)
-        assert all(made[n.input[0]].op_type == "Clip" for n in quantizers)
+        # but the FFN's second Linear: its input is GELU's output (>= -0.17), QuantizeLinear saturates at alpha
+        after_gelu = [n for n in quantizers if made[n.input[0]].op_type == "Gelu"]
+        assert len(after_gelu) == teacher.config.num_hidden_layers
+        assert all(made[n.input[0]].op_type == "Clip" for n in quantizers if n not in after_gelu)
         assert all(made[made[n.input[0]].input[0]].op_type != "Mul" and steps[n.input[1]] < 2.5 / 127 * 1.0001
                    for n in quantizers)
         with torch.no_grad():
