@@ -413,14 +413,22 @@ def serving_inputs(run):
     return teacher, packed
 
 
-def serving_rows(rounds):
+SERVING_REFERENCE = "teacher, ONNX Runtime quantize_dynamic int8"  # what takes minutes, not hours of training
+
+
+def serving_rows(rounds, reference=SERVING_REFERENCE):
     """--serving's table rows from {model: [one measurement per round]}: each speed the median over
-    rounds, the peak memory the largest, the rest from the first round (the same in every round)."""
+    rounds, the peak memory the largest, the rest from the first round (the same in every round); and
+    each model's throughput relative to the reference model's in the same round, the median of those
+    paired ratios (a slow spell of the machine moves both sides of a ratio alike)."""
     import statistics
 
+    base = [r["examples_per_second"] for r in rounds.get(reference, [])]
     return [{"model": name, **rs[0], "latency_ms": statistics.median(r["latency_ms"] for r in rs),
              "examples_per_second": statistics.median(r["examples_per_second"] for r in rs),
-             "peak_memory_mb": max(r["peak_memory_mb"] for r in rs), "rounds": rs} for name, rs in rounds.items()]
+             "throughput_vs_reference": statistics.median(r["examples_per_second"] / b for r, b in zip(rs, base))
+             if base else None, "peak_memory_mb": max(r["peak_memory_mb"] for r in rs), "rounds": rs}
+            for name, rs in rounds.items()]
 
 
 def serving(args, argv=()):
@@ -462,12 +470,14 @@ def serving(args, argv=()):
              f"median of {args.serving_rounds} rounds")
     metrics = list(rows[0]["metrics"])[:2]
     head = ["model", " / ".join(metrics), "file MB", "weights in memory MB", "latency, batch 1 (ms)",
-            "throughput, batch 32 (examples/s)", "peak resident memory (MiB)"]
+            "throughput, batch 32 (examples/s)", "throughput / int8 teacher's, paired", "peak resident memory (MiB)"]
     table = [[r["model"], " / ".join(f"{100 * r['metrics'][k]:.2f}" for k in metrics), f"{r['file_bytes'] / 1e6:.1f}",
               f"{r['weight_bytes'] / 1e6:.1f}", f"{r['latency_ms']:.1f}", f"{r['examples_per_second']:.1f}",
-              f"{r['peak_memory_mb']:.0f}"] for r in rows]
+              f"{r['throughput_vs_reference']:.2f}x", f"{r['peak_memory_mb']:.0f}"] for r in rows]
     md = "\n".join([f"{run.name} on {args.data_name} dev; {where}", "", "| " + " | ".join(head) + " |",
-                    "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in table])
+                    "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in table] +
+                   ["", "*paired*: each round's throughput over the int8 teacher's in the same round, the median "
+                    "over rounds"])
     (run / "serving.md").write_text(md + "\n")
     runtime.write_json(run / "serving.json", {"where": where, "rows": rows})
     print(f"\n{md}\n\nwritten to {run / 'serving.md'} and serving.json")
