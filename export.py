@@ -468,8 +468,8 @@ def fuse_integer_rescale(model):
 
 
 # the output range of ops whose outputs are bounded: a Clip after them cannot cut beyond it (GELU's
-# minimum is -0.16997, at x = -0.752)
-BOUNDED = {"Gelu": (-0.17, math.inf), "Softmax": (0.0, 1.0)}
+# minimum is -0.16997 at x = -0.752; its tanh approximation's -0.17004)
+BOUNDED = {"Gelu": (-0.1701, math.inf), "Softmax": (0.0, 1.0)}
 
 
 def drop_saturated_clips(model):
@@ -478,7 +478,7 @@ def drop_saturated_clips(model):
     is redundant when its code round(bound / step) + zero point is at or beyond the code type's limit
     (int8 [-128, 127], uint8 [0, 255]: 8-bit static scales saturate at code 127, the upper clip) or when x's
     producer cannot pass it (BOUNDED). With static scales this removes the Clip before the FFN's second
-    Linear (its input is GELU's output, >= -0.17 > -alpha). Only Clips read by the QuantizeLinear alone,
+    Linear (its input is GELU's output, > -0.1701 > -alpha). Only Clips read by the QuantizeLinear alone,
     with scalar constant bounds, step and zero point. model: an onnx.ModelProto, changed in place."""
     import numpy as np
     from onnx import numpy_helper
