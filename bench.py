@@ -424,6 +424,7 @@ def serving_rows(rounds, reference=SERVING_REFERENCE):
     import statistics
 
     base = [r["examples_per_second"] for r in rounds.get(reference, [])]
+    assert not base or all(len(rs) == len(base) for rs in rounds.values()), "every model timed in every round"
     return [{"model": name, **rs[0], "latency_ms": statistics.median(r["latency_ms"] for r in rs),
              "examples_per_second": statistics.median(r["examples_per_second"] for r in rs),
              "throughput_vs_reference": statistics.median(r["examples_per_second"] / b for r, b in zip(rs, base))
@@ -473,7 +474,8 @@ def serving(args, argv=()):
             "throughput, batch 32 (examples/s)", "throughput / int8 teacher's, paired", "peak resident memory (MiB)"]
     table = [[r["model"], " / ".join(f"{100 * r['metrics'][k]:.2f}" for k in metrics), f"{r['file_bytes'] / 1e6:.1f}",
               f"{r['weight_bytes'] / 1e6:.1f}", f"{r['latency_ms']:.1f}", f"{r['examples_per_second']:.1f}",
-              f"{r['throughput_vs_reference']:.2f}x", f"{r['peak_memory_mb']:.0f}"] for r in rows]
+              "-" if r["throughput_vs_reference"] is None else f"{r['throughput_vs_reference']:.2f}x",
+              f"{r['peak_memory_mb']:.0f}"] for r in rows]
     md = "\n".join([f"{run.name} on {args.data_name} dev; {where}", "", "| " + " | ".join(head) + " |",
                     "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in table] +
                    ["", "*paired*: each round's throughput over the int8 teacher's in the same round, the median "

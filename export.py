@@ -476,31 +476,34 @@ def drop_saturated_clips(model):
     """Clip(x, lo, hi) -> QuantizeLinear(step, zero point) gives the codes of QuantizeLinear alone where
     neither bound cuts anything that QuantizeLinear's saturation does not, and the Clip is removed. A bound
     is redundant when its code round(bound / step) + zero point is at or beyond the code type's limit
-    (int8 [-128, 127], uint8 [0, 255]: 8-bit static scales saturate at code 127, the upper clip) or when x's
-    producer cannot pass it (BOUNDED). With static scales this removes the Clip before the FFN's second
-    Linear (its input is GELU's output, > -0.1701 > -alpha). Only Clips read by the QuantizeLinear alone,
-    with scalar constant bounds, step and zero point. model: an onnx.ModelProto, changed in place."""
+    (int8 [-128, 127], uint8 [0, 255]; with 8-bit static scales hi = alpha gives 127 + 128 = 255: the
+    upper clip is the saturation) or when x's producer cannot pass it (BOUNDED). With static scales this
+    removes the Clip before the FFN's second Linear (its input is GELU's output, > -0.1701 > -alpha).
+    Only Clips read by the QuantizeLinear alone, with bounds, step (> 0) and zero point all 0-d
+    initializers. model: an onnx.ModelProto, changed in place."""
     import numpy as np
     from onnx import numpy_helper
 
     graph = model.graph
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.dims}
     made = {o: n for n in graph.node for o in n.output}
-    readers = {}
+    readers = {o.name: [None] for o in graph.output}  # a graph output is read from outside
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     dropped = set()
     for node in graph.node:
         clip = made.get(node.input[0]) if node.op_type == "QuantizeLinear" and len(node.input) == 3 else None
-        if clip is None or clip.op_type != "Clip" or len(readers[clip.output[0]]) != 1 or \
-                not all(name in consts for name in [*clip.input[1:3], *node.input[1:3]]):
+        if clip is None or clip.op_type != "Clip" or len(clip.input) != 3 or len(readers[clip.output[0]]) != 1 or \
+                not all(name in consts for name in [*clip.input[1:], *node.input[1:]]) or consts[node.input[1]] <= 0:
             continue
-        lo, hi = (float(consts[name]) for name in clip.input[1:3])
+        lo, hi = (float(consts[name]) for name in clip.input[1:])
         step, zero = consts[node.input[1]], consts[node.input[2]]
         qmin, qmax = np.iinfo(zero.dtype).min, np.iinfo(zero.dtype).max
         code = lambda bound: float(np.rint(np.float32(bound) / step)) + int(zero)  # noqa: E731
-        low, high = BOUNDED.get(getattr(made.get(clip.input[0]), "op_type", None), (-math.inf, math.inf))
+        producer = made.get(clip.input[0])
+        low, high = BOUNDED.get(producer.op_type, (-math.inf, math.inf)) if producer is not None and \
+            producer.domain in ("", "com.microsoft") else (-math.inf, math.inf)
         if (code(lo) <= qmin or low >= lo) and (code(hi) >= qmax or high <= hi):
             node.input[0] = clip.input[0]
             dropped.add(id(clip))

@@ -1544,23 +1544,27 @@ def test_static_codes_divide_by_the_step_as_onnx_runtime_does():
 
 def test_clips_that_quantize_linear_saturation_makes_are_dropped():
     """drop_saturated_clips removes a Clip before QuantizeLinear only where both bounds are the quantizer's
-    saturation or beyond what x's producer can reach, and the codes stay the same: after GELU (>= -0.17)
+    saturation or beyond what x's producer can reach, and the codes stay the same: after GELU (> -0.1701)
     with 8-bit static scales (code 127 + 128 = 255 saturates at the upper clip), after softmax with a clip
-    at 1; kept where a bound cuts: GELU with a clip below 0.17, an unbounded input (code -127 is not
-    int8's -128), softmax with a clip below 1."""
+    at 1, an int8 clip at -128 steps; kept where a bound cuts: GELU with a clip below 0.17, an unbounded
+    input (code -127 is not int8's -128), softmax with a clip below 1, a negative step, a Clip that is
+    also a graph output."""
     import numpy as np
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    cases = [("Gelu", 2.5, "uint8", True), ("Gelu", 0.1, "uint8", False), ("Identity", 2.5, "uint8", False),
-             ("Identity", 2.5, "int8", False), ("Softmax", 1.0, "uint8", True), ("Softmax", 0.9, "uint8", False)]
+    step = lambda a: float(np.float32(a) / np.float32(127))  # noqa: E731
+    cases = [  # (producer, clip lo, hi, step, code type, zero point, dropped)
+        ("Gelu", -2.5, 2.5, step(2.5), "uint8", 128, True), ("Gelu", -0.1, 0.1, step(0.1), "uint8", 128, False),
+        ("Identity", -2.5, 2.5, step(2.5), "uint8", 128, False), ("Identity", -2.5, 2.5, step(2.5), "int8", 0, False),
+        ("Identity", -128 * step(2.5), 2.5, step(2.5), "int8", 0, True),
+        ("Softmax", 0.0, 1.0, step(1.0), "uint8", 0, True), ("Softmax", 0.0, 0.9, step(0.9), "uint8", 0, False),
+        ("Softmax", 0.5, 1.0, -0.0025, "uint8", 128, False)]
     nodes, inits, outputs = [], [], []
-    for i, (op, alpha, kind, _) in enumerate(cases):
-        lo = 0.0 if op == "Softmax" else -alpha
-        zero = 128 if kind == "uint8" and op != "Softmax" else 0
+    for i, (op, lo, hi, q_step, kind, zero, _) in enumerate(cases):
         inits += [numpy_helper.from_array(np.array(v, np.float32), f"{name}{i}")
-                  for name, v in (("lo", lo), ("hi", alpha), ("step", np.float32(alpha) / np.float32(127)))]
+                  for name, v in (("lo", lo), ("hi", hi), ("step", q_step))]
         inits.append(numpy_helper.from_array(np.array(zero, kind), f"zero{i}"))
         nodes += [helper.make_node(op, ["x"], [f"y{i}"], **({"axis": -1} if op == "Softmax" else {})),
                   helper.make_node("Clip", [f"y{i}", f"lo{i}", f"hi{i}"], [f"c{i}"]),
@@ -1581,6 +1585,11 @@ def test_clips_that_quantize_linear_saturation_makes_are_dropped():
             node.input[0] = "y" + node.input[0][1:]
     unclipped = run(bare)  # the same, every Clip left out: the clips that are not saturation change codes
     assert [np.array_equal(a, b) for a, b in zip(unclipped, want)] == [dropped for *_, dropped in cases]
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.append(helper.make_tensor_value_info("c0", TensorProto.FLOAT, [4, 64]))  # read by the graph too
+    export.drop_saturated_clips(exposed)
+    assert "c0" in {o for n in exposed.graph.node for o in n.output}
     export.drop_saturated_clips(model)
     onnx.checker.check_model(model)
     readers = {i: n for n in model.graph.node for i in n.input}
