@@ -442,8 +442,8 @@ def serving(args, argv=()):
     resident memory. args.serving_rounds rounds over the models, so that a slow spell of a shared
     machine falls on every model alike: each speed is the median over rounds, the peak the largest
     (every round's values are kept in the JSON), and each throughput is also given over the int8
-    teacher's in the same round (serving_rows: the median of those paired ratios). The ONNX graphs are made afresh in RUN_DIR/serving/
-    (teacher/, student/, student_static/); writes RUN_DIR/serving.{md,json}."""
+    teacher's in the same round (serving_rows: the median of those paired ratios). The ONNX graphs are
+    made afresh in RUN_DIR/serving/ (teacher/, student/, student_static/); writes RUN_DIR/serving.{md,json}."""
     import subprocess
 
     from tqdm.auto import tqdm

@@ -494,16 +494,17 @@ def drop_saturated_clips(model):
     dropped = set()
     for node in graph.node:
         clip = made.get(node.input[0]) if node.op_type == "QuantizeLinear" and len(node.input) == 3 else None
-        if clip is None or clip.op_type != "Clip" or len(clip.input) != 3 or len(readers[clip.output[0]]) != 1 or \
-                not all(name in consts for name in [*clip.input[1:], *node.input[1:]]) or consts[node.input[1]] <= 0:
+        if clip is None or clip.op_type != "Clip" or len(clip.input) != 3 or len(readers[clip.output[0]]) != 1:
+            continue
+        if not all(name in consts for name in [*clip.input[1:], *node.input[1:]]) or consts[node.input[1]] <= 0:
             continue
         lo, hi = (float(consts[name]) for name in clip.input[1:])
         step, zero = consts[node.input[1]], consts[node.input[2]]
         qmin, qmax = np.iinfo(zero.dtype).min, np.iinfo(zero.dtype).max
         code = lambda bound: float(np.rint(np.float32(bound) / step)) + int(zero)  # noqa: E731
         producer = made.get(clip.input[0])
-        low, high = BOUNDED.get(producer.op_type, (-math.inf, math.inf)) if producer is not None and \
-            producer.domain in ("", "com.microsoft") else (-math.inf, math.inf)
+        kind = producer.op_type if producer is not None and producer.domain in ("", "com.microsoft") else None
+        low, high = BOUNDED.get(kind, (-math.inf, math.inf))  # what x can be
         if (code(lo) <= qmin or low >= lo) and (code(hi) >= qmax or high <= hi):
             node.input[0] = clip.input[0]
             dropped.add(id(clip))
