@@ -704,6 +704,9 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     """
     n, tokens, static = module.qatkd_int8
     tokens = None if tokens is None else tokens()
+    packed = getattr(module, "qatkd_packed", lambda: None)()  # pack_real_tokens: Q, K, V come as [1, H, T, d_h]
+    if packed is not None:
+        query, key, value = (padded(t, *packed) for t in (query, key, value))
 
     def codes(x, i, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
         if static is None:
@@ -723,7 +726,65 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     else:
         ctx = matmul_codes(p, v) / s_p / s_v
     qatkd.record_attention(module, scores, probs, ctx)  # forward_internals on a deployed student
-    return ctx.transpose(1, 2).contiguous(), probs
+    ctx = ctx.transpose(1, 2).contiguous()  # [B, S, H, d_h]
+    if packed is not None:  # the real tokens' rows: [1, T, H, d_h]
+        ctx = ctx.flatten(0, 1).index_select(0, module.qatkd_rows()).unsqueeze(0)
+    return ctx, probs
+
+
+def padded(x, spread, batch, length):
+    """pack_real_tokens' Q, K or V, [1, H, T, d_h] on the batch's T real tokens -> [B, H, S, d_h]: position i
+    gets row spread[i], its own at a token and another real token's at padding, where attention's mask
+    gives it weight exactly 0 (and a padded query's row is never read back)."""
+    heads, d = x.shape[1], x.shape[3]
+    flat = x.transpose(1, 2).reshape(-1, heads * d)  # [T, H d_h]
+    return flat.index_select(0, spread).view(batch, length, heads, d).transpose(1, 2)
+
+
+# The module whose input and output is the residual stream [B, S, d] of all layers, per family: with static
+# scales the export runs it on the real tokens only (pack_real_tokens). ModernBERT is left out: its rotary
+# positions are computed inside the layers from the sequence's shape
+PACKED_ENCODER = {"bert": "BertEncoder", "roberta": "RobertaEncoder", "xlm-roberta": "XLMRobertaEncoder",
+                  "camembert": "CamembertEncoder", "electra": "ElectraEncoder", "mobilebert": "MobileBertEncoder",
+                  "albert": "AlbertTransformer", "distilbert": "Transformer"}
+
+
+def pack_real_tokens(model):
+    """Run the encoder's per-token layers (every Linear, LayerNorm, GELU, residual sum) on the batch's real
+    tokens only: its input [B, S, d] becomes [1, T, d] (T real tokens, padding dropped), attention
+    (int8_attention) spreads Q, K, V back to [B, H, S, d_h] with padded() and gathers its context's real
+    rows, and the encoder's output is [B, S, d] again, zeros at padding. With static scales every
+    quantizer is elementwise, so each real token gets the same arithmetic as in the padded batch: the
+    same logits, without the work on padding (a third of MRPC dev's positions in batches of 32). Called
+    by export_onnx; NonZero, CumSum and Gather in the graph. A model without a row in PACKED_ENCODER
+    is refused."""
+    if model.config.model_type not in PACKED_ENCODER:
+        raise ValueError(f"pack_real_tokens does not know {model.config.model_type}'s encoder; export without it")
+    state = {}
+
+    def start(_model, _args, kw):  # per call: the real tokens' indices in [B * S], and where each position reads
+        mask = qatkd.token_mask(kw).reshape(-1)
+        state["rows"] = mask.nonzero().squeeze(-1)  # [T]
+        state["spread"] = (mask.cumsum(0) - 1).clamp(min=0)  # [B * S]: its own row, or (padding) an earlier token's
+        state["shape"] = qatkd.token_mask(kw).shape
+
+    def pack(_encoder, args, kw):  # [B, S, d] -> [1, T, d]
+        h = args[0] if args else kw.pop("hidden_states")
+        return (h.reshape(-1, h.shape[-1]).index_select(0, state["rows"]).unsqueeze(0), *args[1:]), kw
+
+    def unpack(_encoder, _args, _kw, out):  # [1, T, d] -> [B, S, d], zeros at padding
+        h = out[0][0]
+        full = h.new_zeros(math.prod(state["shape"]), h.shape[-1]).index_copy(0, state["rows"], h)
+        out["last_hidden_state"] = full.view(*state["shape"], -1)
+        return out
+
+    model.register_forward_pre_hook(start, with_kwargs=True)
+    encoder = qatkd.modules_of(model, PACKED_ENCODER[model.config.model_type])[0]
+    encoder.register_forward_pre_hook(pack, with_kwargs=True)
+    encoder.register_forward_hook(unpack, with_kwargs=True)
+    for m in qatkd.self_attention_modules(model):
+        m.qatkd_packed, m.qatkd_rows = (lambda: (state["spread"], *state["shape"])), (lambda: state["rows"])
+    return model
 
 
 class _Logits(nn.Module):
@@ -741,7 +802,7 @@ class _Logits(nn.Module):
 ONNX_UNSUPPORTED = {"deberta-v2": "torch.export cannot trace its relative-position attention with a dynamic length"}
 
 
-def export_onnx(path, out, act_scale="example"):
+def export_onnx(path, out, act_scale="example", skip_padding=True):
     """The packed student at path/ (export_quantized) as an ONNX graph at out (model.onnx beside a
     copy of config and tokenizer): what load_quantized(path, "int8") computes.
 
@@ -752,7 +813,9 @@ def export_onnx(path, out, act_scale="example"):
     "batch", constant with "static"), rescaled once (matmul_integer, fuse_integer_rescale), with no Clip
     where QuantizeLinear's saturation does its work (drop_saturated_clips); attention's P V is a
     MatMulInteger on the codes of P and V (int8_attention); the word embedding is gathered from its
-    codes, the table packed in the file and unpacked at load. Returns the path of model.onnx.
+    codes, the table packed in the file and unpacked at load. skip_padding (static scales; every family
+    of PACKED_ENCODER): the per-token layers run on the batch's real tokens only, the same logits for
+    less work (pack_real_tokens); False: on every position, padding included. Returns the path of model.onnx.
     """
     import shutil
 
@@ -767,6 +830,8 @@ def export_onnx(path, out, act_scale="example"):
         raise ValueError(f"no ONNX export for {model_type}: {ONNX_UNSUPPORTED[model_type]}; use --eval_export / "
                          "--predict with the int8 backend")
     student = load_quantized(path, backend="int8", act_scale=act_scale, kernel="onnx")
+    if skip_padding and act_scale == "static" and model_type in PACKED_ENCODER:
+        pack_real_tokens(student)
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if student.config.type_vocab_size > 0 else [])
     example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")

@@ -1685,8 +1685,9 @@ def test_static_scales_from_calibrated_clips(arch, tmp_path):
     layer: one set, the largest over its calls), each min(max |x|, 2.5) on the calibration batch, checked
     against the same maxima taken independently (Linear inputs and BERT's Q, K, V by hooks, P from
     forward_internals); served by the int8 backend with those constant scales, each example's logits do not
-    depend on its batch or padding; BERT's ONNX graph gives the int8 backend's logits with no maximum over
-    any tensor. Refused in one line: the fake backend, an export without clips."""
+    depend on its batch or padding; BERT's ONNX graph has no maximum over any tensor, and each family's
+    (those with code paths of their own) gives the int8 backend's logits, running its per-token layers on
+    the real tokens only (not ModernBERT) with the logits of the graph that runs them on every position. Refused in one line: the fake backend, an export without clips."""
     from transformers import AutoTokenizer
 
     model_dir = write_tiny_model(tmp_path / arch, arch, dropout=0.0)
@@ -1741,8 +1742,24 @@ def test_static_scales_from_calibrated_clips(arch, tmp_path):
         assert all(made[n.input[0]].op_type == "Clip" for n in quantizers if n not in after_gelu)
         assert all(made[made[n.input[0]].input[0]].op_type != "Mul" and steps[n.input[1]] < 2.5 / 127 * 1.0001
                    for n in quantizers)
+        # the per-token layers on the real tokens only (pack_real_tokens): the same logits as every position's graph
+        export.export_onnx(tmp_path / "packed", tmp_path / "every", act_scale="static", skip_padding=False)
+        assert "NonZero" in ops and "NonZero" not in {n.op_type for n in onnx.load(str(tmp_path / "every" / "model.onnx")).graph.node}
         with torch.no_grad():
-            assert torch.allclose(export.OnnxStudent(tmp_path / "onnx")(**other).logits, int8(**other).logits, atol=1e-5)
+            every = export.OnnxStudent(tmp_path / "every")
+            for batch in (other, padded):
+                assert torch.allclose(every(**batch).logits, export.OnnxStudent(tmp_path / "onnx")(**batch).logits, atol=1e-6)
+    if arch in ("bert", "distilbert", "albert", "mobilebert", "modernbert"):  # the others share BERT's code paths
+        if arch != "bert":
+            export.export_onnx(tmp_path / "packed", tmp_path / "onnx", act_scale="static")
+        ort_student = export.OnnxStudent(tmp_path / "onnx")
+        # on the real tokens only, but ModernBERT, whose rotary positions are computed from the sequence's shape
+        assert ("NonZero" in {n.op_type for n in ort_student.optimized_graph().node}) == (arch != "modernbert")
+        with torch.no_grad():
+            for batch in (other, padded):
+                got = ort_student(**batch).logits
+                assert torch.allclose(got, int8(**qatkd.model_inputs(int8, batch)).logits, atol=1e-5)
+                assert torch.allclose(got, alone, atol=1e-5)
     with pytest.raises(ValueError, match="served by the int8 backend and ONNX"):
         export.load_quantized(tmp_path / "packed", "fake", act_scale="static")
     export.export_quantized(student, tmp_path / "plain", tok)
