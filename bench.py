@@ -416,20 +416,27 @@ def serving_inputs(run):
 SERVING_REFERENCE = "teacher, ONNX Runtime quantize_dynamic int8"  # what takes minutes, not hours of training
 
 
-def serving_rows(rounds, reference=SERVING_REFERENCE):
+def serving_rows(rounds, side=None):
     """--serving's table rows from {model: [one measurement per round]}: each speed the median over
-    rounds, the peak memory the largest, the rest from the first round (the same in every round); and
-    each model's throughput relative to the reference model's in the same round, the median of those
-    paired ratios (a slow spell of the machine moves both sides of a ratio alike)."""
-    import statistics
-
-    base = [r["examples_per_second"] for r in rounds.get(reference, [])]
-    assert not base or all(len(rs) == len(base) for rs in rounds.values()), "every model timed in every round"
+    rounds, the peak memory the largest, the rest from the first round (the same in every round); side:
+    {model: its speeds over the int8 teacher's timed side by side} (side_by_side_ratios), where timed so."""
+    side = side or {}
     return [{"model": name, **rs[0], "latency_ms": statistics.median(r["latency_ms"] for r in rs),
              "examples_per_second": statistics.median(r["examples_per_second"] for r in rs),
-             "throughput_vs_reference": statistics.median(r["examples_per_second"] / b for r, b in zip(rs, base))
-             if base else None, "peak_memory_mb": max(r["peak_memory_mb"] for r in rs), "rounds": rs}
+             "peak_memory_mb": max(r["peak_memory_mb"] for r in rs), "rounds": rs, "side_by_side": side.get(name)}
             for name, rs in rounds.items()]
+
+
+def side_by_side_ratios(times, reference=SERVING_REFERENCE):
+    """{model: [(seconds for the dev set at batch 32, median batch-1 latency) per round]}, the models timed
+    in turn in one process -> {model: {"throughput": x, "latency": y}}: the median over rounds of the
+    reference's time over the model's (throughput, > 1: faster) and of the model's latency over the
+    reference's (< 1: faster). The models of one round share the machine's state of that moment, so a
+    slow spell moves both sides of a ratio alike; separate processes need not (RESULTS.md: serving)."""
+    base = times[reference]
+    assert all(len(ts) == len(base) for ts in times.values()), "every model timed in every round"
+    return {name: {"throughput": statistics.median(b[0] / t[0] for t, b in zip(ts, base)),
+                   "latency": statistics.median(t[1] / b[1] for t, b in zip(ts, base))} for name, ts in times.items()}
 
 
 def serving(args, argv=()):
@@ -441,8 +448,9 @@ def serving(args, argv=()):
     10 untimed), throughput at batch 32 (the dev set in file order, after one untimed batch), peak
     resident memory. args.serving_rounds rounds over the models, so that a slow spell of a shared
     machine falls on every model alike: each speed is the median over rounds, the peak the largest
-    (every round's values are kept in the JSON), and each throughput is also given over the int8
-    teacher's in the same round (serving_rows: the median of those paired ratios). The ONNX graphs are
+    (every round's values are kept in the JSON). Then the ONNX Runtime graphs side by side in one more
+    process, 2 x args.serving_rounds rounds in turn: their speeds over the int8 teacher's
+    (side_by_side_ratios), the comparison to read on a machine whose speed drifts. The ONNX graphs are
     made afresh in RUN_DIR/serving/ (teacher/, student/, student_static/); writes RUN_DIR/serving.{md,json}."""
     import subprocess
 
@@ -452,12 +460,13 @@ def serving(args, argv=()):
     teacher, packed = serving_inputs(run)
     teacher_onnx(teacher, run / "serving" / "teacher")
     export.export_onnx(packed, run / "serving" / "student", act_scale=models.deploy_act_scale(packed))
-    kinds = {name: kind for name, kind in SERVING.items() if not kind.endswith("static") or export.has_clips(packed)}
+    kinds = serving_kinds(packed)
     if "student-onnx-static" in kinds.values():
         export.export_onnx(packed, run / "serving" / "student_static", act_scale="static")
     rounds, child = {name: [] for name in kinds}, [sys.executable, str(Path(__file__).resolve().with_name("run.py")),
                                                    *argv, "--serving_model"]
-    todo = [(name, kind) for _ in range(args.serving_rounds) for name, kind in kinds.items()]
+    todo = [(name, kind) for _ in range(args.serving_rounds) for name, kind in kinds.items()] + [
+        ("the ONNX Runtime graphs side by side", "side-by-side")]
     for name, kind in tqdm(todo, desc="serving: a process per model and round", dynamic_ncols=True):
         try:
             p = subprocess.run(child + [kind], capture_output=True, text=True, timeout=3600)  # a hang guard
@@ -466,38 +475,48 @@ def serving(args, argv=()):
         if p.returncode:
             last = (p.stderr.strip().splitlines() or ["no message"])[-1]
             raise ValueError(f"--serving: the process for {name} failed: {last}")
-        rounds[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
-    rows = serving_rows(rounds)
+        result = json.loads(p.stdout.strip().splitlines()[-1])
+        if kind == "side-by-side":
+            side = result
+        else:
+            rounds[name].append(result)
+    rows = serving_rows(rounds, side)
     where = (f"{runtime.cpu_name()}, {rows[0]['threads']} threads, code {runtime.code_version()}, "
              f"median of {args.serving_rounds} rounds")
     metrics = list(rows[0]["metrics"])[:2]
     head = ["model", " / ".join(metrics), "file MB", "weights in memory MB", "latency, batch 1 (ms)",
-            "throughput, batch 32 (examples/s)", "throughput / int8 teacher's, paired", "peak resident memory (MiB)"]
+            "throughput, batch 32 (examples/s)", "side by side: throughput / latency, over the int8 teacher's",
+            "peak resident memory (MiB)"]
     table = [[r["model"], " / ".join(f"{100 * r['metrics'][k]:.2f}" for k in metrics), f"{r['file_bytes'] / 1e6:.1f}",
               f"{r['weight_bytes'] / 1e6:.1f}", f"{r['latency_ms']:.1f}", f"{r['examples_per_second']:.1f}",
-              "-" if r["throughput_vs_reference"] is None else f"{r['throughput_vs_reference']:.2f}x",
+              "-" if r["side_by_side"] is None else
+              f"{r['side_by_side']['throughput']:.2f}x / {r['side_by_side']['latency']:.2f}x",
               f"{r['peak_memory_mb']:.0f}"] for r in rows]
     md = "\n".join([f"{run.name} on {args.data_name} dev; {where}", "", "| " + " | ".join(head) + " |",
                     "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in table] +
-                   ["", "*paired*: each round's throughput over the int8 teacher's in the same round, the median "
-                    "over rounds"])
+                   ["", f"*side by side*: the ONNX Runtime graphs timed in turn in one process, "
+                    f"{2 * args.serving_rounds} rounds; the median over rounds of the int8 teacher's time at batch "
+                    "32 over the model's (> 1: more throughput) and of the model's batch-1 latency over the "
+                    "teacher's (< 1: faster)"])
     (run / "serving.md").write_text(md + "\n")
     runtime.write_json(run / "serving.json", {"where": where, "rows": rows})
     print(f"\n{md}\n\nwritten to {run / 'serving.md'} and serving.json")
     return rows
 
 
-def serving_model(args):
-    """The child of --serving: one model (args.serving_model) measured; its row as JSON on the last line."""
-    import statistics
+def serving_kinds(packed):
+    """--serving's models {name: kind}: SERVING, the static-scale rows only where the export holds clips."""
+    return {name: kind for name, kind in SERVING.items() if not kind.endswith("static") or export.has_clips(packed)}
 
+
+def serving_load(args, run, kind):
+    """One --serving model, ready to time: (model, its tokenized dev set, its pad id, the task, its file)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import experiment
 
-    run = Path(args.serving)
     teacher, packed = serving_inputs(run)
-    kind, made = args.serving_model, run / "serving"
+    made = run / "serving"
     folder, file = {"teacher-pytorch": (teacher, "model.safetensors"),
                     "teacher-onnx": (made / "teacher", "model.onnx"),
                     "teacher-onnx-int8": (made / "teacher", "model_int8.onnx"),
@@ -505,21 +524,25 @@ def serving_model(args):
                     "student-onnx": (made / "student", "model.onnx"),
                     "student-int8-static": (packed, export.packed_file(packed).name),
                     "student-onnx-static": (made / "student_static", "model.onnx")}[kind]
-    file = folder / file
     if kind == "teacher-pytorch":
         model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     elif kind.startswith("student-int8"):
         model = export.load_quantized(folder, "int8", act_scale="static" if kind.endswith("static") else
                                       models.deploy_act_scale(folder))
     else:
-        model = export.OnnxStudent(folder, threads=torch.get_num_threads(), file=file.name)
+        model = export.OnnxStudent(folder, threads=torch.get_num_threads(), file=file)
     if not args.task and not args.train_file and not args.dataset:  # --validation_file alone: classes by name
         args.train_file = args.validation_file
     task, examples = experiment.load_data(args)
     task, examples, _ = data.align_labels(task, examples, model.config.id2label, "model")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     dev = data.tokenize(examples[next(k for k in examples if k != "train")], tokenizer, args.max_len)
-    pad = tokenizer.pad_token_id or 0
+    return model, dev, tokenizer.pad_token_id or 0, task, folder / file
+
+
+def serving_speed(model, dev, pad):
+    """(seconds for the dev set in batches of 32 after one untimed batch, median latency at batch 1 over 200
+    dev examples after 10 untimed, the logits, the batches)."""
     with torch.inference_mode():
         ones, latency = list(qatkd.batches(dev[:210], 1, pad)), []
         for i, b in enumerate(ones):
@@ -531,8 +554,29 @@ def serving_model(args):
         start = time.perf_counter()
         logits = [model(**qatkd.model_inputs(model, b)).logits for b in batches]
         seconds = time.perf_counter() - start
+    return seconds, statistics.median(latency), logits, batches
+
+
+def serving_model(args):
+    """The child of --serving: one model (args.serving_model) measured, its row as JSON on the last line;
+    or ("side-by-side") the ONNX Runtime graphs timed in turn, 2 x args.serving_rounds rounds, their
+    side_by_side_ratios as JSON."""
+    import experiment
+
+    run = Path(args.serving)
+    if args.serving_model == "side-by-side":
+        kinds = {name: kind for name, kind in serving_kinds(serving_inputs(run)[1]).items() if "onnx" in kind}
+        loaded = {name: serving_load(args, run, kind)[:3] for name, kind in kinds.items()}
+        times = {name: [] for name in loaded}
+        for _ in range(2 * args.serving_rounds):
+            for name, (model, dev, pad) in loaded.items():
+                times[name].append(serving_speed(model, dev, pad)[:2])
+        print(json.dumps(side_by_side_ratios(times)))
+        return
+    model, dev, pad, task, file = serving_load(args, run, args.serving_model)
+    seconds, latency, logits, batches = serving_speed(model, dev, pad)
     metrics = data.task_metrics(task, torch.cat(logits).float(), torch.cat([b["labels"] for b in batches]))
     peak = runtime.peak_memory_mb()  # before model_bytes, which has ONNX Runtime load the graph once more
     print(json.dumps({"metrics": metrics, "file_bytes": file.stat().st_size, "weight_bytes": experiment.model_bytes(model),
-                      "latency_ms": 1000 * statistics.median(latency), "examples_per_second": len(dev) / seconds,
+                      "latency_ms": 1000 * latency, "examples_per_second": len(dev) / seconds,
                       "peak_memory_mb": peak, "threads": torch.get_num_threads()}))

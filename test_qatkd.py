@@ -11,6 +11,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -1605,12 +1606,17 @@ def test_serving_rows_take_the_median_speed_over_rounds():
                     for t, e, p in ((5.0, 90.0, 100.0), (9.0, 40.0, 120.0), (6.0, 80.0, 110.0))]}
     (row,) = bench.serving_rows(rounds)
     assert (row["model"], row["latency_ms"], row["examples_per_second"], row["peak_memory_mb"]) == ("m", 6.0, 80.0, 120.0)
-    assert row["file_bytes"] == 10 and len(row["rounds"]) == 3 and row["throughput_vs_reference"] is None
-    # against a reference timed in the same rounds: the median of the per-round ratios, not a ratio of medians
-    rounds["ref"] = [{**one, "latency_ms": 1.0, "examples_per_second": e, "peak_memory_mb": 1.0} for e in (100.0, 20.0, 100.0)]
-    rows = {r["model"]: r for r in bench.serving_rows(rounds, reference="ref")}
-    assert rows["m"]["throughput_vs_reference"] == 0.9 and rows["ref"]["throughput_vs_reference"] == 1.0
-    assert rows["m"]["examples_per_second"] / rows["ref"]["examples_per_second"] == 0.8
+    assert row["file_bytes"] == 10 and len(row["rounds"]) == 3 and row["side_by_side"] is None
+    # timed side by side: the median of the per-round ratios, not a ratio of medians
+    times = {"ref": [(1.0, 2.0), (5.0, 4.0), (1.0, 2.0)], "m": [(0.8, 1.0), (4.5, 6.0), (1.25, 1.0)]}
+    ratios = bench.side_by_side_ratios(times, reference="ref")
+    assert ratios["ref"] == {"throughput": 1.0, "latency": 1.0}
+    assert ratios["m"] == {"throughput": 1.1111111111111112, "latency": 0.5}  # 1 / 0.8, 5 / 4.5, 1 / 1.25; 0.5, 1.5, 0.5
+    assert statistics.median(t for t, _ in times["ref"]) / statistics.median(t for t, _ in times["m"]) == 0.8
+    (row,) = bench.serving_rows(rounds, {"m": ratios["m"]})
+    assert row["side_by_side"] == ratios["m"]
+    with pytest.raises(AssertionError, match="every model timed in every round"):
+        bench.side_by_side_ratios({"ref": [(1.0, 1.0)], "m": []}, reference="ref")
 
 
 @pytest.mark.parametrize("wbits, act_scale", [(1, "example"), (2, "example"), (2, "batch"), (4, "example"),
@@ -1851,7 +1857,10 @@ def test_predict_export_onnx_and_eval_export_from_the_command_line(tmp_path, tin
     assert rows["student, ONNX Runtime"]["metrics"] == rows["student, PyTorch int8 backend"]["metrics"] == int8["metrics"]
     assert rows["student, PyTorch int8 backend"]["file_bytes"] == (packed / export.PACKED_FILE).stat().st_size
     assert int8_teacher["file_bytes"] < rows["teacher, ONNX Runtime fp32"]["file_bytes"]
-    assert int8_teacher["weight_bytes"] < teacher["weight_bytes"] and int8_teacher["throughput_vs_reference"] == 1.0
+    assert int8_teacher["weight_bytes"] < teacher["weight_bytes"]
+    # the ONNX Runtime graphs also timed side by side, in one process: their speeds over the int8 teacher's
+    assert int8_teacher["side_by_side"] == {"throughput": 1.0, "latency": 1.0} and teacher["side_by_side"] is None
+    assert all((r["side_by_side"] is not None) == ("ONNX" in name) for name, r in rows.items())
     assert all(r["latency_ms"] > 0 and r["examples_per_second"] > 0 and r["peak_memory_mb"] > 0 for r in rows.values())
     rows = run.main(["--predict", str(onnx_dir), "--input", str(dev), "--text_columns", "a,b"])
     written = [json.loads(line) for line in (tmp_path / "dev-predictions.jsonl").read_text().splitlines()]
