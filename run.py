@@ -209,10 +209,12 @@ def build_parser():
                         "int8 quantization) and student (int8 backend, ONNX Runtime; per-example and, where the run "
                         "calibrated clips, static scales) on the dev set: metric, file and "
                         "weight bytes, latency at batch 1, throughput at batch 32, peak memory, each model in a "
-                        "fresh process; RUN_DIR/serving.md. Data: the run's, unless given")
+                        "fresh process; then the ONNX Runtime graphs side by side in one process, their speeds over "
+                        "the int8 teacher's; RUN_DIR/serving.md. Data: the run's, unless given")
     g.add_argument("--serving_rounds", type=int, default=3,
                    help="--serving: rounds over the models (a fresh process each time); the table gives each "
-                        "speed's median over rounds. Default: 3")
+                        "speed's median over rounds, and the side-by-side ratios the median over twice as many "
+                        "rounds. Default: 3")
     g.add_argument("--serving_model", default=None, help=argparse.SUPPRESS)  # internal: a child of --serving
     g.add_argument("--backend", default="int8", choices=("int8", "fake"),
                    help="int8: integer inference; fake: fp32 weights, fake-quantized activations. Default: int8")
