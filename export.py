@@ -700,13 +700,12 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     C is qat_attention's Q_a(P) Q_a(V) with its sum exact (integers) instead of rounded in float. With
     scalar scales (per tensor, or static) C = (P_q V_q) * (1 / (s_P s_V)), as ONNX Runtime's
     MatMulIntegerToFloat computes it (matmul_codes).
-    Returns (C as [B, S, H, d_h], P).
+    Returns (C as [B, S, H, d_h], P). Under pack_real_tokens (static scales) query, key and value come as
+    [1, H, T, d_h] on the batch's T real tokens, and C goes back so: [1, T, H, d_h].
     """
     n, tokens, static = module.qatkd_int8
     tokens = None if tokens is None else tokens()
     packed = getattr(module, "qatkd_packed", lambda: None)()  # pack_real_tokens: Q, K, V come as [1, H, T, d_h]
-    if packed is not None:
-        query, key, value = (padded(t, *packed) for t in (query, key, value))
 
     def codes(x, i, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
         if static is None:
@@ -716,6 +715,8 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
         return quantize_codes(x.clamp(0.0 if lo == 0 else -alpha, alpha), step, lo == 0), s
 
     (q, s_q), (k, s_k), (v, s_v) = codes(query, 0), codes(key, 1), codes(value, 2)
+    if packed is not None:  # static codes: elementwise, so taken on the real tokens, then spread
+        q, k, v = (padded(t, *packed) for t in (q, k, v))
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     # not DequantizeLinear: ONNX Runtime would fuse it into an int8 x int8 Q K^T that saturates int16 sums
     scores = torch.matmul(q.float() / s_q, (k.float() / s_k).transpose(-1, -2)) * scaling
@@ -733,9 +734,9 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 def padded(x, spread, batch, length):
-    """pack_real_tokens' Q, K or V, [1, H, T, d_h] on the batch's T real tokens -> [B, H, S, d_h]: position i
-    gets row spread[i], its own at a token and another real token's at padding, where attention's mask
-    gives it weight exactly 0 (and a padded query's row is never read back)."""
+    """pack_real_tokens' codes of Q, K or V, [1, H, T, d_h] on the batch's T real tokens -> [B, H, S, d_h]:
+    position i gets row spread[i], its own at a token and another real token's at padding, where
+    attention's mask gives it weight exactly 0 (and a padded query's row is never read back)."""
     heads, d = x.shape[1], x.shape[3]
     flat = x.transpose(1, 2).reshape(-1, heads * d)  # [T, H d_h]
     return flat.index_select(0, spread).view(batch, length, heads, d).transpose(1, 2)
@@ -752,14 +753,18 @@ PACKED_ENCODER = {"bert": "BertEncoder", "roberta": "RobertaEncoder", "xlm-rober
 def pack_real_tokens(model):
     """Run the encoder's per-token layers (every Linear, LayerNorm, GELU, residual sum) on the batch's real
     tokens only: its input [B, S, d] becomes [1, T, d] (T real tokens, padding dropped), attention
-    (int8_attention) spreads Q, K, V back to [B, H, S, d_h] with padded() and gathers its context's real
-    rows, and the encoder's output is [B, S, d] again, zeros at padding. With static scales every
-    quantizer is elementwise, so each real token gets the same arithmetic as in the padded batch: the
-    same logits, without the work on padding (a third of MRPC dev's positions in batches of 32). Called
-    by export_onnx; NonZero, CumSum and Gather in the graph. A model without a row in PACKED_ENCODER
-    is refused."""
+    (int8_attention) quantizes Q, K, V there and spreads their codes to [B, H, S, d_h] with padded(),
+    then gathers its context's real rows, and the encoder's output is [B, S, d] again, zeros at
+    padding. With static scales every quantizer is elementwise, so each real token gets the same
+    arithmetic as in the padded batch: the same logits, without the work on padding (a third of MRPC
+    dev's positions in batches of 32). Called
+    by export_onnx; NonZero, CumSum and Gather in the graph. A model without a row in PACKED_ENCODER,
+    or without static scales, is refused."""
     if model.config.model_type not in PACKED_ENCODER:
         raise ValueError(f"pack_real_tokens does not know {model.config.model_type}'s encoder; export without it")
+    if getattr(model, "qatkd_bits", {}).get("act_scale") != "static":  # other scales read padding or whole examples
+        raise ValueError("pack_real_tokens needs a student loaded with static scales (load_quantized(..., \"int8\", "
+                         "act_scale=\"static\"))")
     state = {}
 
     def start(_model, _args, kw):  # per call: the real tokens' indices in [B * S], and where each position reads

@@ -1761,6 +1761,9 @@ def test_static_scales_from_calibrated_clips(arch, tmp_path):
         ort_student = export.OnnxStudent(tmp_path / "onnx")
         # on the real tokens only, but ModernBERT, whose rotary positions are computed from the sequence's shape
         assert ("NonZero" in {n.op_type for n in ort_student.optimized_graph().node}) == (arch != "modernbert")
+        with pytest.raises(ValueError, match="does not know modernbert's encoder" if arch == "modernbert" else
+                           "needs a student loaded with static scales"):  # per example, scales see whole examples
+            export.pack_real_tokens(export.load_quantized(tmp_path / "packed", "int8", act_scale="example"))
         with torch.no_grad():
             for batch in (other, padded):
                 got = ort_student(**batch).logits
