@@ -560,7 +560,7 @@ def serving_speed(model, dev, pad):
 def serving_model(args):
     """The child of --serving: one model (args.serving_model) measured, its row as JSON on the last line;
     or ("side-by-side") the ONNX Runtime graphs timed in turn, 2 x args.serving_rounds rounds, their
-    side_by_side_ratios as JSON."""
+    side_by_side_ratios with each round's times as JSON."""
     import experiment
 
     run = Path(args.serving)
@@ -568,10 +568,11 @@ def serving_model(args):
         kinds = {name: kind for name, kind in serving_kinds(serving_inputs(run)[1]).items() if "onnx" in kind}
         loaded = {name: serving_load(args, run, kind)[:3] for name, kind in kinds.items()}
         times = {name: [] for name in loaded}
-        for _ in range(2 * args.serving_rounds):
-            for name, (model, dev, pad) in loaded.items():
-                times[name].append(serving_speed(model, dev, pad)[:2])
-        print(json.dumps(side_by_side_ratios(times)))
+        for i in range(2 * args.serving_rounds):  # every other round in reverse order: no model always first
+            for name in list(loaded)[::1 if i % 2 == 0 else -1]:
+                times[name].append(serving_speed(*loaded[name])[:2])
+        ratios = side_by_side_ratios(times)
+        print(json.dumps({name: {**ratios[name], "rounds": times[name]} for name in times}))
         return
     model, dev, pad, task, file = serving_load(args, run, args.serving_model)
     seconds, latency, logits, batches = serving_speed(model, dev, pad)

@@ -701,11 +701,11 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
     scalar scales (per tensor, or static) C = (P_q V_q) * (1 / (s_P s_V)), as ONNX Runtime's
     MatMulIntegerToFloat computes it (matmul_codes).
     Returns (C as [B, S, H, d_h], P). Under pack_real_tokens (static scales) query, key and value come as
-    [1, H, T, d_h] on the batch's T real tokens, and C goes back so: [1, T, H, d_h].
+    [1, H, T, d_h] on the batch's T kept positions, and C goes back so: [1, T, H, d_h].
     """
     n, tokens, static = module.qatkd_int8
     tokens = None if tokens is None else tokens()
-    packed = getattr(module, "qatkd_packed", lambda: None)()  # pack_real_tokens: Q, K, V come as [1, H, T, d_h]
+    pack = getattr(module, "qatkd_pack", lambda: None)()  # pack_real_tokens: Q, K, V come as [1, H, T, d_h]
 
     def codes(x, i, lo=-n):  # (codes, s): round(clamp(clamp(x, -2.5, 2.5) * s)) as int8, or uint8 for P (lo = 0)
         if static is None:
@@ -715,8 +715,8 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
         return quantize_codes(x.clamp(0.0 if lo == 0 else -alpha, alpha), step, lo == 0), s
 
     (q, s_q), (k, s_k), (v, s_v) = codes(query, 0), codes(key, 1), codes(value, 2)
-    if packed is not None:  # static codes: elementwise, so taken on the real tokens, then spread
-        q, k, v = (padded(t, *packed) for t in (q, k, v))
+    if pack is not None:  # static codes are elementwise: taken on the kept positions, then spread
+        q, k, v = (spread_rows(t, pack) for t in (q, k, v))
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
     # not DequantizeLinear: ONNX Runtime would fuse it into an int8 x int8 Q K^T that saturates int16 sums
     scores = torch.matmul(q.float() / s_q, (k.float() / s_k).transpose(-1, -2)) * scaling
@@ -728,67 +728,77 @@ def int8_attention(module, query, key, value, attention_mask, scaling=None, drop
         ctx = matmul_codes(p, v) / s_p / s_v
     qatkd.record_attention(module, scores, probs, ctx)  # forward_internals on a deployed student
     ctx = ctx.transpose(1, 2).contiguous()  # [B, S, H, d_h]
-    if packed is not None:  # the real tokens' rows: [1, T, H, d_h]
-        ctx = ctx.flatten(0, 1).index_select(0, module.qatkd_rows()).unsqueeze(0)
+    if pack is not None:  # the kept positions' rows: [1, T, H, d_h]
+        ctx = ctx.flatten(0, 1).index_select(0, pack["rows"]).unsqueeze(0)
     return ctx, probs
 
 
-def padded(x, spread, batch, length):
-    """pack_real_tokens' codes of Q, K or V, [1, H, T, d_h] on the batch's T real tokens -> [B, H, S, d_h]:
-    position i gets row spread[i], its own at a token and another real token's at padding, where
-    attention's mask gives it weight exactly 0 (and a padded query's row is never read back)."""
+def spread_rows(x, pack):
+    """pack_real_tokens' codes of Q, K or V, [1, H, T, d_h] on the T kept positions -> [B, H, S, d_h]:
+    position i gets row pack["spread"][i], its own where kept, else (padding) the last kept row before
+    it, which attention's mask gives weight exactly 0 (and a padded query's row is never read back)."""
     heads, d = x.shape[1], x.shape[3]
     flat = x.transpose(1, 2).reshape(-1, heads * d)  # [T, H d_h]
-    return flat.index_select(0, spread).view(batch, length, heads, d).transpose(1, 2)
+    return flat.index_select(0, pack["spread"]).view(*pack["shape"], heads, d).transpose(1, 2)
 
 
-# The module whose input and output is the residual stream [B, S, d] of all layers, per family: with static
-# scales the export runs it on the real tokens only (pack_real_tokens). ModernBERT is left out: its rotary
-# positions are computed inside the layers from the sequence's shape
+# Per family, the module that takes the embeddings [B, S, .] and returns the last hidden states [B, S, d]:
+# with static scales the export runs it on the real tokens only (pack_real_tokens). ModernBERT is left
+# out: its rotary positions are computed inside the layers from the sequence's shape
 PACKED_ENCODER = {"bert": "BertEncoder", "roberta": "RobertaEncoder", "xlm-roberta": "XLMRobertaEncoder",
                   "camembert": "CamembertEncoder", "electra": "ElectraEncoder", "mobilebert": "MobileBertEncoder",
                   "albert": "AlbertTransformer", "distilbert": "Transformer"}
 
 
 def pack_real_tokens(model):
-    """Run the encoder's per-token layers (every Linear, LayerNorm, GELU, residual sum) on the batch's real
-    tokens only: its input [B, S, d] becomes [1, T, d] (T real tokens, padding dropped), attention
-    (int8_attention) quantizes Q, K, V there and spreads their codes to [B, H, S, d_h] with padded(),
-    then gathers its context's real rows, and the encoder's output is [B, S, d] again, zeros at
-    padding. With static scales every quantizer is elementwise, so each real token gets the same
-    arithmetic as in the padded batch: the same logits, without the work on padding (a third of MRPC
-    dev's positions in batches of 32). Called
-    by export_onnx; NonZero, CumSum and Gather in the graph. A model without a row in PACKED_ENCODER,
-    or without static scales, is refused."""
-    if model.config.model_type not in PACKED_ENCODER:
-        raise ValueError(f"pack_real_tokens does not know {model.config.model_type}'s encoder; export without it")
+    """Run the encoder's per-token layers (every Linear, LayerNorm, GELU, residual sum) on the batch's
+    real tokens only, and each example's first position (the one the classifier reads: padding, if the
+    batch is padded on the left). The encoder's input [B, S, .] becomes [1, T, .] (T kept positions);
+    attention (int8_attention) quantizes Q, K, V there, spreads their codes to [B, H, S, d_h]
+    (spread_rows; its scores, softmax and P V still cover every position) and gathers its context's
+    kept rows; the encoder's output is [B, S, d] again, zeros at padding. With static scales every
+    quantizer is elementwise, so each kept position gets the arithmetic it gets in the padded batch:
+    the same logits, without the per-token work on padding (31 % of MRPC dev's positions in batches of
+    32). An example without any token is the exception (its first position's attention has no key to
+    attend to, and spreading changes what it averages over instead). export_onnx calls it (NonZero,
+    CumSum, Gather and one ScatterND in the graph) on a model called with keyword inputs. Refused: a
+    family without a row in PACKED_ENCODER, a student without static scales, a model packed already.
+    Returns the model, changed for good."""
+    family = model.config.model_type
+    if family not in PACKED_ENCODER:
+        raise ValueError(f"pack_real_tokens does not know {family}'s encoder; export without it")
     if getattr(model, "qatkd_bits", {}).get("act_scale") != "static":  # other scales read padding or whole examples
         raise ValueError("pack_real_tokens needs a student loaded with static scales (load_quantized(..., \"int8\", "
                          "act_scale=\"static\"))")
-    state = {}
+    if getattr(model, "qatkd_packed", False):
+        raise ValueError("pack_real_tokens: this model runs on its real tokens already")
+    encoders = qatkd.modules_of(model, PACKED_ENCODER[family])
+    if len(encoders) != 1:
+        raise ValueError(f"pack_real_tokens: expected one {PACKED_ENCODER[family]} in the {family} model, found "
+                         f"{len(encoders)}")
+    pack = {}  # per call: shape [B, S]; rows [T], the kept positions in [B * S]; spread [B * S], where each reads
 
-    def start(_model, _args, kw):  # per call: the real tokens' indices in [B * S], and where each position reads
-        mask = qatkd.token_mask(kw).reshape(-1)
-        state["rows"] = mask.nonzero().squeeze(-1)  # [T]
-        state["spread"] = (mask.cumsum(0) - 1).clamp(min=0)  # [B * S]: its own row, or (padding) an earlier token's
-        state["shape"] = qatkd.token_mask(kw).shape
+    def start(_model, _args, kw):
+        mask = qatkd.token_mask(kw)
+        keep = torch.cat([torch.ones_like(mask[:, :1]), mask[:, 1:]], 1).reshape(-1)
+        pack.update(shape=mask.shape, rows=keep.nonzero().squeeze(-1), spread=keep.cumsum(0) - 1)
 
-    def pack(_encoder, args, kw):  # [B, S, d] -> [1, T, d]
+    def packed(_encoder, args, kw):  # [B, S, .] -> [1, T, .]
         h = args[0] if args else kw.pop("hidden_states")
-        return (h.reshape(-1, h.shape[-1]).index_select(0, state["rows"]).unsqueeze(0), *args[1:]), kw
+        return (h.flatten(0, 1).index_select(0, pack["rows"]).unsqueeze(0), *args[1:]), kw
 
-    def unpack(_encoder, _args, _kw, out):  # [1, T, d] -> [B, S, d], zeros at padding
-        h = out[0][0]
-        full = h.new_zeros(math.prod(state["shape"]), h.shape[-1]).index_copy(0, state["rows"], h)
-        out["last_hidden_state"] = full.view(*state["shape"], -1)
+    def unpacked(_encoder, _args, _kw, out):  # [1, T, d] -> [B, S, d], zeros at padding
+        h = out.last_hidden_state[0]
+        full = h.new_zeros(math.prod(pack["shape"]), h.shape[-1]).index_copy(0, pack["rows"], h)
+        out["last_hidden_state"] = full.view(*pack["shape"], -1)
         return out
 
     model.register_forward_pre_hook(start, with_kwargs=True)
-    encoder = qatkd.modules_of(model, PACKED_ENCODER[model.config.model_type])[0]
-    encoder.register_forward_pre_hook(pack, with_kwargs=True)
-    encoder.register_forward_hook(unpack, with_kwargs=True)
+    encoders[0].register_forward_pre_hook(packed, with_kwargs=True)
+    encoders[0].register_forward_hook(unpacked, with_kwargs=True)
     for m in qatkd.self_attention_modules(model):
-        m.qatkd_packed, m.qatkd_rows = (lambda: (state["spread"], *state["shape"])), (lambda: state["rows"])
+        m.qatkd_pack = lambda: pack  # a function: torch.export would copy a dict attribute
+    model.qatkd_packed = True
     return model
 
 
