@@ -413,6 +413,16 @@ def onnx_matmul_codes(a, b, scale=None):
     return op.DequantizeLinear(op.MatMulInteger(a, b, zero), scale)
 
 
+def graph_readers(graph):
+    """{tensor name: the nodes of an onnx.GraphProto that read it}; a graph output also has None, its
+    reader outside the graph."""
+    readers = {o.name: [None] for o in graph.output}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def fuse_integer_rescale(model):
     """MatMulInteger(X_q + 128, W_q, 128) -> DequantizeLinear(c) [-> Add(b)] becomes ONNX Runtime's
     MatMulIntegerToFloat(X_q + 128, W_q, 1, c, 128[, b]) (its com.microsoft domain): the same float(sum) * c
@@ -423,25 +433,22 @@ def fuse_integer_rescale(model):
     import onnx
 
     graph = model.graph
-    readers, outputs = {}, {o.name for o in graph.output}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = graph_readers(graph)
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in graph.value_info}
     ranks.update({t.name: len(t.dims) for t in graph.initializer})
     products = {}  # the DequantizeLinear's input -> its MatMulInteger, for each pair to fuse
     for node in graph.node:
         after = readers.get(node.output[0], [])
-        if node.op_type == "MatMulInteger" and len(node.input) == 3 and len(after) == 1 and \
-                node.output[0] not in outputs and after[0].op_type == "DequantizeLinear" and \
-                len(after[0].input) == 2 and ranks.get(after[0].input[1]) == 0:
+        if node.op_type == "MatMulInteger" and len(node.input) == 3 and len(after) == 1 and after[0] is not None \
+                and after[0].op_type == "DequantizeLinear" and len(after[0].input) == 2 and \
+                ranks.get(after[0].input[1]) == 0:
             products[node.output[0]] = node
     vectors = {t.name for t in graph.initializer if len(t.dims) == 1}
     biases = {}  # a fused product's output -> the Add of a bias vector that alone reads it, absorbed as its bias
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in products:
             after = readers.get(node.output[0], [])
-            if len(after) == 1 and after[0].op_type == "Add" and node.output[0] not in outputs and \
+            if len(after) == 1 and after[0] is not None and after[0].op_type == "Add" and \
                     after[0].input[0] == node.output[0] and after[0].input[1] in vectors:
                 biases[node.output[0]] = after[0]
     absorbed = {id(add) for add in biases.values()}
@@ -486,11 +493,7 @@ def drop_saturated_clips(model):
 
     graph = model.graph
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer if not t.dims}
-    made = {o: n for n in graph.node for o in n.output}
-    readers = {o.name: [None] for o in graph.output}  # a graph output is read from outside
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    made, readers = {o: n for n in graph.node for o in n.output}, graph_readers(graph)
     dropped = set()
     for node in graph.node:
         clip = made.get(node.input[0]) if node.op_type == "QuantizeLinear" and len(node.input) == 3 else None
@@ -758,12 +761,11 @@ def pack_real_tokens(model):
     (spread_rows; its scores, softmax and P V still cover every position) and gathers its context's
     kept rows; the encoder's output is [B, S, d] again, zeros at padding. With static scales every
     quantizer is elementwise, so each kept position gets the arithmetic it gets in the padded batch:
-    the same logits, without the per-token work on padding (31 % of MRPC dev's positions in batches of
-    32). An example without any token is the exception (its first position's attention has no key to
-    attend to, and spreading changes what it averages over instead). export_onnx calls it (NonZero,
-    CumSum, Gather and one ScatterND in the graph) on a model called with keyword inputs. Refused: a
-    family without a row in PACKED_ENCODER, a student without static scales, a model packed already.
-    Returns the model, changed for good."""
+    the same logits, without the per-token work on padding. An example without any token is the
+    exception (its first position's attention has no key to attend to, and spreading changes what it
+    averages over instead). export_onnx calls it (NonZero, CumSum, Gather and one ScatterND in the
+    graph) on a model called with keyword inputs. Refused: a family without a row in PACKED_ENCODER, a
+    student without static scales, a model packed already. Returns the model, changed for good."""
     family = model.config.model_type
     if family not in PACKED_ENCODER:
         raise ValueError(f"pack_real_tokens does not know {family}'s encoder; export without it")
